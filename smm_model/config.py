@@ -1,0 +1,324 @@
+"""One typed, validated configuration for everything the method needs.
+
+A run is described by a YAML file (plus ``--set key=value`` overrides, plus Flower's run config);
+it is parsed once into frozen dataclasses here, and nothing deeper in the code reads raw dicts.
+Every error names the dotted field path and what was expected, so a bad config fails at load, not
+an hour into training. This module parses text but reads no files: callers pass the YAML text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = [
+    "TASKS",
+    "TASK_CLASSES",
+    "ARCHS",
+    "ConfigError",
+    "ModelConfig",
+    "LossConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "from_dict",
+    "apply_overrides",
+    "to_dict",
+]
+
+#: The tasks a run may enable (any non-empty subset).
+TASKS = ("diagnosis", "grade", "survival")
+#: Classes of the classification tasks: WHO 2021 diagnosis (GBM, astrocytoma G4, lower-grade
+#: astrocytoma, oligodendroglioma) and grade (2, 3, 4). Survival has ``ModelConfig.survival_bins``.
+TASK_CLASSES = {"diagnosis": 4, "grade": 3}
+#: ``smm`` is the proposed model; the others are the paper's baselines behind the same factory.
+ARCHS = ("smm", "snn", "abmil", "concat")
+LAYOUTS = ("seed", "spatial")
+POSITION_BIAS = ("table", "exact")
+COORDINATION = ("pcgrad", "seed", "off")
+OPTIMIZERS = ("adam", "adamw")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the field."""
+
+
+def _require(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Defaults are the reference setting (method.md Part B, section 3)."""
+
+    arch: str = "smm"
+    tasks: tuple[str, ...] = TASKS
+    feature_dim: int = 1024  # D of the patch features (ResNet-50 trunk: 1024)
+    hidden_dim: int = 128  # path_dim = omic_dim = mmhid in the reference
+    genes_tumour: int = 59  # inputs of the tumour-subspace gene encoder
+    genes_micro: int = 361  # inputs of the microenvironment-subspace gene encoder
+    snn_hidden: tuple[int, ...] = (64, 48, 32)  # SNN (MaxNet) hidden widths before hidden_dim
+    dropout: float = 0.1  # AlphaDropout in the SNN, dropout in ABMIL
+    attn_dropout: float = 0.1
+    layout: str = "seed"  # seed: fixed count as a square pseudo-image; spatial: by coordinates
+    n_patches: int = 2500  # seed layout: tokens per bag, viewed as grid_size x grid_size
+    grid_size: int = 50  # side of the token map (both layouts)
+    heads: int = 8
+    dim_head: int = 64
+    offset_groups: int = 8
+    key_grid: int = 12  # side of the sampled-key grid: keys per group = key_grid**2
+    offset_scale: float = 4.0  # max offset, in cells of the key grid
+    position_bias: str = "table"  # table: interpolated lookup; exact: the reference MLP per pair
+    bias_table_size: int = 129  # table side (odd, so 0 is on the grid)
+    bias_hidden: int = 32  # continuous position bias MLP width (reference: hidden_dim // 4)
+    exact_chunk: int = 16384  # query-key pairs per block in exact mode (bounds memory)
+    survival_bins: int = 4
+    abmil_hidden: int = 128  # gated-attention width in the ABMIL baselines
+
+    def __post_init__(self) -> None:
+        p = "model"
+        _require(self.arch in ARCHS, f"{p}.arch", f"unknown {self.arch!r}; expected one of {ARCHS}")
+        _require(len(self.tasks) > 0, f"{p}.tasks", "at least one task is needed")
+        for t in self.tasks:
+            _require(t in TASKS, f"{p}.tasks", f"unknown task {t!r}; expected a subset of {TASKS}")
+        _require(len(set(self.tasks)) == len(self.tasks), f"{p}.tasks", "a task is listed twice")
+        for name in ("feature_dim", "hidden_dim", "genes_tumour", "genes_micro", "n_patches",
+                     "grid_size", "heads", "dim_head", "offset_groups", "key_grid",
+                     "bias_table_size", "bias_hidden", "exact_chunk", "survival_bins",
+                     "abmil_hidden"):
+            v = getattr(self, name)
+            _require(v > 0, f"{p}.{name}", f"must be a positive integer, got {v}")
+        _require(all(h > 0 for h in self.snn_hidden), f"{p}.snn_hidden",
+                 f"widths must be positive, got {list(self.snn_hidden)}")
+        for name in ("dropout", "attn_dropout"):
+            v = getattr(self, name)
+            _require(0.0 <= v < 1.0, f"{p}.{name}", f"must be in [0, 1), got {v}")
+        _require(self.offset_scale >= 0, f"{p}.offset_scale", f"must be >= 0, got {self.offset_scale}")
+        _require(self.layout in LAYOUTS, f"{p}.layout", f"unknown {self.layout!r}; expected one of {LAYOUTS}")
+        _require(self.position_bias in POSITION_BIAS, f"{p}.position_bias",
+                 f"unknown {self.position_bias!r}; expected one of {POSITION_BIAS}")
+        _require(self.bias_table_size >= 3 and self.bias_table_size % 2 == 1, f"{p}.bias_table_size",
+                 f"must be an odd integer >= 3, got {self.bias_table_size}")
+        if self.layout == "seed":
+            side = math.isqrt(self.n_patches)
+            _require(self.grid_size * self.grid_size == self.n_patches, f"{p}.grid_size",
+                     f"the seed layout views model.n_patches={self.n_patches} tokens as a square "
+                     f"grid_size x grid_size map, so grid_size {self.grid_size} cannot hold them"
+                     + (f" (use grid_size {side})" if side * side == self.n_patches
+                        else "; n_patches must be a perfect square"))
+        _require(self.key_grid >= 2, f"{p}.key_grid", f"must be >= 2, got {self.key_grid}")
+        _require(self.key_grid <= self.grid_size, f"{p}.key_grid",
+                 f"{self.key_grid} sampled keys per side exceed the {self.grid_size}-cell token map")
+        _require(self.heads % self.offset_groups == 0, f"{p}.heads",
+                 f"{self.heads} heads must be a multiple of offset_groups={self.offset_groups}")
+        _require(self.hidden_dim % self.offset_groups == 0, f"{p}.hidden_dim",
+                 f"{self.hidden_dim} must be divisible by offset_groups={self.offset_groups}")
+
+    @property
+    def n_classes(self) -> dict[str, int]:
+        """Output width per enabled task (survival: number of discrete-time bins)."""
+        return {t: (self.survival_bins if t == "survival" else TASK_CLASSES[t]) for t in self.tasks}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights. Reference: loss = L_task + 0.5 L_cons_tumour + 0.5 L_cons_micro, alpha 0."""
+
+    task_weights: Mapping[str, float] = field(default_factory=dict)  # default 1.0 per task
+    consistency_weight: float = 0.5  # per subspace
+    survival_alpha: float = 0.0  # weight of the uncensored-only term in the NLL survival loss
+
+    def __post_init__(self) -> None:
+        p = "loss"
+        for t, w in self.task_weights.items():
+            _require(t in TASKS, f"{p}.task_weights", f"unknown task {t!r}; expected one of {TASKS}")
+            _require(w >= 0, f"{p}.task_weights.{t}", f"must be >= 0, got {w}")
+        _require(self.consistency_weight >= 0, f"{p}.consistency_weight",
+                 f"must be >= 0, got {self.consistency_weight}")
+        _require(0.0 <= self.survival_alpha <= 1.0, f"{p}.survival_alpha",
+                 f"must be in [0, 1], got {self.survival_alpha}")
+
+    def task_weight(self, task: str) -> float:
+        return float(self.task_weights.get(task, 1.0))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training. Defaults are the reference's (Adam 1e-3, L2 0.1, cosine over 20 epochs)."""
+
+    epochs: int = 20
+    batch_size: int = 8
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    min_lr: float = 0.0  # eta_min of the cosine schedule
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    coordination: str = "pcgrad"
+    proximal_mu: float = 0.0  # FedProx proximal term; 0 = off
+    drop_last: bool = True
+    num_workers: int = 0
+    device: str = "auto"  # auto (GPU when present) | cpu | cuda | cuda:N
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        p = "train"
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            _require(v > 0, f"{p}.{name}", f"must be a positive integer, got {v}")
+        _require(self.optimizer in OPTIMIZERS, f"{p}.optimizer",
+                 f"unknown {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        _require(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        for name in ("weight_decay", "min_lr", "grad_clip", "proximal_mu"):
+            v = getattr(self, name)
+            _require(v >= 0, f"{p}.{name}", f"must be >= 0, got {v}")
+        _require(self.coordination in COORDINATION, f"{p}.coordination",
+                 f"unknown {self.coordination!r}; expected one of {COORDINATION}")
+        _require(self.num_workers >= 0, f"{p}.num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
+                 or self.device == "mps", f"{p}.device",
+                 f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The root of a run's configuration."""
+
+    name: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_yaml_text(cls, text: str, overrides: list[str] | tuple[str, ...] = (),
+                       source: str = "<config>") -> "ExperimentConfig":
+        """Parse YAML text plus ``key.path=value`` overrides; ``source`` names the file in errors."""
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+        raw = apply_overrides(raw, overrides)
+        try:
+            return from_dict(cls, raw)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+# --- generic dataclass <-> dict ---------------------------------------------------------------
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Coerce a YAML value to the annotated type, strictly (no silent str->number, bool->int)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (elem, _ellipsis) = typing.get_args(tp)
+        return tuple(_convert(elem, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (str, Any)
+        return {_convert(kt, k, path): _convert(vt, v, f"{path}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and bad types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = path or "top level"
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {names}")
+    kwargs = {k: _convert(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:  # e.g. a required field is missing
+        raise ConfigError(f"{path or cls.__name__}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain, YAML/JSON-serialisable form of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping, returning a copy."""
+    out: dict = _deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key component")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+        node = out
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _deepcopy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy(v) for v in obj]
+    return obj
