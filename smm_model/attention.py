@@ -145,6 +145,8 @@ class GeneDeformableAttention(nn.Module):
         # Normalised to [-1, 1] so the K x K reference grid spans the whole map.
         k_pos = (vgrid / (K - 1) * 2 - 1).permute(0, 2, 3, 1)  # (B*g, K, K, 2) as (x, y)
 
+        if key_mask is not None:
+            x_kv = x_kv * key_mask.unsqueeze(1).to(x_kv.dtype)  # empty cells hold no features
         kv = x_kv.reshape(B * g, C // g, H, W)  # (B*g, C/g, G, G)
         sampled = F.grid_sample(kv, k_pos, mode="bilinear", padding_mode="zeros",
                                 align_corners=False)  # (B*g, C/g, K, K)

@@ -8,8 +8,10 @@ an hour into training. This module parses text but reads no files: callers pass 
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +44,27 @@ LAYOUTS = ("seed", "spatial")
 POSITION_BIAS = ("table", "exact")
 COORDINATION = ("pcgrad", "seed", "off")
 OPTIMIZERS = ("adam", "adamw")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 scalars: only true/false are booleans (so
+    ``coordination: off`` stays a string) and ``1e-3`` is a float, not a string."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class ConfigError(ValueError):
@@ -199,7 +222,7 @@ class ExperimentConfig:
                        source: str = "<config>") -> "ExperimentConfig":
         """Parse YAML text plus ``key.path=value`` overrides; ``source`` names the file in errors."""
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = _load_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -238,7 +261,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (elem, _ellipsis) = typing.get_args(tp)
         return tuple(_convert(elem, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin in (Mapping, dict) or tp in (dict, Mapping):
+    if origin in (collections.abc.Mapping, dict) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         kt, vt = typing.get_args(tp) or (str, Any)
@@ -303,7 +326,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str] | tuple[str, ..
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty key component")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = _load_yaml(text) if text.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
         node = out
