@@ -52,6 +52,8 @@ class GatedAttentionPool(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(B, N, C), (B, N) -> pooled (B, C) and attention weights (B, N); padding gets 0 weight."""
+        if mask is not None:
+            x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # padding never enters the sum, even if non-finite
         s = self.score(self.a(x) * self.b(x)).squeeze(-1)  # (B, N)
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
