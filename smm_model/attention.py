@@ -122,7 +122,7 @@ class GeneDeformableAttention(nn.Module):
         table = self.cpb(torch.stack((xx, yy), dim=-1))  # (T, T, h/g): table[row=y, col=x]
         table = table.permute(2, 0, 1).unsqueeze(0)  # (1, h/g, T, T)
         N = k_pos.shape[0]
-        rel = (q_pos[None, :, None, :] - k_pos[:, None, :, :]) / R  # (N, Q, K2, 2) in [-1, 1]
+        rel = (q_pos / R)[None, :, None, :] - (k_pos / R)[:, None, :, :]  # (N, Q, K2, 2) in [-1, 1]
         return F.grid_sample(table.expand(N, -1, -1, -1), rel, mode="bilinear",
                              padding_mode="border", align_corners=True)  # (N, h/g, Q, K2)
 
