@@ -27,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "LossConfig",
     "TrainConfig",
+    "DataConfig",
     "ExperimentConfig",
     "from_dict",
     "apply_overrides",
@@ -44,6 +45,7 @@ LAYOUTS = ("seed", "spatial")
 POSITION_BIAS = ("table", "exact")
 COORDINATION = ("pcgrad", "seed", "off")
 OPTIMIZERS = ("adam", "adamw")
+GENOMICS_POLICIES = ("error", "impute_mean", "impute_zero")
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -209,6 +211,36 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where the site folders are and how a site folder becomes tensors.
+
+    Paths here are the only paths in a run; nothing deeper in the code holds one.
+    """
+
+    sites_root: str | None = None  # a folder of site folders (as `smm synth` / `smm tcga` write)
+    sites: tuple[str, ...] = ()  # or explicit site folders; relative ones are under sites_root
+    max_patches: int = 4096  # cap per patient bag, by seeded sampling (0 = keep all)
+    genomics_policy: str = "error"  # NaN/missing genomic values: error, or impute + missingness indicator
+    log1p_features: tuple[str, ...] = ()  # suffixes of features to log1p before standardising (e.g. _rnaseq)
+    clip: float = 0.0  # clip standardised genomic values to [-clip, clip] (0 = off)
+    val_fraction: float = 0.15  # patient-level splits when clinical.csv has no split column
+    test_fraction: float = 0.15
+    split_seed: int = 42
+
+    def __post_init__(self) -> None:
+        p = "data"
+        _require(self.max_patches >= 0, f"{p}.max_patches", f"must be >= 0, got {self.max_patches}")
+        _require(self.genomics_policy in GENOMICS_POLICIES, f"{p}.genomics_policy",
+                 f"unknown {self.genomics_policy!r}; expected one of {GENOMICS_POLICIES}")
+        _require(self.clip >= 0, f"{p}.clip", f"must be >= 0, got {self.clip}")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            _require(0.0 <= v < 1.0, f"{p}.{name}", f"must be in [0, 1), got {v}")
+        _require(self.val_fraction + self.test_fraction < 1.0, f"{p}.val_fraction",
+                 "val_fraction + test_fraction must leave patients for training")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """The root of a run's configuration."""
 
@@ -216,6 +248,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     @classmethod
     def from_yaml_text(cls, text: str, overrides: list[str] | tuple[str, ...] = (),

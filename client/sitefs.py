@@ -1,0 +1,235 @@
+"""The site folder on disk: its paths, its manifest and its feature files, written atomically.
+
+This is the contract between a hospital's data and everything that reads it (architecture.md,
+"The site folder")::
+
+    <site>/
+      clinical.csv         patient_id, idh, codel_1p19q, cdkn2ab, grade, survival_days, event [, split]
+      slides.csv           slide_id, patient_id [, path]
+      genomics.csv         patient_id + one column per feature
+      geneset.csv          feature, subspace (tumour | micro): which genomic feature feeds which subspace
+      features/<slide>.h5  datasets features (N, D) float32 and coords (N, 2) int64 level-0 (x, y);
+                           attrs encoder, weights_sha256, feature_dim, patch_size, mpp, level (CLAM-style)
+      manifest.json        per-slide extraction state and checksums, and the site schema
+
+Every write goes to a temporary file in the same folder and is then renamed over the target, so a
+crash never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = ["SiteLayout", "atomic_path", "atomic_write_text", "file_sha256", "write_features",
+           "read_features", "FeatureFileError", "Manifest", "MANIFEST_VERSION", "SUBSPACES"]
+
+MANIFEST_VERSION = 1
+#: Names of the two genomic subspaces in geneset.csv.
+SUBSPACES = ("tumour", "micro")
+#: Attributes every feature file carries.
+FEATURE_ATTRS = ("encoder", "weights_sha256", "feature_dim", "patch_size", "mpp", "level")
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """Paths of one site folder."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def clinical(self) -> Path:
+        return self.root / "clinical.csv"
+
+    @property
+    def slides(self) -> Path:
+        return self.root / "slides.csv"
+
+    @property
+    def genomics(self) -> Path:
+        return self.root / "genomics.csv"
+
+    @property
+    def geneset(self) -> Path:
+        return self.root / "geneset.csv"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    def feature_file(self, slide_id: str) -> Path:
+        return self.features_dir / f"{slide_id}.h5"
+
+
+@contextmanager
+def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it over ``target``.
+
+    On any exception the temporary file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FeatureFileError(ValueError):
+    """A feature file is missing, truncated, or does not match the contract."""
+
+
+def write_features(path: Path | str, features: np.ndarray, coords: np.ndarray, **attrs: Any) -> str:
+    """Write one slide's features atomically; returns the file's sha256.
+
+    ``features`` (N, D) float, ``coords`` (N, 2) level-0 (x, y) of each patch's top-left corner.
+    ``attrs`` must include every name in FEATURE_ATTRS.
+    """
+    import h5py
+
+    features = np.asarray(features, dtype=np.float32)
+    coords = np.asarray(coords, dtype=np.int64)
+    if features.ndim != 2 or coords.shape != (features.shape[0], 2):
+        raise FeatureFileError(f"{path}: features must be (N, D) and coords (N, 2); got "
+                               f"{features.shape} and {coords.shape}")
+    missing = [a for a in FEATURE_ATTRS if a not in attrs]
+    if missing:
+        raise FeatureFileError(f"{path}: missing attributes {missing}")
+    if int(attrs["feature_dim"]) != features.shape[1]:
+        raise FeatureFileError(f"{path}: feature_dim attr {attrs['feature_dim']} != features width "
+                               f"{features.shape[1]}")
+    with atomic_path(path, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features)
+            f.create_dataset("coords", data=coords)
+            for k, v in attrs.items():
+                f.attrs[k] = v if v is not None else ""
+    return file_sha256(path)
+
+
+def read_features(path: Path | str, load: bool = True) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+    """Read one feature file; ``load=False`` only checks shapes and reads the attributes.
+
+    Raises FeatureFileError naming the file and what is wrong (unreadable, truncated, missing
+    dataset or attribute, shape mismatch, non-finite values).
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureFileError(f"{path}: feature file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            for name in ("features", "coords"):
+                if name not in f:
+                    raise FeatureFileError(f"{path}: dataset {name!r} missing")
+            fshape, cshape = f["features"].shape, f["coords"].shape
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            if len(fshape) != 2 or cshape != (fshape[0], 2):
+                raise FeatureFileError(f"{path}: features {fshape} and coords {cshape} do not match "
+                                       "(expected (N, D) and (N, 2))")
+            missing = [a for a in FEATURE_ATTRS if a not in attrs]
+            if missing:
+                raise FeatureFileError(f"{path}: attributes {missing} missing")
+            if int(attrs["feature_dim"]) != fshape[1]:
+                raise FeatureFileError(f"{path}: attribute feature_dim {attrs['feature_dim']} but "
+                                       f"features have {fshape[1]} columns")
+            if fshape[0] == 0:
+                raise FeatureFileError(f"{path}: no patches")
+            if not load:
+                return None, None, attrs
+            feats = f["features"][()].astype(np.float32, copy=False)
+            coords = f["coords"][()]
+    except FeatureFileError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise FeatureFileError(f"{path}: unreadable HDF5 file ({e})") from None
+    if not np.isfinite(feats).all():
+        raise FeatureFileError(f"{path}: features contain NaN or Inf")
+    return feats, coords, attrs
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Manifest:
+    """``manifest.json``: the site schema and one record per slide.
+
+    ``{"version": 1, "schema": {"encoder": ..., "weights_sha256": ..., "feature_dim": ...,
+    "gene_set": ...}, "slides": {slide_id: {"status": "done" | "failed" | "running",
+    "reason": str | None, "attempts": int, "checksum": sha256 | None, "n_patches": int | None,
+    "updated": iso time}}}``. ``save`` is atomic.
+    """
+
+    def __init__(self, path: Path | str, data: dict | None = None) -> None:
+        self.path = Path(path)
+        self.data = data or {"version": MANIFEST_VERSION, "schema": {}, "slides": {}}
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Manifest":
+        path = Path(path)
+        if not path.exists():
+            return cls(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"{path}: expected a manifest with version {MANIFEST_VERSION}")
+        data.setdefault("schema", {})
+        data.setdefault("slides", {})
+        return cls(path, data)
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+
+    @property
+    def schema(self) -> dict:
+        return self.data["schema"]
+
+    @property
+    def slides(self) -> dict[str, dict]:
+        return self.data["slides"]
+
+    def record(self, slide_id: str, status: str, reason: str | None = None, **extra: Any) -> dict:
+        """Set a slide's state; ``running`` counts an attempt."""
+        rec = self.slides.setdefault(slide_id, {"attempts": 0})
+        if status == "running":
+            rec["attempts"] = int(rec.get("attempts", 0)) + 1
+        rec.update(status=status, reason=reason, updated=_now(), **extra)
+        return rec
