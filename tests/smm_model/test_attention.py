@@ -17,16 +17,6 @@ from smm_model.config import ModelConfig
 # --------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------- #
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with several intra-op threads, thread hand-off dominates (a 16x32
-    matmul took 15 ms instead of 15 us on a 2-core runner). One thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(**kw) -> ModelConfig:
     """A small attention setting (C=16, 4 heads of 8, 2 offset groups, 8x8 map, 4x4 keys)."""
     base = dict(feature_dim=32, hidden_dim=16, heads=4, dim_head=8, offset_groups=2, grid_size=8,

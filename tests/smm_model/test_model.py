@@ -22,16 +22,6 @@ STEP = 256.0  # level-0 pixels between neighbouring patches
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(TASKS, r)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with several intra-op threads, thread hand-off dominates (a 16x32
-    matmul took 15 ms instead of 15 us on a 2-core runner). One thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(**kw) -> ModelConfig:
     base = dict(feature_dim=32, hidden_dim=16, heads=4, dim_head=8, offset_groups=2, grid_size=8,
                 n_patches=64, key_grid=4, genes_tumour=5, genes_micro=7, snn_hidden=(8,),
