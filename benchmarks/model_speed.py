@@ -33,8 +33,12 @@ RESULTS = HERE / "results"
 REFERENCE = {1: (3.7, 3.5), 4: (21.0, 10.8), 8: (41.5, 20.5)}
 # Parameters of the reference model that take part in the forward pass (method.md Part B 3.1-3.5):
 # 2 x MaxNet layers (12,752 + 32,080), 2 x branch (deformable attention 93,921, patch fc 131,200,
-# fusion 32,896, LayerNorm 256, pooler 16,512, projection 16,512) and the 4-class fused head 1,028.
-REFERENCE_USED_PARAMS = 12_752 + 32_080 + 2 * (93_921 + 131_200 + 32_896 + 256 + 16_512 + 16_512) + 1_028
+# fusion 32,896, the layer's LayerNorm 256 and the pre-pooler LayerNorm 256, pooler 16,512,
+# projection 16,512) and the 4-class fused head 1,028. The notes do not say whether the pre-pooler
+# LayerNorm is the layer's (then 512 fewer); the branch total they give (556,679 with ~264k unused)
+# fits either reading.
+REFERENCE_USED_PARAMS = (12_752 + 32_080 + 2 * (93_921 + 131_200 + 32_896 + 256 + 256 + 16_512 + 16_512)
+                         + 1_028)
 
 
 def run_one(mode: str, batch: int, reps: int, device: str, threads: int) -> dict:
@@ -176,7 +180,8 @@ def main() -> int:
                     "task": "diagnosis", "loss": "CE + 0.5 consistency x 2", "coordination": "pcgrad",
                     "optimizer": "Adam"},
         "params": {"ours": params, "reference_used": REFERENCE_USED_PARAMS,
-                   "note": "ours adds a final LayerNorm per branch (256 x 2) before the pooler"},
+                   "note": "reference_used counts two LayerNorms per branch (layer + pre-pooler); "
+                           "512 fewer if the pre-pooler norm is the layer's"},
         "results": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
