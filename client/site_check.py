@@ -36,6 +36,8 @@ _DIAG_SHORT = ("GBM", "A4", "A2-3", "Oligo")
 def _survival_leakage(site: SiteData, report: Report) -> None:
     """Warn about genomic features that track survival time almost perfectly in the training split:
     usually a label copied into the genomic table (lifelines' complete-separation heuristic)."""
+    import warnings
+
     import numpy as np
     import pandas as pd
 
@@ -46,7 +48,9 @@ def _survival_leakage(site: SiteData, report: Report) -> None:
     patients = [site.patients("train")[i] for i in np.flatnonzero(known)]
     x = site.genomics.values.loc[patients]
     t = pd.Series(site.clinical.survival_time[pos][known], index=x.index)
-    rho = x.corrwith(t, method="spearman").abs()
+    with warnings.catch_warnings():  # constant features have no rank correlation: nan, not a finding
+        warnings.simplefilter("ignore")
+        rho = x.corrwith(t, method="spearman").abs()
     leaky = list(rho[rho >= LEAKAGE_RANK_CORR].index)
     if leaky:
         report.warn(f"{site.genomics.source}: feature(s) {', '.join(repr(f) for f in leaky[:5])}"

@@ -1,7 +1,8 @@
 """Synthetic patients with known ground truth, at the feature level.
 
-Used by tests, the quick benchmarks and (later) the ``--features-only`` mode of the cohort
-generator. Each patient has a latent tumour state (WHO 2021 class, proliferation) and an immune
+Used by tests, the quick benchmarks and the cohort writer ``smm synth`` (client/synth.py), which
+reuses ``Prototypes`` so that its slide-free ``--features-only`` cohorts plant the same biology.
+Each patient has a latent tumour state (WHO 2021 class, proliferation) and an immune
 (microenvironment) state; both are planted, with independent noise, in BOTH modalities, so a
 single modality recovers the labels imperfectly and fusion can do better:
 
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SynthSpec", "synthetic_patients", "survival_bin_edges", "assign_bins"]
+__all__ = ["SynthSpec", "Prototypes", "CLASS_PRIOR", "synthetic_patients", "survival_bin_edges",
+           "assign_bins"]
 
 # Class priors: GBM, astrocytoma G4, lower-grade astrocytoma, oligodendroglioma.
-_CLASS_P = np.array([0.4, 0.12, 0.28, 0.2])
+CLASS_PRIOR = np.array([0.4, 0.12, 0.28, 0.2])
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,52 @@ class SynthSpec:
     patch_noise: float = 1.0
     signal: float = 1.0  # scales every planted effect
     survival_bins: int = 4
+    # Per-patient deviation of the tumour and stroma patch means, shared by all of that patient's
+    # patches (inter-patient heterogeneity): unlike ``patch_noise`` it does not average away over
+    # a bag, so it sets how well the slide modality alone can do. 0 = none (and no random draw).
+    patient_noise: float = 0.0
+
+
+@dataclass(frozen=True)
+class Prototypes:
+    """The shared biology: class prototypes and programs that every site and patient draws from.
+
+    Fixed by one seed (``draw``), so different sites (and the features-only cohort writer) plant
+    the same biology while drawing different patients. Means are scaled by ``SynthSpec.signal``.
+    """
+
+    gene_class: np.ndarray  # (4, genes_tumour): tumour-gene class prototypes
+    gene_prolif: np.ndarray  # (genes_tumour,): proliferation program
+    gene_immune: np.ndarray  # (genes_micro,): immune program
+    gene_micro_class: np.ndarray  # (4, genes_micro): weak class signal in the microenvironment
+    patch_class: np.ndarray  # (4, feature_dim): tumour-patch class prototypes
+    patch_prolif: np.ndarray  # (feature_dim,)
+    patch_stroma: np.ndarray  # (feature_dim,)
+    patch_immune: np.ndarray  # (feature_dim,)
+
+    @classmethod
+    def draw(cls, spec: SynthSpec, seed: int = 1234) -> "Prototypes":
+        proto = np.random.default_rng(seed)
+        D, Gt, Ge = spec.feature_dim, spec.genes_tumour, spec.genes_micro
+        # Draw order is part of the contract: it fixes synthetic_patients' output for a seed.
+        return cls(gene_class=proto.normal(0, 1, (4, Gt)), gene_prolif=proto.normal(0, 1, Gt),
+                   gene_immune=proto.normal(0, 1, Ge), gene_micro_class=proto.normal(0, 0.5, (4, Ge)),
+                   patch_class=proto.normal(0, 1, (4, D)), patch_prolif=proto.normal(0, 1, D),
+                   patch_stroma=proto.normal(0, 1, D), patch_immune=proto.normal(0, 1, D))
+
+    def gene_means(self, y: int, prolif: float, immune: float, signal: float = 1.0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Noise-free (tumour, microenvironment) gene vectors of one patient."""
+        g_t = signal * (self.gene_class[y] + 0.8 * prolif * self.gene_prolif)
+        g_e = signal * (immune * self.gene_immune + self.gene_micro_class[y])
+        return g_t, g_e
+
+    def patch_means(self, y: int, prolif: float, immune: float, signal: float = 1.0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Noise-free (tumour-patch, stroma-patch) feature means of one patient."""
+        tumour_mu = signal * (self.patch_class[y] + 0.8 * prolif * self.patch_prolif)
+        stroma_mu = signal * (self.patch_stroma + immune * self.patch_immune)
+        return tumour_mu, stroma_mu
 
 
 def survival_bin_edges(time: np.ndarray, event: np.ndarray, n_bins: int) -> np.ndarray:
@@ -76,23 +124,15 @@ def synthetic_patients(n: int, spec: SynthSpec = SynthSpec(), seed: int = 0,
     modalities. ``bin_edges`` default to this sample's own event-time quartiles (fine for a toy
     task; real pipelines fit them on training data only).
     """
-    proto = np.random.default_rng(prototypes_seed)
+    proto = Prototypes.draw(spec, prototypes_seed)
     D, Gt, Ge, s = spec.feature_dim, spec.genes_tumour, spec.genes_micro, spec.signal
-    gene_class = proto.normal(0, 1, (4, Gt))  # tumour-gene class prototypes
-    gene_prolif = proto.normal(0, 1, Gt)
-    gene_immune = proto.normal(0, 1, Ge)
-    gene_micro_class = proto.normal(0, 0.5, (4, Ge))
-    patch_class = proto.normal(0, 1, (4, D))
-    patch_prolif = proto.normal(0, 1, D)
-    patch_stroma = proto.normal(0, 1, D)
-    patch_immune = proto.normal(0, 1, D)
 
     rng = np.random.default_rng(seed)
     batch_gene_t = rng.normal(0, site_shift, Gt)
     batch_gene_e = rng.normal(0, site_shift, Ge)
     batch_patch = rng.normal(0, site_shift, D)
 
-    y = rng.choice(4, size=n, p=_CLASS_P)
+    y = rng.choice(4, size=n, p=CLASS_PRIOR)
     prolif = rng.normal(0, 1, n)
     immune = rng.normal(0, 1, n)
     # Grade: GBM and astrocytoma G4 are grade 4 (index 2); the others 2 or 3 by proliferation.
@@ -107,8 +147,9 @@ def synthetic_patients(n: int, spec: SynthSpec = SynthSpec(), seed: int = 0,
 
     items = []
     for i in range(n):
-        g_t = s * (gene_class[y[i]] + 0.8 * prolif[i] * gene_prolif) + batch_gene_t
-        g_e = s * (immune[i] * gene_immune + gene_micro_class[y[i]]) + batch_gene_e
+        mu_t, mu_e = proto.gene_means(y[i], prolif[i], immune[i], s)
+        g_t = mu_t + batch_gene_t
+        g_e = mu_e + batch_gene_e
         g_t = g_t + rng.normal(0, spec.gene_noise, Gt)
         g_e = g_e + rng.normal(0, spec.gene_noise, Ge)
 
@@ -119,8 +160,10 @@ def synthetic_patients(n: int, spec: SynthSpec = SynthSpec(), seed: int = 0,
         order = np.argsort(np.linalg.norm(cells - centre, axis=1))
         is_tumour = np.zeros(m, dtype=bool)
         is_tumour[order[: max(1, int(frac * m))]] = True
-        tumour_mu = s * (patch_class[y[i]] + 0.8 * prolif[i] * patch_prolif)
-        stroma_mu = s * (patch_stroma + immune[i] * patch_immune)
+        tumour_mu, stroma_mu = proto.patch_means(y[i], prolif[i], immune[i], s)
+        if spec.patient_noise > 0:
+            tumour_mu = tumour_mu + rng.normal(0, spec.patient_noise, D)
+            stroma_mu = stroma_mu + rng.normal(0, spec.patient_noise, D)
         feats = np.where(is_tumour[:, None], tumour_mu, stroma_mu) + batch_patch
         feats = feats + rng.normal(0, spec.patch_noise, (m, D))
 

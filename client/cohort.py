@@ -1,0 +1,206 @@
+"""Writing whole cohorts of site folders: what ``smm synth`` and ``smm tcga`` share.
+
+Both commands build several site folders (client/sitefs.py, architecture.md "The site folder") under
+one output folder plus a ``cohort.json`` that summarises them. This module holds the parts they must
+agree on, so the two cohorts look the same to every reader:
+
+* the label encoding in ``clinical.csv`` (integers, empty = unknown, see ``LABEL_ENCODING``);
+* the WHO 2021 counting rule used for the per-class summaries in ``cohort.json`` (the labels module
+  derives the training labels itself; this copy only counts, and both tests re-derive it);
+* the gene-set id (the first 16 hex digits of the sha256 of ``geneset.csv``) in ``manifest.json``;
+* byte-stable CSV writing, atomically (temporary file, then rename), and the "refuse a non-empty
+  output folder unless --force" rule.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .sitefs import SUBSPACES, Manifest, SiteLayout, atomic_write_text, file_sha256
+
+__all__ = ["CLASS_NAMES", "CLINICAL_COLUMNS", "LABEL_ENCODING", "UNKNOWN", "CohortError", "prepare_out",
+           "write_csv", "write_json", "gene_set_id", "who2021", "class_counts", "stratified_pick",
+           "write_site_tables"]
+
+#: WHO 2021 diagnosis classes, in label-index order (method.md Part B 2.4).
+CLASS_NAMES = ("gbm_idhwt", "astro_g4", "astro_lg", "oligo")
+#: Name used in summaries for patients whose class the written columns cannot determine.
+UNKNOWN = "unknown"
+#: Required clinical.csv columns, in the order written.
+CLINICAL_COLUMNS = ("patient_id", "idh", "codel_1p19q", "cdkn2ab", "grade", "survival_days", "event")
+#: How the clinical columns are encoded (recorded in every cohort.json).
+LABEL_ENCODING = {
+    "idh": "1 = IDH-mutant, 0 = IDH-wildtype, empty = unknown",
+    "codel_1p19q": "1 = 1p/19q codeleted, 0 = not codeleted, empty = unknown",
+    "cdkn2ab": "1 = CDKN2A/B deletion, 0 = none, empty = unknown",
+    "grade": "WHO grade 2, 3 or 4, empty = unknown",
+    "survival_days": "days to death or last follow-up, empty = unknown",
+    "event": "1 = death observed, 0 = censored, empty = unknown",
+    "split": "train | val | test",
+    "who2021_rule": ("idh 0 -> gbm_idhwt; idh 1 & codel 1 -> oligo; idh 1 & codel 0 & (cdkn2ab 1 or "
+                     "grade 4) -> astro_g4; idh 1 & codel 0 & cdkn2ab 0 & grade 2/3 -> astro_lg; "
+                     "anything else undetermined -> unknown"),
+}
+
+
+class CohortError(ValueError):
+    """The input tables or the output folder do not allow writing the cohort; says which and why."""
+
+
+def prepare_out(out: Path, force: bool, owned: Iterable[str] = ()) -> None:
+    """Make sure ``out`` can take a new cohort.
+
+    A non-empty folder is refused unless ``force``; with ``force``, the site folders this cohort
+    will write (``owned``) and those listed in an existing ``cohort.json`` are removed first, so no
+    stale slide or feature file survives. Anything else in ``out`` is left alone.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CohortError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise CohortError(f"{out}: folder is not empty; pass --force to overwrite the cohort in it")
+        stale = set(owned)
+        previous = out / "cohort.json"
+        if previous.is_file():
+            try:
+                stale |= {str(s.get("name", "")) for s in json.loads(previous.read_text()).get("sites", [])}
+            except (json.JSONDecodeError, AttributeError, TypeError):
+                pass
+        for name in sorted(stale):
+            if not name or "/" in name or "\\" in name or name in (".", ".."):
+                continue  # never follow a name out of `out`
+            p = out / name
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(p)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    """Write ``frame`` without its index, "\\n" line ends, atomically; same frame -> same bytes."""
+    atomic_write_text(path, frame.to_csv(index=False, lineterminator="\n"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def gene_set_id(path: Path) -> str:
+    """The schema id of a gene-set file: first 16 hex digits of its sha256 (what sites must share)."""
+    return file_sha256(path)[:16]
+
+
+def who2021(clinical: pd.DataFrame) -> pd.Series:
+    """WHO 2021 class index per row (``CLASS_NAMES`` order), ``<NA>`` where it cannot be determined.
+
+    Takes the encoded columns idh, codel_1p19q, cdkn2ab (1 = deletion) and grade. This is the
+    counting copy of the rule for cohort summaries; training labels come from the labels module.
+    """
+    for col in ("idh", "codel_1p19q", "cdkn2ab", "grade"):
+        if col not in clinical.columns:
+            raise CohortError(f"clinical table has no column {col!r}")
+    idh = pd.to_numeric(clinical["idh"]).astype("Float64")
+    codel = pd.to_numeric(clinical["codel_1p19q"]).astype("Float64")
+    cdkn = pd.to_numeric(clinical["cdkn2ab"]).astype("Float64")
+    grade = pd.to_numeric(clinical["grade"]).astype("Float64")
+    out = pd.Series(pd.NA, index=clinical.index, dtype="Int64")
+    astro = (idh == 1) & (codel == 0)
+    out[(idh == 0).fillna(False)] = 0
+    out[((idh == 1) & (codel == 1)).fillna(False)] = 3
+    out[(astro & ((cdkn == 1).fillna(False) | (grade == 4).fillna(False))).fillna(False)] = 1
+    out[(astro & (cdkn == 0) & grade.isin([2, 3])).fillna(False)] = 2
+    return out
+
+
+def class_counts(classes: pd.Series) -> dict[str, int]:
+    """``{class name: count}`` for every class plus ``unknown`` (zeros included, fixed order)."""
+    counts = {name: int((classes == i).sum()) for i, name in enumerate(CLASS_NAMES)}
+    counts[UNKNOWN] = int(classes.isna().sum())
+    return counts
+
+
+def stratified_pick(strata: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask picking about ``fraction`` of the rows, proportionally within each stratum.
+
+    Rows are shuffled, ordered by stratum, and every 1/fraction-th position is taken from a random
+    offset (systematic sampling), so the total is round(fraction * n) up to one and each stratum
+    gets its share even when strata are small. At least one row is picked when there are two or more.
+    """
+    n = len(strata)
+    pick = np.zeros(n, dtype=bool)
+    if n == 0 or fraction <= 0:
+        return pick
+    codes = pd.factorize(pd.Series(strata).astype(str), sort=True)[0]
+    order = np.lexsort((rng.permutation(n), codes))
+    u = rng.random()
+    pos = np.arange(n)
+    chosen = np.floor((pos + 1) * fraction + u) > np.floor(pos * fraction + u)
+    pick[order[chosen]] = True
+    if not pick.any() and n >= 2:
+        pick[order[rng.integers(n)]] = True
+    return pick
+
+
+def write_site_tables(layout: SiteLayout, clinical: pd.DataFrame, slides: pd.DataFrame,
+                      genomics: pd.DataFrame, geneset: pd.DataFrame,
+                      schema: Mapping[str, Any] | None = None) -> Manifest:
+    """Write a site's four tables and a manifest whose schema carries the gene-set id.
+
+    Checks the cross-table contract before writing anything: clinical and genomics name the same
+    patients, every slide's patient is known, the gene set covers exactly the genomics columns with
+    known subspaces, and genomics has no missing values. Returns the (saved) manifest so the caller
+    can add slide records.
+    """
+    where = layout.root
+    missing = [c for c in CLINICAL_COLUMNS if c not in clinical.columns]
+    if missing:
+        raise CohortError(f"{where}: clinical table lacks columns {missing}")
+    pats = clinical["patient_id"]
+    if pats.duplicated().any():
+        raise CohortError(f"{where}: duplicate patient_id in clinical: {pats[pats.duplicated()].tolist()[:5]}")
+    if set(genomics["patient_id"]) != set(pats):
+        raise CohortError(f"{where}: clinical and genomics name different patients")
+    unknown = sorted(set(slides["patient_id"]) - set(pats))
+    if unknown:
+        raise CohortError(f"{where}: slides of unknown patients {unknown[:5]}")
+    if slides["slide_id"].duplicated().any():
+        raise CohortError(f"{where}: duplicate slide_id in slides table")
+    feats = [c for c in genomics.columns if c != "patient_id"]
+    if list(geneset["feature"]) != feats:
+        raise CohortError(f"{where}: geneset features differ from the genomics columns")
+    bad = sorted(set(geneset["subspace"]) - set(SUBSPACES))
+    if bad:
+        raise CohortError(f"{where}: geneset subspaces {bad}; expected {list(SUBSPACES)}")
+    if genomics[feats].isna().any().any():
+        col = genomics[feats].columns[genomics[feats].isna().any()][0]
+        raise CohortError(f"{where}: genomics column {col!r} has missing values")
+
+    write_csv(layout.clinical, clinical)
+    write_csv(layout.slides, slides)
+    write_csv(layout.genomics, genomics)
+    write_csv(layout.geneset, geneset)
+    layout.features_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(layout.manifest)
+    manifest.schema.update(dict(schema or {}))
+    manifest.schema["gene_set"] = gene_set_id(layout.geneset)
+    manifest.save()
+    return manifest
