@@ -32,6 +32,7 @@ import pandas as pd
 
 from client.sitefs import SUBSPACES
 from client.validation import Report, SiteDataError, preview
+from smm_model.stats import STD_FLOOR, GenomicsStats
 
 __all__ = ["GeneSet", "read_geneset", "read_table", "GenomicsStats", "GenomicsData", "load_genomics",
            "log1p_columns", "IMPUTE_POLICIES", "POLICIES", "STD_FLOOR"]
@@ -39,9 +40,6 @@ __all__ = ["GeneSet", "read_geneset", "read_table", "GenomicsStats", "GenomicsDa
 #: ``data.genomics_policy`` values (mirrors smm_model.config.GENOMICS_POLICIES).
 POLICIES = ("error", "impute_mean", "impute_zero")
 IMPUTE_POLICIES = ("impute_mean", "impute_zero")
-#: A training standard deviation below this is treated as a constant feature and divides by 1,
-#: so a gene that never varies at a site becomes 0 after centring instead of exploding.
-STD_FLOOR = 1e-6
 #: How many offending columns one message lists before it summarises.
 _MAX_COLUMN_MESSAGES = 5
 
@@ -192,79 +190,6 @@ def log1p_columns(features: Iterable[str], suffixes: Sequence[str]) -> list[str]
 # --------------------------------------------------------------------------------------------- #
 # statistics
 # --------------------------------------------------------------------------------------------- #
-@dataclass(frozen=True, eq=False)
-class GenomicsStats:
-    """Per-feature count, sum and sum of squares of the (log1p-transformed) values of TRAINING
-    patients; missing values are not counted.
-
-    These are aggregate numbers, additive across sites: ``merge`` of every site's stats equals
-    the stats of the pooled training patients, which is how a federation gets a shared
-    standardisation without moving patient rows. Standard deviation is the population one (as
-    sklearn's StandardScaler).
-    """
-
-    features: tuple[str, ...]
-    count: np.ndarray  # (F,) int64
-    sum: np.ndarray  # (F,) float64
-    sum_sq: np.ndarray  # (F,) float64
-
-    def __post_init__(self) -> None:
-        F = len(self.features)
-        for name, dtype in (("count", np.int64), ("sum", np.float64), ("sum_sq", np.float64)):
-            arr = np.array(getattr(self, name), dtype=dtype)  # a private, read-only copy
-            if arr.shape != (F,):
-                raise ValueError(f"GenomicsStats.{name}: shape {arr.shape}, expected ({F},) for {F} features")
-            arr.setflags(write=False)
-            object.__setattr__(self, name, arr)
-        object.__setattr__(self, "features", tuple(self.features))
-
-    @classmethod
-    def from_frame(cls, frame: pd.DataFrame) -> "GenomicsStats":
-        """Statistics of a patients x features frame; NaN/Inf cells are skipped per feature."""
-        x = frame.to_numpy(dtype=np.float64)
-        ok = np.isfinite(x)
-        z = np.where(ok, x, 0.0)
-        return cls(tuple(map(str, frame.columns)), ok.sum(0), z.sum(0), (z * z).sum(0))
-
-    @classmethod
-    def merge(cls, *stats: "GenomicsStats") -> "GenomicsStats":
-        """Sum several sites' statistics (pure; all must describe the same ordered features)."""
-        if not stats:
-            raise ValueError("GenomicsStats.merge: nothing to merge")
-        for s in stats[1:]:
-            if s.features != stats[0].features:
-                raise ValueError("GenomicsStats.merge: statistics describe different features or a "
-                                 "different feature order")
-        return cls(stats[0].features, sum(s.count for s in stats), sum(s.sum for s in stats),
-                   sum(s.sum_sq for s in stats))
-
-    def mean(self) -> np.ndarray:
-        """Per-feature mean; 0 for a feature no training patient has (then imputation gives 0)."""
-        n = self.count.astype(np.float64)
-        return np.where(n > 0, self.sum / np.maximum(n, 1.0), 0.0)
-
-    def _raw_std(self) -> np.ndarray:
-        n = np.maximum(self.count.astype(np.float64), 1.0)
-        return np.sqrt(np.maximum(self.sum_sq / n - self.mean() ** 2, 0.0))
-
-    def degenerate(self, floor: float = STD_FLOOR) -> np.ndarray:
-        """True for features that are constant or unobserved (their std is taken as 1)."""
-        return (self.count == 0) | (self._raw_std() < floor)
-
-    def std(self, floor: float = STD_FLOOR) -> np.ndarray:
-        """Per-feature population std; 1 where it is below ``floor`` or unknown (constant feature)."""
-        return np.where(self.degenerate(floor), 1.0, self._raw_std())
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (aggregate numbers only)."""
-        return {"features": list(self.features), "count": self.count.tolist(), "sum": self.sum.tolist(),
-                "sum_sq": self.sum_sq.tolist()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GenomicsStats":
-        return cls(tuple(d["features"]), np.asarray(d["count"]), np.asarray(d["sum"]), np.asarray(d["sum_sq"]))
-
-
 # --------------------------------------------------------------------------------------------- #
 # validated site genomics
 # --------------------------------------------------------------------------------------------- #
