@@ -1,0 +1,264 @@
+"""What sites and server say to each other, as plain data (no Flower types).
+
+The Flower apps only move these objects in and out of messages; everything here is pure and
+testable, and it is the one place that fixes the names of the keys.
+
+Round trip of a federated run (architecture.md, "Federated protocol"):
+
+1. preflight (query): server -> site: the run's config (YAML text). Site -> server: a
+   ``SiteSummary``: schema and aggregate statistics only (counts, per-feature sums, a histogram of
+   training survival times on the fixed ``SURVIVAL_HIST_EDGES``).
+2. the server merges the summaries into ``SharedStats`` (genomic standardisation, survival bin
+   edges, class weights, the Kaplan-Meier time grid) and sends them with every round.
+3. train: weights + config + shared stats -> weights + scalar metrics.
+4. evaluate: weights + config + shared stats + split -> ``EvalStats``: sums of per-patient
+   statistics (confusion matrices, score histograms, C-index pair counts, Kaplan-Meier counts), from
+   which ``smm_model.federated`` computes global metrics. No reply carries a patient identifier, a
+   path or a per-patient value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import TASK_CLASSES, ExperimentConfig
+from .federated import (SCORE_BINS, auc_from_histograms, c_index_from_counts, logrank_from_counts,
+                        metrics_from_confusion)
+from .metrics import MetricReport
+from .stats import GenomicsStats
+
+__all__ = ["PROTOCOL_VERSION", "SURVIVAL_HIST_EDGES", "KM_GRID_STEP_DAYS", "SiteSummary", "SharedStats",
+           "SchemaMismatch", "check_schemas", "derive_shared", "EvalStats", "metrics_from_eval"]
+
+PROTOCOL_VERSION = 1
+#: Fixed survival-time histogram edges (days) every site uses in its preflight summary, so the
+#: server can add histograms and read quantiles off the sum: 10-day bins up to 30 years.
+SURVIVAL_HIST_EDGES = np.arange(0.0, 30 * 365.25 + 10.0, 10.0)
+#: Spacing of the shared Kaplan-Meier time grid (days).
+KM_GRID_STEP_DAYS = 30.0
+#: Schema fields every site must share with the run (anything else may differ between sites).
+SCHEMA_FIELDS = ("encoder", "feature_dim", "gene_set", "genes_tumour", "genes_micro", "genomics_policy")
+
+
+class SchemaMismatch(ValueError):
+    """A site's data does not match the run (encoder, feature width, gene set, ...)."""
+
+
+@dataclass
+class SiteSummary:
+    """A site's preflight answer: schema and aggregate numbers, nothing per patient.
+
+    ``splits``: {split: {"patients", "diagnosis": [counts], "grade": [counts], "survival_labelled",
+    "events"}}; ``genomics``: GenomicsStats.to_dict() of the training split; ``survival_hist``:
+    counts of training event times and of all training times on SURVIVAL_HIST_EDGES.
+    """
+
+    schema: dict[str, Any]
+    splits: dict[str, dict[str, Any]]
+    genomics: dict[str, Any] | None
+    survival_hist_events: list[int]
+    survival_hist_all: list[int]
+    excluded: dict[str, int] = field(default_factory=dict)
+    version: int = PROTOCOL_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SiteSummary":
+        d = json.loads(text)
+        if d.get("version") != PROTOCOL_VERSION:
+            raise ValueError(f"site summary protocol version {d.get('version')}, expected {PROTOCOL_VERSION}")
+        return cls(**d)
+
+
+def check_schemas(summaries: Mapping[str, SiteSummary], cfg: ExperimentConfig) -> None:
+    """Refuse sites whose schema differs from the run's or from the others', naming site and field."""
+    m = cfg.model
+    expected = {"genes_tumour": m.genes_tumour, "genes_micro": m.genes_micro,
+                "genomics_policy": cfg.data.genomics_policy}
+    if m.arch != "snn":
+        expected["feature_dim"] = m.feature_dim
+    problems = []
+    for site, s in summaries.items():
+        for key, want in expected.items():
+            got = s.schema.get(key)
+            if got != want:
+                problems.append(f"site {site}: {key} is {got!r}, the run expects {want!r}")
+    first = next(iter(summaries.items()), None)
+    if first is not None:
+        ref_site, ref = first
+        for site, s in summaries.items():
+            for key in SCHEMA_FIELDS:
+                if key in expected or (key in ("encoder", "feature_dim") and m.arch == "snn"):
+                    continue
+                if s.schema.get(key) != ref.schema.get(key):
+                    problems.append(f"site {site}: {key} is {s.schema.get(key)!r}, site {ref_site} has "
+                                    f"{ref.schema.get(key)!r}")
+    if problems:
+        raise SchemaMismatch("; ".join(problems))
+
+
+def _quantile_edges(hist: np.ndarray, edges: np.ndarray, n_bins: int) -> list[float]:
+    """Inner quantile edges (n_bins - 1) of a histogram, interpolating linearly within bins."""
+    total = hist.sum()
+    if total == 0:
+        return []
+    cdf = np.concatenate(([0.0], np.cumsum(hist) / total))  # at each edge
+    qs = np.linspace(0, 1, n_bins + 1)[1:-1]
+    return [float(np.interp(q, cdf, edges)) for q in qs]
+
+
+@dataclass
+class SharedStats:
+    """What the server derives from all sites' summaries and sends with every round."""
+
+    genomics_features: list[str]
+    genomics_mean: list[float]
+    genomics_std: list[float]
+    survival_bin_edges: list[float]
+    class_weights: dict[str, list[float]]
+    km_grid: list[float]
+    n_sites: int
+    version: int = PROTOCOL_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SharedStats":
+        d = json.loads(text)
+        if d.get("version") != PROTOCOL_VERSION:
+            raise ValueError(f"shared stats protocol version {d.get('version')}, expected {PROTOCOL_VERSION}")
+        return cls(**d)
+
+    def genomics_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.genomics_mean), np.asarray(self.genomics_std)
+
+
+def derive_shared(summaries: Sequence[SiteSummary], cfg: ExperimentConfig) -> SharedStats:
+    """Shared preprocessing from the sites' training-split aggregates (never from patient rows).
+
+    Genomic standardisation: merged GenomicsStats. Survival bin edges: quantiles of the pooled
+    histogram of training event times (as the reference's quartiles, fitted on training data only).
+    Class weights: largest class count / class count over the pooled training split (the
+    reference's weighting), 0 for a class no site has. Kaplan-Meier grid: KM_GRID_STEP_DAYS steps up
+    to the largest training time.
+    """
+    if not summaries:
+        raise ValueError("derive_shared: no site summary")
+    gstats = [GenomicsStats.from_dict(s.genomics) for s in summaries if s.genomics]
+    if not gstats:
+        raise ValueError("derive_shared: no site has training patients with genomics")
+    merged = GenomicsStats.merge(*gstats)
+    ev = np.sum([np.asarray(s.survival_hist_events) for s in summaries], axis=0)
+    allh = np.sum([np.asarray(s.survival_hist_all) for s in summaries], axis=0)
+    n_bins = cfg.model.survival_bins
+    edges = _quantile_edges(ev, SURVIVAL_HIST_EDGES, n_bins) or _quantile_edges(allh, SURVIVAL_HIST_EDGES, n_bins)
+    if "survival" in cfg.model.tasks and len(edges) != n_bins - 1:
+        raise ValueError("derive_shared: no site has survival times in its training split")
+    weights = {}
+    for task, n in TASK_CLASSES.items():
+        counts = np.sum([np.asarray(s.splits["train"][task], dtype=float) for s in summaries], axis=0)
+        weights[task] = [float(counts.max() / c) if c > 0 else 0.0 for c in counts] if counts.max() > 0 else [1.0] * n
+    nz = np.flatnonzero(allh)
+    t_max = float(SURVIVAL_HIST_EDGES[nz[-1] + 1]) if nz.size else KM_GRID_STEP_DAYS
+    km_grid = np.arange(0.0, t_max + KM_GRID_STEP_DAYS, KM_GRID_STEP_DAYS).tolist()
+    return SharedStats(list(merged.features), merged.mean().tolist(), merged.std().tolist(), edges, weights,
+                       km_grid, n_sites=len(summaries))
+
+
+@dataclass
+class EvalStats:
+    """Additive evaluation statistics of one site (or the sum of several).
+
+    ``n``: patients evaluated; ``loss_sum``: summed per-patient loss (loss = loss_sum / n);
+    ``confusion``/``histograms``: per classification task, flattened (C*C) and (C*2*SCORE_BINS);
+    ``cindex``: [concordant, discordant, tied, comparable]; ``km``: flattened (G*2*K) counts of
+    events and numbers at risk per predicted risk group on SharedStats.km_grid.
+    ``suppressed`` is True when the site had fewer patients than the minimum and sent no numbers.
+    """
+
+    n: int
+    loss_sum: float = 0.0
+    confusion: dict[str, list[int]] = field(default_factory=dict)
+    histograms: dict[str, list[int]] = field(default_factory=dict)
+    cindex: list[int] | None = None
+    km: list[int] | None = None
+    km_groups: int = 0
+    suppressed: bool = False
+
+    def to_record(self) -> dict[str, int | float | list[int] | list[float]]:
+        """Flat mapping of scalars and lists (what a Flower MetricRecord holds)."""
+        rec: dict[str, Any] = {"num-examples": int(self.n), "loss-sum": float(self.loss_sum),
+                               "suppressed": int(self.suppressed), "km-groups": int(self.km_groups)}
+        for t, v in self.confusion.items():
+            rec[f"{t}-confusion"] = [int(x) for x in v]
+        for t, v in self.histograms.items():
+            rec[f"{t}-hist"] = [int(x) for x in v]
+        if self.cindex is not None:
+            rec["survival-cindex"] = [int(x) for x in self.cindex]
+        if self.km is not None:
+            rec["survival-km"] = [int(x) for x in self.km]
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> "EvalStats":
+        conf = {k[: -len("-confusion")]: list(v) for k, v in rec.items() if k.endswith("-confusion")}
+        hist = {k[: -len("-hist")]: list(v) for k, v in rec.items() if k.endswith("-hist")}
+        return cls(n=int(rec["num-examples"]), loss_sum=float(rec.get("loss-sum", 0.0)), confusion=conf,
+                   histograms=hist, cindex=list(rec["survival-cindex"]) if "survival-cindex" in rec else None,
+                   km=list(rec["survival-km"]) if "survival-km" in rec else None,
+                   km_groups=int(rec.get("km-groups", 0)), suppressed=bool(rec.get("suppressed", 0)))
+
+    @classmethod
+    def merge(cls, stats: Sequence["EvalStats"]) -> "EvalStats":
+        """Sum of the sites' statistics (suppressed sites contribute nothing)."""
+        used = [s for s in stats if not s.suppressed]
+        out = cls(n=sum(s.n for s in used), loss_sum=sum(s.loss_sum for s in used))
+        for s in used:
+            for attr in ("confusion", "histograms"):
+                acc = getattr(out, attr)
+                for t, v in getattr(s, attr).items():
+                    acc[t] = (np.asarray(acc[t]) + np.asarray(v)).tolist() if t in acc else list(v)
+            if s.cindex is not None:
+                out.cindex = (np.asarray(out.cindex) + s.cindex).tolist() if out.cindex is not None else list(s.cindex)
+            if s.km is not None:
+                out.km = (np.asarray(out.km) + s.km).tolist() if out.km is not None else list(s.km)
+                out.km_groups = s.km_groups
+        return out
+
+
+def metrics_from_eval(stats: EvalStats, n_classes: Mapping[str, int]) -> MetricReport:
+    """Global metrics from (summed) evaluation statistics: ``<task>.<metric>`` names, plus ``loss``
+    and, for survival, ``survival.c_index`` (within-site pairs) and ``survival.logrank_p``."""
+    values: dict[str, float] = {}
+    reasons: dict[str, str] = {}
+    if stats.suppressed or stats.n == 0:
+        return MetricReport({"loss": float("nan")}, {"loss": "suppressed or no patients"})
+    values["loss"] = stats.loss_sum / stats.n
+    for task, flat in stats.confusion.items():
+        C = n_classes[task]
+        rep = metrics_from_confusion(np.asarray(flat).reshape(C, C))
+        values.update({f"{task}.{k}": v for k, v in rep.values.items()})
+        reasons.update({f"{task}.{k}": v for k, v in rep.reasons.items()})
+        if task in stats.histograms:
+            auc = auc_from_histograms(np.asarray(stats.histograms[task]).reshape(C, 2, SCORE_BINS))
+            values[f"{task}.auc"] = auc.values["auc"]
+            if "auc" in auc.reasons:
+                reasons[f"{task}.auc"] = auc.reasons["auc"]
+    if stats.cindex is not None:
+        c, why = c_index_from_counts(stats.cindex)
+        values["survival.c_index"] = c
+        if why:
+            reasons["survival.c_index"] = why
+    if stats.km is not None and stats.km_groups > 0:
+        km = np.asarray(stats.km).reshape(stats.km_groups, 2, -1)
+        chi2, p, _df = logrank_from_counts(km)
+        values["survival.logrank_chi2"], values["survival.logrank_p"] = chi2, p
+    return MetricReport(values, reasons)

@@ -1,0 +1,80 @@
+"""Preflight summaries -> shared statistics, and evaluation statistics -> global metrics."""
+
+import numpy as np
+import pytest
+
+from smm_model.config import ExperimentConfig
+from smm_model.federated import c_index_counts, confusion_counts, km_counts, score_histograms
+from smm_model.protocol import (SURVIVAL_HIST_EDGES, EvalStats, SchemaMismatch, SharedStats, SiteSummary,
+                                check_schemas, derive_shared, metrics_from_eval)
+from smm_model.stats import GenomicsStats
+
+CFG = ExperimentConfig.from_yaml_text("", ["model.genes_tumour=2", "model.genes_micro=1", "model.feature_dim=8"])
+
+
+def summary(rng, n=50, dim=8, gene_set="abc", train_counts=None):
+    x = rng.normal(0, 1, (n, 3))
+    t = rng.exponential(600, n)
+    e = rng.random(n) < 0.6
+    return SiteSummary(
+        schema={"encoder": "resnet50_trunc", "feature_dim": dim, "gene_set": gene_set, "genes_tumour": 2,
+                "genes_micro": 1, "genomics_policy": "error"},
+        splits={"train": {"patients": n, "diagnosis": train_counts or [20, 5, 15, 10], "grade": [10, 10, 30],
+                          "survival_labelled": n, "events": int(e.sum())}},
+        genomics=GenomicsStats(("g1", "g2", "g3"), np.full(3, n), x.sum(0), (x * x).sum(0)).to_dict(),
+        survival_hist_events=np.histogram(t[e], SURVIVAL_HIST_EDGES)[0].tolist(),
+        survival_hist_all=np.histogram(t, SURVIVAL_HIST_EDGES)[0].tolist()), x, t, e
+
+
+def test_shared_stats_equal_pooled_statistics():
+    rng = np.random.default_rng(0)
+    sites = [summary(rng, n) for n in (40, 70, 55)]
+    shared = derive_shared([s for s, *_ in sites], CFG)
+    x = np.concatenate([x for _, x, _, _ in sites])
+    np.testing.assert_allclose(shared.genomics_mean, x.mean(0), atol=1e-12)
+    np.testing.assert_allclose(shared.genomics_std, x.std(0), atol=1e-12)
+    t = np.concatenate([t[e] for _, _, t, e in sites])
+    # Quantile edges from the summed 10-day histograms: within one bin of the pooled quantiles.
+    np.testing.assert_allclose(shared.survival_bin_edges, np.quantile(t, [0.25, 0.5, 0.75]), atol=10.0)
+    assert shared.class_weights["diagnosis"] == [1.0, 4.0, 20 / 15, 2.0]
+    assert shared.km_grid[0] == 0.0 and shared.km_grid[-1] >= max(t)
+    assert SharedStats.from_json(shared.to_json()) == shared
+
+
+def test_schema_mismatch_names_site_and_field():
+    rng = np.random.default_rng(1)
+    a, *_ = summary(rng)
+    b, *_ = summary(rng, dim=16)
+    c, *_ = summary(rng, gene_set="other")
+    with pytest.raises(SchemaMismatch, match="site b: feature_dim is 16"):
+        check_schemas({"a": a, "b": b}, CFG)
+    with pytest.raises(SchemaMismatch, match="site c: gene_set is 'other', site a has 'abc'"):
+        check_schemas({"a": a, "c": c}, CFG)
+    check_schemas({"a": a}, CFG)
+    assert SiteSummary.from_json(a.to_json()) == a
+
+
+def test_eval_stats_sum_to_pooled_metrics():
+    rng = np.random.default_rng(2)
+    grid = np.arange(0, 3000, 30.0)
+    per_site, pooled = [], {"y": [], "p": [], "t": [], "e": [], "r": [], "g": []}
+    for n in (30, 45):
+        y = rng.integers(0, 4, n)
+        p = rng.dirichlet(np.ones(4), n)
+        t, e, r, g = rng.exponential(600, n), rng.random(n) < 0.6, rng.normal(0, 1, n), rng.integers(0, 2, n)
+        s = EvalStats(n=n, loss_sum=float(n), confusion={"diagnosis": confusion_counts(y, p.argmax(1), 4).ravel().tolist()},
+                      histograms={"diagnosis": score_histograms(y, p, 4).ravel().tolist()},
+                      cindex=c_index_counts(t, e, r).tolist(), km=km_counts(t, e, g, 2, grid).ravel().tolist(),
+                      km_groups=2)
+        per_site.append(EvalStats.from_record(s.to_record()))
+        for k, v in zip("yptreg", (y, p, t, e, r, g)):
+            pooled[k].append(v)
+    small = EvalStats(n=3, suppressed=True)
+    total = EvalStats.merge(per_site + [small])
+    assert total.n == 75
+    m = metrics_from_eval(total, {"diagnosis": 4}).values
+    y, p = np.concatenate(pooled["y"]), np.concatenate(pooled["p"])
+    assert m["diagnosis.accuracy"] == pytest.approx((p.argmax(1) == y).mean())
+    assert m["loss"] == pytest.approx(1.0)
+    assert 0 <= m["survival.c_index"] <= 1 and 0 <= m["survival.logrank_p"] <= 1
+    assert metrics_from_eval(small, {"diagnosis": 4}).reasons["loss"]
