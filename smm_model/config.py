@@ -28,6 +28,7 @@ __all__ = [
     "LossConfig",
     "TrainConfig",
     "DataConfig",
+    "FederationConfig",
     "ExperimentConfig",
     "from_dict",
     "apply_overrides",
@@ -46,6 +47,8 @@ POSITION_BIAS = ("table", "exact")
 COORDINATION = ("pcgrad", "seed", "off")
 OPTIMIZERS = ("adam", "adamw")
 GENOMICS_POLICIES = ("error", "impute_mean", "impute_zero")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum",
+              "multikrum")
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -241,6 +244,69 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class FederationConfig:
+    """The federated run: rounds, strategy, guards, evaluation and simulation resources."""
+
+    rounds: int = 10
+    local_epochs: int = 1
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2  # sites needed to start and to aggregate a round
+    wait_for_nodes_s: float = 300.0  # bounded wait for min_nodes (Flower's own wait is unbounded)
+    round_timeout_s: float = 3600.0  # per send-and-receive
+    max_examples_per_site: int = 100_000  # a site's claimed example count is clamped to this
+    server_lr: float = 0.01  # FedAdam / FedYogi / FedAdagrad server learning rate (eta)
+    server_beta_1: float = 0.9
+    server_beta_2: float = 0.99
+    server_tau: float = 1e-3
+    trimmed_beta: float = 0.2  # FedTrimmedAvg: fraction cut from each end
+    krum_byzantine: int = 0  # (Multi)Krum: number of malicious nodes assumed
+    multikrum_keep: int = 0  # MultiKrum: nodes kept (0 = n - krum_byzantine)
+    min_site_patients: int = 5  # sites with fewer evaluated patients send no metrics
+    selection_metric: str = "loss"  # best round by this federated validation metric ("loss" or task.metric)
+    seed: int = 42
+    client_cpus: float = 1.0  # simulation: CPUs reserved per simulated site
+    client_gpus: float = 0.0  # simulation: GPU fraction per simulated site
+
+    def __post_init__(self) -> None:
+        p = "federation"
+        for name in ("rounds", "local_epochs", "min_nodes", "max_examples_per_site"):
+            v = getattr(self, name)
+            _require(v > 0, f"{p}.{name}", f"must be a positive integer, got {v}")
+        _require(self.strategy in STRATEGIES, f"{p}.strategy",
+                 f"unknown {self.strategy!r}; expected one of {STRATEGIES}")
+        for name in ("fraction_train", "fraction_evaluate"):
+            v = getattr(self, name)
+            _require(0.0 < v <= 1.0, f"{p}.{name}", f"must be in (0, 1], got {v}")
+        for name in ("wait_for_nodes_s", "round_timeout_s", "server_lr", "server_tau", "client_cpus"):
+            v = getattr(self, name)
+            _require(v > 0, f"{p}.{name}", f"must be > 0, got {v}")
+        for name in ("server_beta_1", "server_beta_2"):
+            v = getattr(self, name)
+            _require(0.0 <= v < 1.0, f"{p}.{name}", f"must be in [0, 1), got {v}")
+        _require(0.0 < self.trimmed_beta < 0.5, f"{p}.trimmed_beta", f"must be in (0, 0.5), got {self.trimmed_beta}")
+        for name in ("krum_byzantine", "multikrum_keep", "min_site_patients"):
+            v = getattr(self, name)
+            _require(v >= 0, f"{p}.{name}", f"must be >= 0, got {v}")
+        _require(self.client_gpus >= 0, f"{p}.client_gpus", f"must be >= 0, got {self.client_gpus}")
+        _require(self.selection_metric == "loss" or "." in self.selection_metric, f"{p}.selection_metric",
+                 f"expected 'loss' or '<task>.<metric>' (e.g. diagnosis.auc), got {self.selection_metric!r}")
+
+    def check_sites(self, n_sites: int) -> None:
+        """Strategy constraints that depend on the number of sites (reliability D5)."""
+        p = "federation"
+        _require(n_sites >= self.min_nodes, f"{p}.min_nodes",
+                 f"{self.min_nodes} sites needed but the run has {n_sites}")
+        if self.strategy == "fedtrimmedavg":
+            _require(int(self.trimmed_beta * n_sites) > 0, f"{p}.trimmed_beta",
+                     f"trimming {self.trimmed_beta} of {n_sites} sites removes none; raise it or add sites")
+        if self.strategy in ("krum", "multikrum"):
+            _require(n_sites > 2 * self.krum_byzantine + 2, f"{p}.krum_byzantine",
+                     f"Krum needs more than 2f + 2 = {2 * self.krum_byzantine + 2} sites, the run has {n_sites}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """The root of a run's configuration."""
 
@@ -249,6 +315,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     @classmethod
     def from_yaml_text(cls, text: str, overrides: list[str] | tuple[str, ...] = (),
