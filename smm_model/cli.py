@@ -18,6 +18,10 @@ __all__ = ["COMMANDS", "main"]
 #: name -> (target "module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("smm_model.cli:config_command", "validate a config (with --set overrides) and print it resolved"),
+    "extract": ("client.extract:main", "slides to patch features (features/<slide>.h5), resumable"),
+    "synth": ("client.synth:main", "write a synthetic multi-site cohort with known ground truth"),
+    "tcga": ("client.tcga:main", "site folders from the real TCGA GBM/LGG tables"),
+    "site": ("client.site_check:main", "site folder tools: `smm site check SITE_DIR`"),
 }
 
 
