@@ -1,0 +1,223 @@
+"""The Flower ServerApp: a thin adapter from Flower's Grid to ``server.loop.run_federation``.
+
+Run config keys read here (``[tool.flwr.app.config]`` defaults, ``flwr run --run-config``
+overrides; all optional because ``run_simulation`` passes an empty run config):
+
+=================  ===========================================================================
+``config-path``    experiment YAML; a relative path is resolved against the installed app
+                   directory (the FAB ships ``configs/``). Default ``configs/demo.yaml``.
+``overrides``      ``key.path=value`` overrides separated by ``;`` (e.g.
+                   ``"federation.rounds=2; train.lr=0.001"``). Default: none.
+``run-dir``        where the run folder goes; absolute recommended (the ServerApp inherits the
+                   SuperLink's working directory); relative -> against the current directory.
+                   Default: ``runs/<config name>-<UTC time>`` under the current directory.
+``resume``         ``true`` continues the run in ``run-dir`` from its last valid checkpoint.
+=================  ===========================================================================
+
+Everything else (waiting, preflight, guards, checkpoints, metrics) is ``server.loop``; any
+failure propagates, so the run ends ``finished:failed`` rather than quietly "completed".
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from smm_model.config import ConfigError, ExperimentConfig
+
+from .loop import run_federation
+from .messages import ARRAYS, CONFIG, METRICS, Instruction, Reply, sanitize_error
+
+__all__ = ["app", "main", "RunSettings", "read_run_settings", "parse_overrides", "load_experiment",
+           "FlowerTransport", "instruction_message", "reply_from_message", "APP_DIR", "RUN_CONFIG_KEYS"]
+
+log = logging.getLogger("fedsmm.server")
+
+#: The installed app directory (the FAB root, holding ``configs/``).
+APP_DIR = Path(__file__).resolve().parents[1]
+RUN_CONFIG_KEYS = ("config-path", "overrides", "run-dir", "resume")
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+# --- run config -> settings (pure) -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The ServerApp's inputs, parsed once from Flower's run config."""
+
+    config_path: Path
+    overrides: tuple[str, ...]
+    run_dir: Path | None  # None: a fresh folder under ./runs, named once the config is loaded
+    resume: bool
+
+
+def parse_overrides(text: str) -> tuple[str, ...]:
+    """``"a.b=1; c.d=[x, y]"`` -> ``("a.b=1", "c.d=[x, y]")`` (blank items ignored)."""
+    items = tuple(s.strip() for s in text.split(";") if s.strip())
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"run config 'overrides': item {item!r} is not key.path=value "
+                              f"(items are separated by ';')")
+    return items
+
+
+def _as_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"run config {key!r}: expected true or false, got {value!r}")
+
+
+def _as_str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"run config {key!r}: expected a string, got {value!r}")
+    return value
+
+
+def read_run_settings(run_config: Mapping[str, Any], app_dir: Path = APP_DIR, cwd: Path | None = None) -> RunSettings:
+    """Parse the run config keys ``RUN_CONFIG_KEYS`` (module docstring); unknown keys are ignored
+    (they belong to the ClientApp)."""
+    cwd = cwd or Path.cwd()
+    cp = Path(_as_str(run_config.get("config-path", DEFAULT_CONFIG), "config-path")).expanduser()
+    config_path = cp if cp.is_absolute() else app_dir / cp
+    overrides = parse_overrides(_as_str(run_config.get("overrides", ""), "overrides"))
+    rd = _as_str(run_config.get("run-dir", ""), "run-dir").strip()
+    run_dir = None
+    if rd:
+        p = Path(rd).expanduser()
+        run_dir = p if p.is_absolute() else cwd / p
+    return RunSettings(config_path, overrides, run_dir, _as_bool(run_config.get("resume", False), "resume"))
+
+
+def load_experiment(settings: RunSettings) -> ExperimentConfig:
+    """Read and validate the experiment config once (errors name the file and the field)."""
+    try:
+        text = settings.config_path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"run config 'config-path': cannot read {settings.config_path} "
+                          f"({type(e).__name__}); a relative path is resolved against {APP_DIR}") from None
+    return ExperimentConfig.from_yaml_text(text, settings.overrides, source=str(settings.config_path))
+
+
+def _default_run_dir(cfg: ExperimentConfig, cwd: Path | None = None) -> Path:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return (cwd or Path.cwd()) / "runs" / f"{cfg.name}-{stamp}"
+
+
+# --- neutral <-> Flower messages -------------------------------------------------------------------------
+
+def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def instruction_message(ins: Instruction, arrays: ArrayRecord | None, ttl: float | None = None) -> Message:
+    """A Flower instruction ``Message`` for ``ins`` (only inside a running ServerApp: Flower needs
+    the task identity it sets up)."""
+    content = RecordDict({CONFIG: ConfigRecord(dict(ins.config))})
+    if arrays is not None:
+        content[ARRAYS] = arrays
+    group = ins.config.get("server-round")  # Flower's group id is conventionally the round
+    return Message(content=content, dst_node_id=int(ins.node_id), message_type=ins.message_type, ttl=ttl,
+                   group_id=None if group is None else str(group))
+
+
+def reply_from_message(msg: Message) -> Reply:
+    """A neutral ``Reply`` from a Flower reply; an error becomes a sanitized code (its reason text,
+    the site's exception message, is dropped here and goes nowhere)."""
+    nid = int(msg.metadata.src_node_id)
+    if msg.has_error():
+        return Reply(nid, error=sanitize_error(int(msg.error.code), msg.error.reason))
+    try:
+        content = msg.content
+        arrays = None
+        received = 0
+        for name, rec in content.array_records.items():
+            received += int(rec.count_bytes())
+            if name == ARRAYS:
+                arrays = {k: a.numpy() for k, a in rec.items()}
+        metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else None
+        records = {name: dict(rec) for name, rec in content.config_records.items()}
+    except Exception:  # an undecodable array or record: a bad reply, not a crashed server
+        return Reply(nid, error="E_BAD_REPLY")
+    return Reply(nid, arrays=arrays, metrics=metrics, records=records, bytes_received=received)
+
+
+class FlowerTransport:
+    """``server.loop``'s transport over a Flower ``Grid``.
+
+    ``send`` serialises each distinct weights mapping once (all sites of a round share it), sends
+    with ``Grid.send_and_receive(timeout=timeout_s)`` and returns one ``Reply`` per instruction; a
+    site that did not answer in time gets ``E_NO_REPLY``. Messages carry ``ttl=timeout_s`` so an
+    instruction nobody picked up in time expires instead of being trained on later.
+    """
+
+    def __init__(self, grid: Grid, timeout_s: float) -> None:
+        self.grid = grid
+        self.timeout_s = float(timeout_s)
+
+    def node_ids(self) -> list[int]:
+        return sorted(int(n) for n in self.grid.get_node_ids())
+
+    def send(self, instructions: Sequence[Instruction]) -> list[Reply]:
+        records: dict[int, ArrayRecord] = {}
+        messages, sent = [], {}
+        for ins in instructions:
+            rec = None
+            if ins.arrays is not None:
+                rec = records.get(id(ins.arrays))
+                if rec is None:
+                    rec = records[id(ins.arrays)] = _array_record(ins.arrays)
+            messages.append(instruction_message(ins, rec, ttl=self.timeout_s))
+            sent[int(ins.node_id)] = int(rec.count_bytes()) if rec is not None else 0
+        replies: Iterable[Message] = self.grid.send_and_receive(messages, timeout=self.timeout_s)
+        by_node: dict[int, Reply] = {}
+        for m in replies:
+            r = reply_from_message(m)
+            by_node.setdefault(r.node_id, r)
+        out = []
+        for ins in instructions:
+            r = by_node.get(int(ins.node_id)) or Reply(int(ins.node_id), error="E_NO_REPLY")
+            r.bytes_sent = sent[int(ins.node_id)]
+            out.append(r)
+        return out
+
+
+# --- the ServerApp -----------------------------------------------------------------------------------------
+
+def _ensure_logging() -> None:
+    """Make our INFO records visible (Flower mirrors the ServerApp's stderr into ``flwr log``)."""
+    logger = logging.getLogger("fedsmm")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Parse the run config once, build the transport, run the federation; failures propagate."""
+    _ensure_logging()
+    settings = read_run_settings(context.run_config)
+    cfg = load_experiment(settings)
+    run_dir = settings.run_dir or _default_run_dir(cfg)
+    log.info("run %r: config %s, run folder %s%s", cfg.name, settings.config_path, run_dir,
+             " (resume)" if settings.resume else "")
+    transport = FlowerTransport(grid, timeout_s=cfg.federation.round_timeout_s)
+    run_federation(transport, cfg, run_dir, resume=settings.resume)

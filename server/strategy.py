@@ -1,0 +1,253 @@
+"""The aggregation strategy: Flower's math behind our guards.
+
+``build_strategy`` maps ``federation.strategy`` to a Flower Message-API strategy; ``GuardedStrategy``
+is what the server loop calls each round. It runs the guards of ``server.guard`` on neutral
+``Reply`` objects, hands the surviving replies to the Flower strategy's ``aggregate_train`` (so
+FedAvg, FedMedian, Krum, FedAdam... are Flower's own, tested implementations) and checks what comes
+back. It is not a ``flwr`` ``Strategy`` subclass: the loop does its own sampling, messaging, waiting
+and evaluation (Flower's ``Strategy.start`` waits for nodes forever and lets one malformed reply end
+the run), and only borrows the aggregation.
+
+This module and ``server.app`` are the only server modules that import ``flwr``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import DEFAULT_TTL, Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum,
+                                     MultiKrum, Strategy)
+
+from smm_model.config import ConfigError, FederationConfig, TrainConfig
+
+from .guard import flag_outliers, guard_replies, update_norms
+from .messages import ARRAYS, METRICS, NUM_EXAMPLES, Reply
+
+__all__ = ["build_strategy", "GuardedStrategy", "AggregateOutcome", "strategy_state", "restore_strategy_state",
+           "OPTIMIZER_STATE_ATTRS"]
+
+log = logging.getLogger("fedsmm.server.strategy")
+
+#: What the FedOpt family (FedAdam, FedYogi, FedAdagrad) keeps between rounds in flwr 1.42
+#: (``flwr/serverapp/strategy/fedopt.py``): the arrays sent this round and the first and second
+#: moments, each a ``dict[str, ndarray]`` or None before the first aggregation.
+OPTIMIZER_STATE_ATTRS = ("current_arrays", "m_t", "v_t")
+
+
+def build_strategy(fed: FederationConfig, train: TrainConfig | None = None, n_sites: int | None = None) -> Strategy:
+    """The Flower strategy named by ``fed.strategy``, configured from the run's config.
+
+    ``train`` supplies FedProx's ``proximal_mu`` and FedOpt's client learning rate ``eta_l``
+    (defaults: ``TrainConfig()``). With ``n_sites``, the site-count constraints are checked first
+    (``FederationConfig.check_sites``: FedTrimmedAvg must trim someone, Krum needs n > 2f + 2;
+    reliability D5) and MultiKrum's ``multikrum_keep=0`` resolves to ``n_sites - krum_byzantine``.
+    """
+    train = train or TrainConfig()
+    if n_sites is not None:
+        fed.check_sites(n_sites)
+    common: dict[str, Any] = dict(fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+                                  min_train_nodes=fed.min_nodes, min_evaluate_nodes=fed.min_nodes,
+                                  min_available_nodes=fed.min_nodes)
+    opt = dict(eta=fed.server_lr, eta_l=train.lr, tau=fed.server_tau)
+    name = fed.strategy
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedprox":
+        return FedProx(**common, proximal_mu=train.proximal_mu)
+    if name == "fedadam":
+        return FedAdam(**common, **opt, beta_1=fed.server_beta_1, beta_2=fed.server_beta_2)
+    if name == "fedyogi":
+        return FedYogi(**common, **opt, beta_1=fed.server_beta_1, beta_2=fed.server_beta_2)
+    if name == "fedadagrad":
+        return FedAdagrad(**common, **opt)
+    if name == "fedmedian":
+        return FedMedian(**common)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=fed.trimmed_beta)
+    if name == "krum":
+        return Krum(**common, num_malicious_nodes=fed.krum_byzantine)
+    if name == "multikrum":
+        keep = fed.multikrum_keep or (max(1, n_sites - fed.krum_byzantine) if n_sites else 1)
+        if n_sites is not None and keep > n_sites:
+            raise ConfigError(f"federation.multikrum_keep: keeps {keep} updates but the run has {n_sites} sites")
+        return MultiKrum(**common, num_malicious_nodes=fed.krum_byzantine, num_nodes_to_select=keep)
+    raise ConfigError(f"federation.strategy: unknown {name!r}")  # config validation makes this unreachable
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """The server-side optimiser state a checkpoint must hold to resume bit-exactly.
+
+    FedAvg, FedProx, FedMedian, FedTrimmedAvg and (Multi)Krum are stateless between rounds; the
+    FedOpt family keeps ``OPTIMIZER_STATE_ATTRS``. Arrays are copied, so later rounds cannot alter
+    a captured state.
+    """
+    out: dict[str, Any] = {"class": type(strategy).__name__}
+    if all(hasattr(strategy, a) for a in OPTIMIZER_STATE_ATTRS):
+        for a in OPTIMIZER_STATE_ATTRS:
+            v = getattr(strategy, a)
+            out[a] = None if v is None else {k: np.array(x, copy=True) for k, x in v.items()}
+    return out
+
+
+def restore_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
+    """Put a ``strategy_state`` back; refuses a state captured from another strategy class."""
+    cls = state.get("class")
+    if cls != type(strategy).__name__:
+        raise ValueError(f"strategy state was saved by {cls}, cannot restore it into {type(strategy).__name__} "
+                         f"(federation.strategy changed since the checkpoint?)")
+    for a in OPTIMIZER_STATE_ATTRS:
+        if a in state:
+            v = state[a]
+            setattr(strategy, a, None if v is None else {k: np.array(x, copy=True) for k, x in v.items()})
+
+
+@dataclass
+class AggregateOutcome:
+    """What one round's aggregation did.
+
+    ``arrays`` is the new global model (same keys, order and dtypes as the old one), or None when
+    the round was skipped; ``skip_reason`` then says why. ``clamped`` lists (node, claimed, used).
+    ``site_metrics`` are the kept replies' whitelisted train metrics (what may be logged per site).
+    """
+
+    arrays: dict[str, np.ndarray] | None
+    metrics: dict[str, float]
+    kept: list[int]
+    dropped: list[tuple[int, str]]
+    clamped: list[tuple[int, float, int]] = field(default_factory=list)
+    norms: dict[int, float] = field(default_factory=dict)
+    outliers: list[int] = field(default_factory=list)
+    site_metrics: dict[int, dict[str, int | float]] = field(default_factory=dict)
+    skip_reason: str | None = None
+
+
+def _reply_message(reply: Reply, metric_keys: Sequence[str], server_round: int) -> Message:
+    """A Flower reply Message for ``aggregate_train``, built outside a Flower runtime.
+
+    Instruction/reply constructors need a live task identity, so the metadata is given explicitly
+    (as Flower's own strategy tests do). Arrays are copied into fresh ``Array`` objects: FedMedian
+    and FedTrimmedAvg pop arrays out of the records they are given.
+    """
+    assert reply.arrays is not None and reply.metrics is not None
+    md = Metadata(run_id=0, message_id=f"guarded-{reply.node_id}-{server_round}", src_node_id=int(reply.node_id),
+                  dst_node_id=0, reply_to_message_id="", group_id=str(server_round), created_at=time.time(),
+                  ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in reply.arrays.items()})
+    metrics = MetricRecord({k: reply.metrics[k] for k in metric_keys})
+    return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), metadata=md)
+
+
+class GuardedStrategy:
+    """Guards + a Flower strategy's ``aggregate_train``; what the server loop aggregates with.
+
+    A round is skipped (global model unchanged, error logged, ``skip_reason`` set) when fewer than
+    ``federation.min_nodes`` replies survive the guards (``E_TOO_FEW_REPLIES``: with no secure
+    aggregation, averaging a single hospital's update would expose it), when the Flower strategy
+    returns nothing or raises (``E_AGGREGATION``), or when its result is not finite
+    (``E_NONFINITE_AGGREGATE``; the optimiser state is rolled back). A NaN model is never returned.
+    """
+
+    def __init__(self, strategy: Strategy, cfg: FederationConfig, outlier_k: float = 3.0) -> None:
+        self.strategy = strategy
+        self.cfg = cfg
+        self.outlier_k = outlier_k
+
+    def state_dict(self) -> dict[str, Any]:
+        return strategy_state(self.strategy)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        restore_strategy_state(self.strategy, state)
+
+    def aggregate(self, server_round: int, replies: Sequence[Reply], global_arrays: Mapping[str, np.ndarray]
+                  ) -> AggregateOutcome:
+        """Guard ``replies`` against ``global_arrays`` and aggregate the survivors."""
+        kept, dropped = guard_replies(replies, global_arrays, self.cfg)
+        clamped = [(int(r.node_id), float(r.clamped_from), int(r.metrics[NUM_EXAMPLES]))  # type: ignore[index]
+                   for r in kept if r.clamped_from is not None]
+        norms = update_norms(kept, global_arrays)
+        outliers = flag_outliers(norms, self.outlier_k)
+        for nid in outliers:
+            log.warning("round %d: node %d's update norm %.4g is an outlier (median %.4g); kept, flagged for review",
+                        server_round, nid, norms[nid], float(np.median(list(norms.values()))))
+        out = AggregateOutcome(arrays=None, metrics={}, kept=[int(r.node_id) for r in kept], dropped=dropped,
+                               clamped=clamped, norms=norms, outliers=outliers,
+                               site_metrics={int(r.node_id): dict(r.metrics or {}) for r in kept})
+        if len(kept) < self.cfg.min_nodes:
+            out.skip_reason = "E_TOO_FEW_REPLIES"
+            log.error("round %d skipped: %d usable replies, federation.min_nodes is %d; the global model is unchanged",
+                      server_round, len(kept), self.cfg.min_nodes)
+            return out
+        self._per_round_settings(len(kept), server_round)
+        # Same metric keys on every reply, or Flower's consistency check ends the run.
+        keys = sorted(set.intersection(*(set(r.metrics or {}) for r in kept)))
+        messages = [_reply_message(r, keys, server_round) for r in kept]
+        snapshot = strategy_state(self.strategy)
+        if hasattr(self.strategy, "current_arrays"):
+            # FedOpt's configure_train records the arrays it sends; we send them ourselves.
+            self.strategy.current_arrays = {k: np.array(v, copy=True) for k, v in global_arrays.items()}
+        try:
+            arrays, metrics = self.strategy.aggregate_train(server_round, messages)
+        except Exception as e:  # Flower's AggregationError, InconsistentMessageReplies, numeric errors
+            restore_strategy_state(self.strategy, snapshot)
+            out.skip_reason = "E_AGGREGATION"
+            log.error("round %d skipped: the %s aggregation failed (%s); the global model is unchanged",
+                      server_round, type(self.strategy).__name__, type(e).__name__)
+            return out
+        if arrays is None:
+            restore_strategy_state(self.strategy, snapshot)
+            out.skip_reason = "E_AGGREGATION"
+            log.error("round %d skipped: the strategy returned no arrays", server_round)
+            return out
+        new = self._as_global(arrays, global_arrays)
+        if new is None:
+            restore_strategy_state(self.strategy, snapshot)
+            out.skip_reason = "E_NONFINITE_AGGREGATE"
+            log.error("round %d skipped: the aggregate is not finite or does not match the model; "
+                      "the global model is unchanged", server_round)
+            return out
+        out.arrays = new
+        out.metrics = {k: float(v) for k, v in (metrics or {}).items()
+                       if not isinstance(v, list) and math.isfinite(float(v))}
+        return out
+
+    def _per_round_settings(self, n_kept: int, server_round: int) -> None:
+        """Settings that depend on how many replies survived this round."""
+        s, cfg = self.strategy, self.cfg
+        if isinstance(s, MultiKrum) and not isinstance(s, Krum) and cfg.multikrum_keep == 0:
+            s.num_nodes_to_select = max(1, n_kept - cfg.krum_byzantine)
+        if isinstance(s, (Krum, MultiKrum)) and n_kept <= 2 * cfg.krum_byzantine + 2:
+            log.warning("round %d: %d replies; Krum's guarantee needs more than 2f + 2 = %d", server_round, n_kept,
+                        2 * cfg.krum_byzantine + 2)
+        if isinstance(s, FedTrimmedAvg) and int(s.beta * n_kept) == 0:
+            log.warning("round %d: trimming %s of %d replies removes none (plain mean this round)", server_round,
+                        s.beta, n_kept)
+
+    @staticmethod
+    def _as_global(arrays: ArrayRecord, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The aggregate in the global model's key order and dtypes, or None if unusable.
+
+        FedAdam's bias-corrected step is a float64 scalar, so its result is float64; the model is
+        float32 and sites must get float32 back (the guard compares dtypes). Integer buffers are
+        rounded, not truncated, before the cast.
+        """
+        if set(arrays.keys()) != set(reference):
+            return None
+        out: dict[str, np.ndarray] = {}
+        for k, ref in reference.items():
+            a = arrays[k].numpy()
+            if a.shape != ref.shape:
+                return None
+            if ref.dtype.kind in "iub" and a.dtype.kind == "f":
+                a = np.rint(a)
+            a = np.array(a, dtype=ref.dtype, copy=True)
+            if a.dtype.kind in "fc" and not np.isfinite(a).all():
+                return None
+            out[k] = a
+        return out

@@ -1,0 +1,180 @@
+"""The ServerApp adapter with real Flower ``Message`` objects, over a fake in-process Grid.
+
+No SuperLink and no Ray: a ``FakeGrid`` turns each instruction Message into a call of a fake site
+and the site's answer into a reply Message (``Message(content, reply_to=msg)`` or
+``Message(Error(...), reply_to=msg)``, exactly as a ClientApp's runtime does), so the conversions
+in ``server.app`` and the ServerApp's ``main`` are exercised on Flower's own types.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from server_fakes import SENTINEL, FakeSite, config
+
+import server.app as server_app
+from server.app import APP_DIR, FlowerTransport, read_run_settings, reply_from_message
+from server.loop import resolved_config_text
+from server.messages import ARRAYS, CONFIG, METRICS, Instruction
+from server.wait import NodeWaitTimeout
+from smm_model.config import ConfigError
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower builds instruction Messages from the running task's identity; pretend to be one."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class FakeGrid:
+    """The two Grid methods the ServerApp uses, answering through in-process fake sites."""
+
+    def __init__(self, sites: dict[int, FakeSite], connected: list[int] | None = None) -> None:
+        self.sites = sites
+        self.connected = connected if connected is not None else sorted(sites)
+        self.timeouts: list[float | None] = []
+        self.ttls: list[float] = []
+
+    def get_node_ids(self):
+        return list(self.connected)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.timeouts.append(timeout)
+        replies = []
+        for msg in messages:
+            self.ttls.append(msg.metadata.ttl)
+            nid = msg.metadata.dst_node_id
+            content = msg.content
+            arrays = ({k: a.numpy() for k, a in content[ARRAYS].items()} if ARRAYS in content.array_records
+                      else None)
+            ins = Instruction(nid, msg.metadata.message_type, dict(content[CONFIG]), arrays)
+            try:
+                r = self.sites[nid](ins)
+            except Exception as e:
+                replies.append(Message(Error(code=2, reason=f"<class '{type(e).__name__}'>:<'{e}'>"), reply_to=msg))
+                continue
+            out = RecordDict()
+            if r.arrays is not None:
+                out[ARRAYS] = ArrayRecord({k: Array(v) for k, v in r.arrays.items()})
+            if r.metrics is not None:
+                out[METRICS] = MetricRecord(r.metrics)
+            for name, rec in r.records.items():
+                out[name] = ConfigRecord(rec)
+            replies.append(Message(out, reply_to=msg))
+        return replies
+
+
+def write_config(tmp_path: Path, *extra: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(resolved_config_text(config(*extra)))
+    return path
+
+
+def context(run_config: dict) -> Context:
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+
+def test_run_settings_from_run_config(tmp_path):
+    s = read_run_settings({}, cwd=tmp_path)
+    assert s.config_path == APP_DIR / "configs" / "demo.yaml" and s.overrides == () and s.run_dir is None
+    assert s.resume is False
+    s = read_run_settings({"config-path": "configs/x.yaml", "overrides": "federation.rounds=2; train.lr=0.01;",
+                           "run-dir": "runs/a", "resume": "true"}, app_dir=Path("/app"), cwd=tmp_path)
+    assert s.config_path == Path("/app/configs/x.yaml") and s.run_dir == tmp_path / "runs" / "a"
+    assert s.overrides == ("federation.rounds=2", "train.lr=0.01") and s.resume is True
+    s = read_run_settings({"config-path": "/abs/c.yaml", "run-dir": "/abs/run", "resume": False})
+    assert s.config_path == Path("/abs/c.yaml") and s.run_dir == Path("/abs/run")
+    with pytest.raises(ConfigError, match="'resume': expected true or false, got 'maybe'"):
+        read_run_settings({"resume": "maybe"})
+    with pytest.raises(ConfigError, match="'overrides': item 'federation.rounds' is not key.path=value"):
+        read_run_settings({"overrides": "federation.rounds"})
+    with pytest.raises(ConfigError, match="'run-dir': expected a string"):
+        read_run_settings({"run-dir": 3})
+
+
+def test_error_replies_lose_their_text():
+    md_msg = Message(Error(code=2, reason=f"<class 'OSError'>:<'/data/{SENTINEL}.svs'>"),
+                     metadata=_metadata(5))
+    r = reply_from_message(md_msg)
+    assert r.node_id == 5 and r.error == "E_CLIENT_ERROR" and SENTINEL not in repr(r)
+    r = reply_from_message(Message(Error(code=5, reason="Node Unavailable"), metadata=_metadata(6)))
+    assert r.error == "E_NODE_UNAVAILABLE"
+
+
+def test_reply_contents_are_converted_and_counted():
+    arrays = ArrayRecord({"w": Array(np.arange(3, dtype=np.float32))})
+    msg = Message(RecordDict({ARRAYS: arrays, METRICS: MetricRecord({"num-examples": 4}),
+                              "summary": ConfigRecord({"json": "{}"})}), metadata=_metadata(7))
+    r = reply_from_message(msg)
+    assert r.error is None and np.array_equal(r.arrays["w"], np.arange(3, dtype=np.float32))
+    assert r.metrics == {"num-examples": 4} and r.records == {"summary": {"json": "{}"}}
+    assert r.bytes_received == arrays.count_bytes()
+
+
+def _metadata(src: int):
+    import time
+
+    from flwr.app import DEFAULT_TTL, Metadata
+    return Metadata(run_id=1, message_id="m", src_node_id=src, dst_node_id=0, reply_to_message_id="x", group_id="",
+                    created_at=time.time(), ttl=DEFAULT_TTL, message_type="train")
+
+
+def test_flower_transport_one_reply_per_instruction(task_identity):
+    sites = {11: FakeSite(11), 12: FakeSite(12, train_fault="error")}
+    grid = FakeGrid(sites)
+    t = FlowerTransport(grid, timeout_s=30.0)
+    cfg_text = resolved_config_text(config())
+    w = {"a": np.zeros((2, 2), dtype=np.float32)}
+    ins = [Instruction(n, "train", {"experiment": cfg_text, "server-round": 1}, w) for n in (11, 12, 13)]
+    grid.sites[13] = FakeSite(13)
+    grid.connected = [11, 12]
+    grid_send = grid.send_and_receive
+    grid.send_and_receive = lambda msgs, timeout=None: [m for m in grid_send(msgs, timeout=timeout)
+                                                        if m.metadata.src_node_id != 13]  # 13 never answers
+    replies = t.send(ins)
+    assert [r.node_id for r in replies] == [11, 12, 13]
+    assert replies[0].error is None and replies[0].arrays["a"].shape == (2, 2)
+    assert replies[1].error == "E_CLIENT_ERROR" and replies[2].error == "E_NO_REPLY"
+    expected = ArrayRecord({"a": Array(w["a"])}).count_bytes()
+    assert [r.bytes_sent for r in replies] == [expected] * 3 and replies[0].bytes_received == expected
+    assert grid.timeouts == [30.0] and set(grid.ttls) == {30.0}
+
+
+def test_server_app_runs_a_federation_over_flower_messages(tmp_path, task_identity):
+    sites = {11: FakeSite(11), 12: FakeSite(12), 13: FakeSite(13, train_fault=lambda r: "error" if r == 1 else None)}
+    grid = FakeGrid(sites)
+    cfg_path = write_config(tmp_path, "federation.rounds=1")
+    run_dir = tmp_path / "run"
+    server_app.main(grid, context({"config-path": str(cfg_path), "overrides": "federation.rounds=2",
+                                   "run-dir": str(run_dir)}))
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]  # the override won
+    assert rounds[1]["train"]["dropped"] == [{"node": 13, "reason": "E_CLIENT_ERROR"}]
+    assert rounds[2]["train"]["kept"] == [11, 12, 13]
+    assert rounds[1]["bytes"]["sent"] > 0 and rounds[1]["bytes"]["received"] > 0
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["sites"] == [11, 12, 13] and final["best_round"] in (1, 2)
+    for name in ("rounds.jsonl", "final_metrics.json", "server.log"):
+        assert SENTINEL not in (run_dir / name).read_text()
+    # resume=true on the finished run: only the final evaluation is redone
+    server_app.main(grid, context({"config-path": str(cfg_path), "overrides": "federation.rounds=2",
+                                   "run-dir": str(run_dir), "resume": True}))
+    assert len((run_dir / "rounds.jsonl").read_text().splitlines()) == 3
+
+
+def test_server_app_failures_propagate(tmp_path, task_identity):
+    cfg_path = write_config(tmp_path, "federation.wait_for_nodes_s=0.2")
+    with pytest.raises(NodeWaitTimeout, match="only 1 of 2 sites connected"):
+        server_app.main(FakeGrid({11: FakeSite(11)}), context({"config-path": str(cfg_path),
+                                                               "run-dir": str(tmp_path / "run")}))
+    with pytest.raises(ConfigError, match="cannot read .*missing.yaml"):
+        server_app.main(FakeGrid({}), context({"config-path": str(tmp_path / "missing.yaml")}))
+    with pytest.raises(ConfigError, match="federation.rounds: must be a positive integer"):
+        server_app.main(FakeGrid({}), context({"config-path": str(cfg_path), "overrides": "federation.rounds=0"}))

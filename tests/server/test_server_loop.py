@@ -1,0 +1,284 @@
+"""The server workflow end to end over an in-process transport: run folder, resume (C2), schema refusal
+(G6), suppression (H2), output privacy (B5/H4), skipped rounds (D6/B4)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from server_fakes import SENTINEL, Crash, FakeSite, FakeTransport, config, sites
+
+import server.loop as loop
+from server.checkpoint import load_checkpoint, load_latest
+from server.loop import RunDirInUse, initial_weights, resolved_config_text, round_lr, run_federation, sample_nodes
+from server.messages import EVALUATE, PREFLIGHT, TRAIN, arrays_nbytes
+from smm_model.config import ConfigError, ExperimentConfig, ModelConfig, from_dict, to_dict
+from smm_model.model import build_model
+
+
+def read_rounds(run_dir):
+    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def without_timings(records):
+    return [{k: v for k, v in r.items() if k != "timings"} for r in records]
+
+
+def test_a_run_writes_its_folder_and_follows_the_message_contract(tmp_path):
+    cfg = config("federation.rounds=3", "train.min_lr=0.0005", "train.proximal_mu=0.01", "federation.local_epochs=2")
+    run = tmp_path / "run"
+    transport = FakeTransport(sites(3))
+    final = run_federation(transport, cfg, run)
+
+    assert (run / "config.yaml").read_text() == resolved_config_text(cfg)
+    rounds = read_rounds(run)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[0]["status"] == "initial" and rounds[0]["train"] is None
+    nbytes = arrays_nbytes(initial_weights(cfg))
+    for r in rounds[1:]:
+        assert r["status"] == "aggregated" and r["skip_reason"] is None
+        assert r["lr"] == pytest.approx(round_lr(cfg.train, 3, r["round"]))
+        assert set(r["timings"]) == {"wait", "train", "aggregate", "evaluate"}
+        t = r["train"]
+        assert t["sampled"] == t["kept"] == [11, 12, 13] and t["dropped"] == [] and t["clamped"] == []
+        assert set(t["per_site"]) == {"11", "12", "13"}
+        assert set(t["per_site"]["12"]) == {"num-examples", "train-loss", "seconds", "coord-diagnosis-tumour",
+                                            "coord-diagnosis-micro", "coord-diagnosis-conflicts"}
+        assert t["per_site"]["12"]["num-examples"] == 40 and t["per_site"]["12"]["coord-diagnosis-conflicts"] == 2
+        assert set(t["update_norms"]) == {"11", "12", "13"} and t["norm_outliers"] == []
+        assert r["bytes"] == {"sent": 6 * nbytes, "received": 3 * nbytes}  # 3 train + 3 evaluate messages out
+        v = r["val"]
+        assert v["split"] == "val" and v["patients"] == 60 and set(v["per_site"]) == {"11", "12", "13"}
+        assert v["suppressed"] == [] and v["dropped"] == []
+        assert {"loss", "diagnosis.accuracy", "grade.macro_f1", "survival.c_index"} <= set(v["global"]["values"])
+    assert rounds[1]["lr"] == cfg.train.lr
+    losses = [r["val"]["global"]["values"]["loss"] for r in rounds]
+    assert losses[3] < losses[1] < losses[0]  # the sites pull the model towards their data
+    assert rounds[3]["selection"] == {"metric": "loss", "value": losses[3], "best_round": 3, "best_value": losses[3]}
+
+    saved = json.loads((run / "final_metrics.json").read_text())
+    assert saved == json.loads(json.dumps(final))
+    assert final["best_round"] == 3 and final["selection_metric"] == "loss" and final["lower_is_better"]
+    assert final["sites"] == [11, 12, 13] and final["refused_sites"] == {} and final["skipped_rounds"] == []
+    assert final["test"]["split"] == "test" and set(final["test"]["per_site"]) == {"11", "12", "13"}
+    assert "within-site" in final["notes"]["survival.c_index"]
+
+    model = torch.load(run / "model.pt", weights_only=True)
+    assert model["round"] == 3 and model["model_config"] == to_dict(cfg.model)
+    assert model["schema"]["feature_dim"] == 24 and model["schema"]["gene_set"] == "demo-v1"
+    net = build_model(from_dict(ModelConfig, model["model_config"]))
+    net.load_state_dict(model["weights"], strict=True)
+    last = load_checkpoint(run, 3).weights
+    assert all(np.array_equal(model["weights"][k].numpy(), last[k]) for k in last)
+
+    # The contract the ClientApp implements.
+    kinds = [(i.message_type, frozenset(i.config)) for i in transport.sent]
+    assert kinds[0] == (PREFLIGHT, frozenset({"experiment"}))
+    assert (TRAIN, frozenset({"experiment", "shared", "server-round", "lr", "local-epochs", "proximal-mu"})) in kinds
+    assert (EVALUATE, frozenset({"experiment", "shared", "server-round", "split"})) in kinds
+    train = [i for i in transport.sent if i.message_type == TRAIN]
+    assert {i.config["local-epochs"] for i in train} == {2} and {i.config["proximal-mu"] for i in train} == {0.01}
+    assert [i.config["server-round"] for i in train] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    tests = [i for i in transport.sent if i.message_type == EVALUATE and i.config["split"] == "test"]
+    assert [i.node_id for i in tests] == [11, 12, 13] and {i.config["server-round"] for i in tests} == {3}
+    assert yaml.safe_load(train[0].config["experiment"]) == to_dict(cfg)
+    assert ExperimentConfig.from_yaml_text(train[0].config["experiment"]) == cfg  # the sites' parser agrees
+
+
+def test_cosine_lr_and_seeded_sampler():
+    cfg = config("train.lr=0.01", "train.min_lr=0.001")
+    assert round_lr(cfg.train, 4, 1) == 0.01
+    assert round_lr(cfg.train, 4, 3) == pytest.approx(0.001 + 0.009 * 0.5)
+    a = [sample_nodes(__import__("random").Random(5), [4, 1, 3, 2, 5], 0.4, 2) for _ in range(2)]
+    assert a[0] == a[1] and len(a[0]) == 2 and a[0] == sorted(a[0])
+    assert sample_nodes(__import__("random").Random(5), [3, 1], 0.1, 2) == [1, 3]
+
+
+RESUME_CFG = ("federation.rounds=4", "federation.strategy=fedadam", "federation.fraction_train=0.67",
+              "federation.fraction_evaluate=0.67", "federation.server_lr=0.05")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    final = run_federation(FakeTransport(sites(3)), config(*RESUME_CFG), run)
+    return run, final
+
+
+def assert_same_run(a, b):
+    assert without_timings(read_rounds(a)) == without_timings(read_rounds(b))
+    wa, wb = load_checkpoint(a, 4).weights, load_checkpoint(b, 4).weights
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)  # bitwise
+    ma, mb = torch.load(a / "model.pt", weights_only=True), torch.load(b / "model.pt", weights_only=True)
+    assert all(torch.equal(ma["weights"][k], mb["weights"][k]) for k in ma["weights"])
+    fa, fb = (json.loads((d / "final_metrics.json").read_text()) for d in (a, b))
+    fa.pop("model"), fb.pop("model")  # model.pt bytes embed nothing run-specific but pickling ids; weights compared
+    assert fa == fb
+
+
+def test_resume_after_a_crash_continues_bit_exactly(tmp_path, uninterrupted):
+    """C2: killed while sending round 3; the resumed run numbers rounds 0..4 once and ends with the
+    uninterrupted run's weights, bit for bit (FedAdam moments, sampler and RNG states restored)."""
+    cfg = config(*RESUME_CFG)
+    run = tmp_path / "run"
+    crash = FakeTransport(sites(3), crash=lambda i: i.message_type == TRAIN and i.config["server-round"] == 3)
+    with pytest.raises(Crash):
+        run_federation(crash, cfg, run)
+    assert [r["round"] for r in read_rounds(run)] == [0, 1, 2] and load_latest(run).round == 2
+    run_federation(FakeTransport(sites(3)), cfg, run, resume=True)
+    assert [r["round"] for r in read_rounds(run)] == [0, 1, 2, 3, 4]
+    assert_same_run(uninterrupted[0], run)
+
+
+def test_resume_after_a_crash_between_log_line_and_checkpoint(tmp_path, uninterrupted, monkeypatch):
+    """Round 3's line was appended but its checkpoint never written: the line is dropped and redone."""
+    cfg = config(*RESUME_CFG)
+    run = tmp_path / "run"
+    real = loop.save_checkpoint
+
+    def dies_at_round_3(run_dir, state, **kw):
+        if state.round == 3:
+            raise Crash("killed before the round 3 checkpoint")
+        return real(run_dir, state, **kw)
+
+    monkeypatch.setattr(loop, "save_checkpoint", dies_at_round_3)
+    with pytest.raises(Crash):
+        run_federation(FakeTransport(sites(3)), cfg, run)
+    monkeypatch.undo()
+    assert [r["round"] for r in read_rounds(run)] == [0, 1, 2, 3] and load_latest(run).round == 2
+    with open(run / "rounds.jsonl", "a") as f:  # and a torn half line from the moment of the kill
+        f.write('{"round": 4, "stat')
+    run_federation(FakeTransport(sites(3)), cfg, run, resume=True)
+    assert [r["round"] for r in read_rounds(run)] == [0, 1, 2, 3, 4]
+    assert_same_run(uninterrupted[0], run)
+
+
+def test_a_finished_run_resumed_only_redoes_the_final_evaluation(tmp_path):
+    cfg = config("federation.rounds=2")
+    run = tmp_path / "run"
+    first = run_federation(FakeTransport(sites(2)), cfg, run)
+    transport = FakeTransport(sites(2))
+    again = run_federation(transport, cfg, run, resume=True)
+    assert {i.message_type for i in transport.sent} == {PREFLIGHT, EVALUATE}
+    assert [r["round"] for r in read_rounds(run)] == [0, 1, 2]
+    assert again["test"] == first["test"]
+
+
+def test_resume_refuses_a_different_model_and_fresh_runs_refuse_a_used_folder(tmp_path):
+    run = tmp_path / "run"
+    run_federation(FakeTransport(sites(2)), config("federation.rounds=1"), run)
+    with pytest.raises(RunDirInUse, match="already holds a run"):
+        run_federation(FakeTransport(sites(2)), config("federation.rounds=1"), run)
+    with pytest.raises(ConfigError, match=r"model.hidden_dim"):
+        run_federation(FakeTransport(sites(2)), config("federation.rounds=2", "model.hidden_dim=32"), run, resume=True)
+    # resume with nothing to resume starts a new run
+    final = run_federation(FakeTransport(sites(2)), config("federation.rounds=1"), tmp_path / "new", resume=True)
+    assert final["best_round"] == 1
+
+
+def test_schema_mismatch_refuses_the_site_naming_site_and_field(tmp_path, server_logs):
+    ss = sites(4, **{"13": {"schema": {"feature_dim": 16}}, "14": {"schema": {"gene_set": "other"}}})
+    transport = FakeTransport(ss)
+    final = run_federation(transport, config("federation.rounds=1"), tmp_path / "run")
+    assert final["sites"] == [11, 12]
+    assert final["refused_sites"] == {"13": "site 13: feature_dim is 16, the run expects 24",
+                                      "14": "site 14: gene_set is 'other', site 11 has 'demo-v1'"}
+    assert "refused site 13: site 13: feature_dim is 16" in server_logs.text
+    assert {i.node_id for i in transport.sent if i.message_type != PREFLIGHT} == {11, 12}
+
+
+def test_a_site_that_connects_later_is_preflighted_and_joins(tmp_path):
+    """A new site, or a restarted SuperNode with a new node id, joins from the next round if it
+    matches the run; one that does not is refused and never sampled."""
+    transport = FakeTransport(sites(4, **{"14": {"schema": {"gene_set": "other"}}}))
+    transport.connected = lambda: [11, 12] + ([13, 14] if any(i.message_type == TRAIN for i in transport.sent) else [])
+    final = run_federation(transport, config("federation.rounds=2"), tmp_path / "run")
+    rounds = read_rounds(tmp_path / "run")
+    assert rounds[1]["joined"] == [] and rounds[1]["train"]["sampled"] == [11, 12]
+    assert rounds[2]["joined"] == [13] and rounds[2]["train"]["sampled"] == [11, 12, 13]
+    assert [i.node_id for i in transport.sent if i.message_type == PREFLIGHT] == [11, 12, 13, 14]
+    assert final["sites"] == [11, 12, 13] and set(final["test"]["per_site"]) == {"11", "12", "13"}
+    assert final["refused_sites"] == {"14": "site 14: gene_set is 'other', site 11 has 'demo-v1'"}
+
+
+def test_too_many_refusals_fail_the_run_with_the_reasons(tmp_path):
+    ss = sites(2, **{"12": {"schema": {"genes_micro": 99}}})
+    with pytest.raises(RuntimeError, match=r"only 1 of 2 connected sites passed preflight.*"
+                                           r"site 12: genes_micro is 99, the run expects 14"):
+        run_federation(FakeTransport(ss), config(), tmp_path / "run")
+
+
+def test_small_sites_are_suppressed_from_per_site_and_global_metrics(tmp_path):
+    ss = sites(4, **{"13": {"eval_patients": 3}, "14": {"eval_patients": 4, "honest_suppression": False}})
+    final = run_federation(FakeTransport(ss), config("federation.rounds=1"), tmp_path / "run")
+    for ev in (read_rounds(tmp_path / "run")[1]["val"], final["test"]):
+        assert ev["suppressed"] == [13, 14] and set(ev["per_site"]) == {"11", "12"} and ev["patients"] == 40
+        per = [ev["per_site"][s]["values"]["loss"] for s in ("11", "12")]
+        assert ev["global"]["values"]["loss"] == pytest.approx(sum(per) / 2)  # 20 patients each
+    assert final["suppressed_sites"] == [13, 14]
+    for r in read_rounds(tmp_path / "run"):  # no per-site evaluation numbers for them, in any round
+        assert set(r["val"]["per_site"]) == {"11", "12"}
+
+
+def test_nothing_a_site_says_except_aggregates_reaches_logs_or_files(tmp_path, server_logs):
+    """B5/H4: sites raising with a PHI sentinel, a metric key carrying it, garbage summaries."""
+    ss = {11: FakeSite(11, train_fault=lambda r: "error" if r == 2 else None),
+          12: FakeSite(12, train_fault="phi_metric_key"),
+          13: FakeSite(13, eval_fault=lambda r: "error" if r == 1 else None),
+          14: FakeSite(14, preflight_fault="error"),
+          15: FakeSite(15, preflight_fault="garbage"),
+          16: FakeSite(16, eval_fault="bad_lengths")}
+    run = tmp_path / "run"
+    final = run_federation(FakeTransport(ss), config("federation.rounds=2"), run)
+    rounds = read_rounds(run)
+    assert {"node": 11, "reason": "E_CLIENT_ERROR"} in rounds[2]["train"]["dropped"]
+    assert {"node": 13, "reason": "E_CLIENT_ERROR"} in rounds[1]["val"]["dropped"]
+    assert {"node": 16, "reason": "E_BAD_METRICS"} in rounds[1]["val"]["dropped"]
+    assert final["refused_sites"] == {"14": "site 14: preflight failed (E_CLIENT_ERROR)",
+                                      "15": "site 15: preflight failed (E_BAD_SUMMARY)"}
+    for name in ("rounds.jsonl", "final_metrics.json", "server.log", "config.yaml"):
+        assert SENTINEL not in (run / name).read_text(), name
+    assert SENTINEL.encode() not in (run / "model.pt").read_bytes()
+    assert SENTINEL not in server_logs.text
+    assert "node 11: E_CLIENT_ERROR" in server_logs.text
+
+
+def test_a_round_without_usable_replies_is_skipped_and_the_model_kept(tmp_path):
+    ss = {n: FakeSite(n, train_fault=lambda r: "nan" if r == 2 else None) for n in (11, 12)}
+    run = tmp_path / "run"
+    final = run_federation(FakeTransport(ss), config("federation.rounds=3"), run)
+    r2 = read_rounds(run)[2]
+    assert r2["status"] == "skipped" and r2["skip_reason"] == "E_TOO_FEW_REPLIES" and r2["val"] is None
+    assert r2["train"]["dropped"] == [{"node": 11, "reason": "E_NONFINITE"}, {"node": 12, "reason": "E_NONFINITE"}]
+    w1, w2 = load_checkpoint(run, 1).weights, load_checkpoint(run, 2).weights
+    assert all(np.array_equal(w1[k], w2[k]) for k in w1)
+    assert all(np.isfinite(v).all() for v in load_checkpoint(run, 3).weights.values())
+    assert final["skipped_rounds"] == [2] and final["best_round"] == 3
+
+
+def test_a_run_where_no_round_aggregates_fails(tmp_path):
+    ss = {n: FakeSite(n, train_fault="error") for n in (11, 12)}
+    with pytest.raises(RuntimeError, match="no round aggregated any update"):
+        run_federation(FakeTransport(ss), config("federation.rounds=2"), tmp_path / "run")
+
+
+def test_selection_metric_must_name_an_enabled_task_and_known_metric(tmp_path):
+    with pytest.raises(ConfigError, match="federation.selection_metric: 'grade.auc' names task 'grade'"):
+        run_federation(FakeTransport(sites(2)),
+                       config("model.tasks=[diagnosis]", "federation.selection_metric=grade.auc"), tmp_path / "a")
+    with pytest.raises(ConfigError, match="unknown metric 'f2' for diagnosis"):
+        run_federation(FakeTransport(sites(2)), config("federation.selection_metric=diagnosis.f2"), tmp_path / "b")
+
+
+def test_higher_is_better_selection_picks_the_best_round(tmp_path):
+    final = run_federation(FakeTransport(sites(2)), config("federation.rounds=3",
+                                                           "federation.selection_metric=survival.c_index"),
+                           tmp_path / "run")
+    values = [r["val"]["global"]["values"]["survival.c_index"] for r in read_rounds(tmp_path / "run")[1:]]
+    assert final["selection_value"] == max(values) and not final["lower_is_better"]
+    assert final["best_round"] == 1 + values.index(max(values))
+    assert math.isfinite(final["test"]["global"]["values"]["survival.c_index"])

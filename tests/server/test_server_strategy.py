@@ -1,0 +1,133 @@
+"""Strategies from config (D5), hand-computed aggregation (D7) and server-optimiser state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum,
+                                     MultiKrum)
+from server_fakes import config
+
+from server.messages import Reply
+from server.strategy import GuardedStrategy, build_strategy, restore_strategy_state, strategy_state
+from smm_model.config import ConfigError
+
+
+def fed(*extra: str):
+    return config(*extra).federation
+
+
+def reply(nid: int, n: int, **arrays) -> Reply:
+    return Reply(nid, arrays={k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()},
+                 metrics={"num-examples": n, "train-loss": float(nid)})
+
+
+GLOBAL = {"w": np.zeros(3, dtype=np.float32), "b": np.zeros((2, 2), dtype=np.float32)}
+
+
+@pytest.mark.parametrize("name, cls", [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam),
+                                       ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad), ("fedmedian", FedMedian),
+                                       ("fedtrimmedavg", FedTrimmedAvg), ("krum", Krum), ("multikrum", MultiKrum)])
+def test_every_configured_strategy_builds(name, cls):
+    cfg = config(f"federation.strategy={name}", "federation.min_nodes=3", "train.proximal_mu=0.01",
+                 "federation.trimmed_beta=0.3")
+    s = build_strategy(cfg.federation, cfg.train, n_sites=10)
+    assert type(s) is cls
+    assert s.min_train_nodes == s.min_evaluate_nodes == s.min_available_nodes == 3
+
+
+def test_strategy_parameters_come_from_the_config():
+    cfg = config("federation.strategy=fedadam", "federation.server_lr=0.05", "federation.server_beta_1=0.8",
+                 "federation.server_beta_2=0.95", "federation.server_tau=0.01", "train.lr=0.003")
+    s = build_strategy(cfg.federation, cfg.train)
+    assert (s.eta, s.eta_l, s.beta_1, s.beta_2, s.tau) == (0.05, 0.003, 0.8, 0.95, 0.01)
+    cfg = config("federation.strategy=fedprox", "train.proximal_mu=0.1")
+    assert build_strategy(cfg.federation, cfg.train).proximal_mu == 0.1
+    s = build_strategy(fed("federation.strategy=fedtrimmedavg", "federation.trimmed_beta=0.25"), n_sites=8)
+    assert s.beta == 0.25
+    s = build_strategy(fed("federation.strategy=multikrum", "federation.krum_byzantine=1"), n_sites=6)
+    assert (s.num_malicious_nodes, s.num_nodes_to_select) == (1, 5)  # multikrum_keep=0 -> n - f
+    s = build_strategy(fed("federation.strategy=multikrum", "federation.krum_byzantine=1",
+                           "federation.multikrum_keep=2"), n_sites=6)
+    assert s.num_nodes_to_select == 2
+
+
+def test_strategy_site_count_errors_are_config_errors():
+    """D5: with few hospitals, these settings silently do nothing; refuse them at start."""
+    with pytest.raises(ConfigError, match=r"federation.trimmed_beta: trimming 0.2 of 4 sites removes none"):
+        build_strategy(fed("federation.strategy=fedtrimmedavg"), n_sites=4)
+    with pytest.raises(ConfigError, match=r"federation.krum_byzantine: Krum needs more than 2f \+ 2 = 4 sites"):
+        build_strategy(fed("federation.strategy=krum", "federation.krum_byzantine=1"), n_sites=4)
+    with pytest.raises(ConfigError, match="federation.min_nodes: 2 sites needed but the run has 1"):
+        build_strategy(fed(), n_sites=1)
+    with pytest.raises(ConfigError, match="multikrum_keep: keeps 7 updates but the run has 6 sites"):
+        build_strategy(fed("federation.strategy=multikrum", "federation.multikrum_keep=7"), n_sites=6)
+
+
+def test_fedavg_is_the_hand_computed_weighted_mean():
+    # Prepare: weights 1 and 3 -> factors 0.25 and 0.75, exact in float32.
+    a = reply(11, 1, w=[1.0, 2.0, -4.0], b=[[0.0, 8.0], [4.0, 1.0]])
+    b = reply(12, 3, w=[5.0, 2.0, 0.0], b=[[4.0, 0.0], [0.0, 1.0]])
+    guarded = GuardedStrategy(build_strategy(fed()), fed())
+    # Execute
+    out = guarded.aggregate(1, [a, b], GLOBAL)
+    # Assert (rtol = 0)
+    np.testing.assert_array_equal(out.arrays["w"], np.array([4.0, 2.0, -1.0], dtype=np.float32))
+    np.testing.assert_array_equal(out.arrays["b"], np.array([[3.0, 2.0], [1.0, 1.0]], dtype=np.float32))
+    assert list(out.arrays) == ["w", "b"] and out.arrays["w"].dtype == np.float32
+    assert out.metrics == {"train-loss": pytest.approx(0.25 * 11 + 0.75 * 12)}
+
+
+def test_fedmedian_and_krum_from_config():
+    values = [0.2, 0.6, 0.7, 0.8, 5.0]
+    replies = [reply(10 + i, 10 * (i + 1), w=[v] * 3, b=[[v, v], [v, v]]) for i, v in enumerate(values)]
+    cfg = fed("federation.strategy=fedmedian")
+    out = GuardedStrategy(build_strategy(cfg, n_sites=5), cfg).aggregate(1, replies, GLOBAL)
+    np.testing.assert_array_equal(out.arrays["w"], np.full(3, 0.7, dtype=np.float32))
+    # Krum with f = 1: each update is scored by its n - f - 2 = 2 closest neighbours; 0.7 wins.
+    cfg = fed("federation.strategy=krum", "federation.krum_byzantine=1")
+    out = GuardedStrategy(build_strategy(cfg, n_sites=5), cfg).aggregate(1, replies, GLOBAL)
+    np.testing.assert_array_equal(out.arrays["b"], np.full((2, 2), 0.7, dtype=np.float32))
+    # MultiKrum keeping n - f = 4 drops the 5.0 update and averages the rest by example counts.
+    cfg = fed("federation.strategy=multikrum", "federation.krum_byzantine=1")
+    out = GuardedStrategy(build_strategy(cfg, n_sites=5), cfg).aggregate(1, replies, GLOBAL)
+    expect = np.float32((10 * 0.2 + 20 * 0.6 + 30 * 0.7 + 40 * 0.8) / 100)
+    np.testing.assert_allclose(out.arrays["w"], np.full(3, expect), rtol=1e-6)
+
+
+def test_fedtrimmedavg_trims_the_extremes():
+    values = [-50.0, 1.0, 2.0, 3.0, 60.0]
+    replies = [reply(10 + i, 5, w=[v] * 3, b=[[v, v], [v, v]]) for i, v in enumerate(values)]
+    cfg = fed("federation.strategy=fedtrimmedavg")
+    out = GuardedStrategy(build_strategy(cfg, n_sites=5), cfg).aggregate(1, replies, GLOBAL)
+    np.testing.assert_array_equal(out.arrays["w"], np.full(3, 2.0, dtype=np.float32))
+
+
+def test_fedadam_state_round_trip_continues_identically():
+    cfg = config("federation.strategy=fedadam", "federation.server_lr=0.1")
+    rng = np.random.default_rng(0)
+
+    def round_replies(g):
+        return [Reply(n, arrays={k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in g.items()},
+                      metrics={"num-examples": 10}) for n in (11, 12)]
+
+    a = GuardedStrategy(build_strategy(cfg.federation, cfg.train), cfg.federation)
+    g1 = a.aggregate(1, round_replies(GLOBAL), GLOBAL).arrays
+    assert g1["w"].dtype == np.float32  # FedAdam computes in float64; the model stays float32
+    state = strategy_state(a.strategy)
+    assert state["class"] == "FedAdam" and set(state["m_t"]) == {"w", "b"} and set(state["v_t"]) == {"w", "b"}
+    b = GuardedStrategy(build_strategy(cfg.federation, cfg.train), cfg.federation)
+    restore_strategy_state(b.strategy, state)
+    replies = round_replies(g1)
+    ga, gb = a.aggregate(2, replies, g1).arrays, b.aggregate(2, replies, g1).arrays
+    for k in ga:
+        np.testing.assert_array_equal(ga[k], gb[k])
+    fresh = GuardedStrategy(build_strategy(cfg.federation, cfg.train), cfg.federation)
+    gc = fresh.aggregate(2, replies, g1).arrays  # without the moments the step differs
+    assert not np.array_equal(ga["w"], gc["w"])
+    with pytest.raises(ValueError, match="saved by FedAdam, cannot restore it into FedAvg"):
+        restore_strategy_state(build_strategy(fed()), state)
+
+
+def test_stateless_strategies_have_no_optimizer_state():
+    assert strategy_state(build_strategy(fed())) == {"class": "FedAvg"}
