@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+sys.path.insert(0, str(HERE))
+import provenance  # noqa: E402
 
 # Reader workers start like `spawn` and re-import this module, so everything heavy (torch, the
 # encoders) is imported inside functions: at module level it would cost each worker seconds.
@@ -49,37 +49,11 @@ TISSUE_COVERAGE = 0.8
 
 
 def machine() -> dict:
+    info = provenance.machine("torchvision", "timm", "numpy", "PIL", "tifffile", "openslide")
     import openslide
-    import PIL
-    import tifffile
-    import timm
-    import torch
-    import torchvision
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "numpy": np.__version__,
-            "pillow": PIL.__version__, "tifffile": tifffile.__version__,
-            "openslide_python": openslide.__version__, "libopenslide": openslide.__library_version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    info["libopenslide"] = openslide.__library_version__
     return info
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _busy(n: int) -> float:
@@ -281,7 +255,7 @@ def main() -> int:
         "benchmark": "extract_speed",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/extract_speed.py " + " ".join(sys.argv[1:]),
-        "git_commit": git_commit(),
+        "git_commit": provenance.git_commit(),
         "machine": machine(),
         "setting": {"target_mpp": TARGET_MPP, "patch_size": PATCH_SIZE, "batch_size": batch,
                     "device": args.device, "encoder_patches": int(len(sub)), "reps": reps,
