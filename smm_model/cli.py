@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("client.synth:main", "write a synthetic multi-site cohort with known ground truth"),
     "tcga": ("client.tcga:main", "site folders from the real TCGA GBM/LGG tables"),
     "site": ("client.site_check:main", "site folder tools: `smm site check SITE_DIR`"),
+    "simulate": ("server.simulate:main", "run a simulated federation (own SuperLink on a free port) and check its final status"),
 }
 
 

@@ -1,0 +1,180 @@
+"""The Flower ClientApp: a thin adapter from messages to ``client/federated.py``.
+
+Message contract (the ServerApp sends exactly these):
+
+* ``query.preflight``: config {"experiment": YAML} -> {"summary": ConfigRecord({"json": SiteSummary})}
+* ``train``: arrays + config {"experiment", "shared", "server-round", "lr", "local-epochs",
+  "proximal-mu"} -> arrays + metrics (``num-examples``, ``train-loss``, ``seconds``, ``coord-*``)
+* ``evaluate``: arrays + config {"experiment", "shared", "server-round", "split": val|test} ->
+  metrics = ``EvalStats.to_record()``
+
+Each handler parses the config once, finds the site folder (``site-dir`` in the SuperNode's
+node_config, or ``partition-id`` in simulation), calls one plain function and wraps the result.
+
+Failures: Flower returns the text of an exception raised here to the server, so a handler never
+lets an exception with a path, patient id or value escape. The full error (with its traceback and
+cause) goes to the SITE's log only; what is raised is ``SiteError("E_<STAGE>: <ExceptionClass>")``
+with no chained context. The site log is a file: ``node_config["log-file"]``, else
+``$FEDSMM_SITE_LOG_DIR/<site folder name>.log`` (``smm simulate`` sets it to the run folder), else
+``<site-dir>/logs/fedsmm-client.log``. In deployment (``site-dir`` given) the details also go to
+the SuperNode's own stderr, which stays at the hospital; in simulation the console is shared with
+the server's log, so only the sanitized line is printed there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.federated import (SITE_DIR_KEY, SiteError, evaluate_round, preflight_summary, resolve_site_dir,
+                              stage, train_round)
+from smm_model.config import ExperimentConfig
+from smm_model.protocol import SharedStats
+
+__all__ = ["app", "LOG_DIR_ENV", "site_log_path"]
+
+#: Environment variable naming a folder for the site logs (one file per site folder name).
+LOG_DIR_ENV = "FEDSMM_SITE_LOG_DIR"
+
+app = ClientApp()
+
+
+def site_log_path(node_config: dict[str, Any], site_dir: Path | None) -> Path | None:
+    """Where this node's detailed log goes (see the module docstring); None if nowhere is known."""
+    if isinstance(node_config.get("log-file"), str) and node_config["log-file"]:
+        return Path(node_config["log-file"]).expanduser()
+    if site_dir is None:
+        return None
+    if os.environ.get(LOG_DIR_ENV):
+        return Path(os.environ[LOG_DIR_ENV]) / f"{site_dir.name}.log"
+    return site_dir / "logs" / "fedsmm-client.log"
+
+
+def _logger(node_config: dict[str, Any], site_dir: Path | None) -> logging.Logger:
+    """This site's logger: its own file (and, in deployment, the SuperNode's stderr), nothing else.
+
+    One logger per log file, never shared: in simulation one Ray actor serves several sites in
+    turn, and a shared logger with one handler per file would copy every site's lines into every
+    other site's log.
+    """
+    path = site_log_path(node_config, site_dir)
+    deployment = SITE_DIR_KEY in node_config
+    key = f"{path}|{deployment}"
+    log = logging.getLogger("fedsmm.client.site." + hashlib.sha256(key.encode()).hexdigest()[:16])
+    if getattr(log, "_fedsmm_configured", False):
+        return log
+    log.propagate = False  # never into Flower's or the root handlers (they may print to a shared console)
+    log.setLevel(logging.INFO)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError:
+            pass  # a read-only site folder: keep going without a file log
+        else:
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+    if deployment:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s fedsmm-site %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())
+    log._fedsmm_configured = True  # type: ignore[attr-defined]
+    return log
+
+
+def _threads(context: Context, cfg: ExperimentConfig) -> None:
+    """Simulation: hold torch to the CPUs Ray reserved per simulated site (federation.client_cpus),
+    so parallel ClientApps do not oversubscribe the machine. Deployment keeps torch's default."""
+    if "partition-id" in context.node_config and SITE_DIR_KEY not in context.node_config:
+        torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
+
+
+Work = Callable[[Message, ExperimentConfig, Path, logging.Logger], RecordDict]
+
+
+def _handle(kind: str, msg: Message, context: Context, work: Work) -> Message:
+    """Parse, resolve the site, run ``work``; sanitize any failure (see the module docstring)."""
+    node_config = dict(context.node_config)
+    site_dir: Path | None = None
+    try:
+        with stage("E_PROTOCOL"):
+            text = str(msg.content["config"]["experiment"])
+        with stage("E_CONFIG"):
+            cfg = ExperimentConfig.from_yaml_text(text, source="the run's experiment config")
+            site_dir = resolve_site_dir(node_config, cfg)
+        _threads(context, cfg)
+        log = _logger(node_config, site_dir)
+        return Message(content=work(msg, cfg, site_dir, log), reply_to=msg)
+    except Exception as e:  # noqa: BLE001 - the one place where failures are sanitized
+        err = e if isinstance(e, SiteError) else SiteError("E_INTERNAL", type(e).__name__)
+        _logger(node_config, site_dir).error("%s failed (%s)", kind, err, exc_info=e)
+        print(f"fedsmm site: {kind} failed: {err} (details in the site log)", file=sys.stderr, flush=True)
+        raise SiteError(err.code, err.cause_type) from None
+
+
+def _shared(cfg_rec: ConfigRecord) -> SharedStats:
+    with stage("E_PROTOCOL"):
+        return SharedStats.from_json(str(cfg_rec["shared"]))
+
+
+def _preflight(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger) -> RecordDict:
+    summary = preflight_summary(site_dir, cfg)
+    log.info("preflight: %s training patients", summary.splits["train"]["patients"])
+    return RecordDict({"summary": ConfigRecord({"json": summary.to_json()})})
+
+
+def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger) -> RecordDict:
+    c = msg.content["config"]
+    shared = _shared(c)
+    with stage("E_PROTOCOL"):
+        rnd = int(c["server-round"])
+        lr, epochs = float(c["lr"]), int(c["local-epochs"])
+        mu = float(c["proximal-mu"]) if "proximal-mu" in c else 0.0
+        state = msg.content["arrays"].to_torch_state_dict()
+    new_state, metrics = train_round(site_dir, cfg, shared, state, lr, epochs, mu, server_round=rnd)
+    log.info("train round %d: %d patients, loss %.4f, %.1f s", rnd, metrics["num-examples"],
+             metrics["train-loss"], metrics["seconds"])
+    return RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
+
+
+def _evaluate(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger) -> RecordDict:
+    c = msg.content["config"]
+    shared = _shared(c)
+    with stage("E_PROTOCOL"):
+        rnd = int(c["server-round"]) if "server-round" in c else -1
+        split = str(c["split"])
+        state = msg.content["arrays"].to_torch_state_dict()
+    stats = evaluate_round(site_dir, cfg, shared, state, split)
+    log.info("evaluate round %d on %s: %d patients%s", rnd, split, stats.n,
+             " (suppressed: below federation.min_site_patients)" if stats.suppressed else
+             f", loss {stats.loss_sum / max(stats.n, 1):.4f}")
+    return RecordDict({"metrics": MetricRecord(stats.to_record())})
+
+
+@app.query("preflight")
+def preflight(msg: Message, context: Context) -> Message:
+    """Schema and aggregate statistics of this site."""
+    return _handle("preflight", msg, context, _preflight)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training from the global weights."""
+    return _handle("train", msg, context, _train)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Additive evaluation statistics of the global weights on one split."""
+    return _handle("evaluate", msg, context, _evaluate)

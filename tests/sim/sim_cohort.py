@@ -1,0 +1,26 @@
+"""Small synthetic cohorts and configs shared by the simulation-tier tests."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from client.synth import CohortSpec, write_cohort
+
+#: A model small enough for a 2-core CI runner, all three tasks, spatial layout.
+SMALL = ["model.feature_dim=32", "model.genes_tumour=20", "model.genes_micro=30", "model.hidden_dim=16",
+         "model.heads=4", "model.dim_head=8", "model.offset_groups=4", "model.layout=spatial",
+         "model.grid_size=8", "model.n_patches=64", "model.key_grid=4", "model.bias_table_size=33",
+         "model.snn_hidden=[16]", "model.tasks=[diagnosis, grade, survival]", "train.batch_size=4",
+         "train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.0001", "federation.rounds=2",
+         "federation.local_epochs=2", "federation.min_nodes=3", "federation.min_site_patients=1",
+         "federation.wait_for_nodes_s=120"]
+
+
+def write_features_cohort(out: Path, sites: int = 3, patients: int = 24, feature_dim: int = 32,
+                          seed: int = 5) -> Path:
+    """``smm synth --features-only`` into ``out`` (site_1..site_K); returns ``out``."""
+    d = CohortSpec()
+    write_cohort(out, replace(d, sites=sites, patients_per_site=patients, features_only=True, seed=seed,
+                              features=replace(d.features, feature_dim=feature_dim)), log=lambda *_: None)
+    return out
