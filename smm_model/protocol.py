@@ -152,6 +152,9 @@ def derive_shared(summaries: Sequence[SiteSummary], cfg: ExperimentConfig) -> Sh
     """
     if not summaries:
         raise ValueError("derive_shared: no site summary")
+    # A fixed order (not the order replies arrived in, nor node ids, which change between runs), so
+    # the floating-point sums, and with them a resumed run's statistics, are reproducible.
+    summaries = sorted(summaries, key=lambda s: s.to_json())
     gstats = [GenomicsStats.from_dict(s.genomics) for s in summaries if s.genomics]
     if not gstats:
         raise ValueError("derive_shared: no site has training patients with genomics")
