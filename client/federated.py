@@ -46,7 +46,7 @@ from smm_model.model import build_model
 from smm_model.protocol import SURVIVAL_HIST_EDGES, EvalStats, SharedStats, SiteSummary
 
 __all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "simulation_site_dirs", "resolve_site_dir", "load_site",
-           "preflight_summary", "train_round", "evaluate_round", "risk_groups", "SharedGenomicsStats"]
+           "preflight_summary", "train_round", "evaluate_round", "evaluate_dataset", "risk_groups", "SharedGenomicsStats"]
 
 #: Stage codes a site error carries (the only detail that leaves the site besides the class name).
 ERROR_CODES = {
@@ -399,7 +399,14 @@ def evaluate_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedSt
         device = resolve_device(cfg.train.device)
     with stage("E_DATA"):
         site = load_site(site_dir, cfg)
-    ds = _dataset(site, cfg, shared, split)
+    return evaluate_dataset(_dataset(site, cfg, shared, split), cfg, shared, state_dict, device)
+
+
+def evaluate_dataset(ds: SiteDataset, cfg: ExperimentConfig, shared: SharedStats, state_dict: Mapping[str, Tensor],
+                     device: torch.device) -> EvalStats:
+    """``evaluate_round`` on an already built dataset (its patients, the shared preprocessing):
+    the same statistics, the same small-cell suppression. ``smm evaluate --split all`` uses it on a
+    site's whole cohort."""
     n = len(ds)
     if n == 0 or n < cfg.federation.min_site_patients:
         return EvalStats(n=n, suppressed=True)

@@ -1,0 +1,207 @@
+"""Run-folder files written on the site side (``smm centralized``, ``smm evaluate``).
+
+A centralized or local-only run, and a local evaluation of a final model, leave the same files as a
+federated run (``server/runlog.py``), so ``smm report`` reads them alike::
+
+    <run_dir>/config.yaml          the resolved configuration
+    <run_dir>/rounds.jsonl         one JSON object per round (0 = the initial model)
+    <run_dir>/final_metrics.json   best round, selection metric, test metrics (global + per site)
+    <run_dir>/model.pt             the selected model: format, weights, model_config, schema, shared, ...
+
+``client`` may not import ``server`` (architecture.md), so the few format constants are repeated
+here; ``tests/client/test_centralized.py`` runs both sides and checks that they agree. Per-site
+entries are keyed by the site folder's name here (a federated run keys them by node id).
+
+JSON is strict, as the server writes it: an undefined metric is ``null`` with its reason beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from smm_model.config import TASKS, ConfigError, ExperimentConfig, TrainConfig, to_dict
+from smm_model.protocol import EvalStats, metrics_from_eval
+
+__all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "MODEL_FORMAT", "CHECKPOINT_FORMAT",
+           "C_INDEX_NOTE", "FINAL_KEYS", "config_text", "selection_lower_is_better", "round_lr", "eval_record",
+           "site_names", "library_versions", "dumps", "atomic_write_bytes", "write_json", "append_jsonl",
+           "model_payload", "write_model", "sha256_file"]
+
+CONFIG_FILE = "config.yaml"
+ROUNDS_FILE = "rounds.jsonl"
+FINAL_FILE = "final_metrics.json"
+MODEL_FILE = "model.pt"
+MODEL_FORMAT = "fedsmm-model"
+CHECKPOINT_FORMAT = "fedsmm-server-checkpoint"
+C_INDEX_NOTE = ("survival.c_index is the within-site C-index: concordance pairs are formed within each site only "
+                "(a site cannot compare its patients with another site's), and the pair counts are summed over sites")
+#: The keys of a federated run's final_metrics.json (server.loop); ours add ``mode`` (and more, per mode).
+FINAL_KEYS = ("run", "rounds", "best_round", "selection_metric", "selection_value", "lower_is_better",
+              "selection_note", "test", "suppressed_sites", "notes", "sites", "refused_sites", "skipped_rounds",
+              "model", "versions")
+_CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
+_SURVIVAL_METRICS = ("c_index", "logrank_chi2", "logrank_p")
+_LOWER_IS_BETTER = ("loss", "survival.logrank_p")
+
+
+def config_text(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (what ``config.yaml`` holds)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def selection_lower_is_better(cfg: ExperimentConfig) -> bool:
+    """Validate ``federation.selection_metric`` against the tasks; True for loss-like metrics."""
+    name = cfg.federation.selection_metric
+    if name == "loss":
+        return True
+    task, _, metric = name.partition(".")
+    if task not in TASKS or task not in cfg.model.tasks:
+        raise ConfigError(f"federation.selection_metric: {name!r} names task {task!r}, but the run's tasks are "
+                          f"{list(cfg.model.tasks)}")
+    allowed = _SURVIVAL_METRICS if task == "survival" else _CLASSIFICATION_METRICS
+    if metric not in allowed:
+        raise ConfigError(f"federation.selection_metric: unknown metric {metric!r} for {task}; expected one of "
+                          f"{list(allowed)}")
+    return name in _LOWER_IS_BETTER
+
+
+def round_lr(train: TrainConfig, rounds: int, server_round: int) -> float:
+    """The learning rate of round ``server_round`` (1-based), as the federated server sets it: cosine
+    from ``train.lr`` to ``train.min_lr`` over the rounds, held for the round's local epochs."""
+    e = server_round - 1
+    return float(train.lr - (train.lr - train.min_lr) * (1 - math.cos(math.pi * e / rounds)) / 2)
+
+
+def site_names(dirs: Sequence[Path]) -> list[str]:
+    """A name per site folder: its folder name, or its full path where two folders share a name."""
+    names = [Path(d).name for d in dirs]
+    return [n if names.count(n) == 1 else str(d) for n, d in zip(names, dirs)]
+
+
+def eval_record(split: str, stats: Mapping[str, EvalStats], cfg: ExperimentConfig) -> dict[str, Any]:
+    """One evaluation over sites, in the format of a federated run's ``val``/``test`` records: global
+    metrics from the summed statistics of the unsuppressed sites, per-site metrics, suppressed sites
+    (fewer than ``federation.min_site_patients`` patients: no numbers at all)."""
+    n_classes = cfg.model.n_classes
+    min_p = cfg.federation.min_site_patients
+    suppressed = [s for s, st in stats.items() if st.suppressed or st.n < min_p]
+    per_site = {s: (int(st.n), metrics_from_eval(st, n_classes)) for s, st in stats.items() if s not in suppressed}
+    total = EvalStats.merge([stats[s] for s in per_site])
+    return {"split": split, "sampled": list(stats), "patients": int(sum(n for n, _ in per_site.values())),
+            "global": metrics_from_eval(total, n_classes).to_dict(),
+            "per_site": {s: {"patients": n, **r.to_dict()} for s, (n, r) in per_site.items()},
+            "suppressed": suppressed, "dropped": []}
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(np.__version__)}
+    for dist in ("flwr", "fedsmm"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+# --- strict JSON and atomic writes ----------------------------------------------------------------------
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def dumps(obj: Any, *, indent: int | None = None) -> str:
+    """Strict JSON (non-finite floats become null)."""
+    return json.dumps(_jsonable(obj), indent=indent, allow_nan=False)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one whole line (one write on an O_APPEND descriptor), fsynced."""
+    data = (dumps(record) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- model.pt -------------------------------------------------------------------------------------------
+
+def model_payload(weights: Mapping[str, torch.Tensor], cfg: ExperimentConfig, schema: Mapping[str, Any],
+                  shared_json: str, best_round: int, best_value: float | None) -> dict[str, Any]:
+    """``model.pt``'s content, as a federated run writes it (server.loop)."""
+    return {"format": MODEL_FORMAT, "version": 1,
+            "weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
+            "model_config": to_dict(cfg.model), "schema": dict(schema), "shared": shared_json,
+            "config": config_text(cfg), "round": int(best_round),
+            "selection_metric": cfg.federation.selection_metric,
+            "selection_value": None if best_value is None or not math.isfinite(best_value) else float(best_value),
+            "versions": library_versions()}
+
+
+def write_model(path: Path, payload: Mapping[str, Any]) -> str:
+    """Write ``model.pt`` atomically; returns its sha256."""
+    buf = io.BytesIO()
+    torch.save(dict(payload), buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
