@@ -13,7 +13,7 @@ help:
 	@echo "make test      install if needed, run the default test tier (unit + quick training)"
 	@echo "make test-all  also the slow tiers"
 	@echo "make bench     quick benchmarks (results under benchmarks/results/)"
-	@echo "make demo      not yet available: arrives with the Flower app (see README)"
+	@echo "make demo      not yet available: arrives with the evaluation report (see README)"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/model_speed.py --quick
 
 demo:
-	@echo "make demo is not available yet: it arrives with the Flower app (issue 4/5)." >&2
-	@echo "Until then: make test, and benchmarks/model_speed.py." >&2
+	@echo "make demo is not available yet: it arrives with the evaluation report." >&2
+	@echo "Until then: see the README (smm synth, smm simulate configs/demo.yaml)." >&2
 	@exit 2
 
 clean:

@@ -22,7 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("client.synth:main", "write a synthetic multi-site cohort with known ground truth"),
     "tcga": ("client.tcga:main", "site folders from the real TCGA GBM/LGG tables"),
     "site": ("client.site_check:main", "site folder tools: `smm site check SITE_DIR`"),
+    "centralized": ("client.centralized:main", "train on all sites' training data pooled (a benchmark reference) or per site (--local-only), same run folder"),
+    "evaluate": ("client.evaluate:main", "evaluate a final or checkpointed global model on site folders, locally"),
     "simulate": ("server.simulate:main", "run a simulated federation (own SuperLink on a free port) and check its final status"),
+    "certs": ("server.certs:main", "create a CA, a SuperLink certificate and SuperNode auth keys for a test or small deployment"),
 }
 
 
