@@ -31,10 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from smm_model.config import TASKS, ConfigError, ExperimentConfig, TrainConfig, to_dict
-from smm_model.protocol import EvalStats, metrics_from_eval
+from smm_model.config import ExperimentConfig, to_dict
+from smm_model.protocol import EvalStats, config_text, metrics_from_eval, round_lr, selection_lower_is_better
 
 __all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "MODEL_FORMAT", "CHECKPOINT_FORMAT",
            "C_INDEX_NOTE", "FINAL_KEYS", "config_text", "selection_lower_is_better", "round_lr", "eval_record",
@@ -53,37 +52,12 @@ C_INDEX_NOTE = ("survival.c_index is the within-site C-index: concordance pairs 
 FINAL_KEYS = ("run", "rounds", "best_round", "selection_metric", "selection_value", "lower_is_better",
               "selection_note", "test", "suppressed_sites", "notes", "sites", "refused_sites", "skipped_rounds",
               "model", "versions")
-_CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
-_SURVIVAL_METRICS = ("c_index", "logrank_chi2", "logrank_p")
-_LOWER_IS_BETTER = ("loss", "survival.logrank_p")
 
 
-def config_text(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML (what ``config.yaml`` holds)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def selection_lower_is_better(cfg: ExperimentConfig) -> bool:
-    """Validate ``federation.selection_metric`` against the tasks; True for loss-like metrics."""
-    name = cfg.federation.selection_metric
-    if name == "loss":
-        return True
-    task, _, metric = name.partition(".")
-    if task not in TASKS or task not in cfg.model.tasks:
-        raise ConfigError(f"federation.selection_metric: {name!r} names task {task!r}, but the run's tasks are "
-                          f"{list(cfg.model.tasks)}")
-    allowed = _SURVIVAL_METRICS if task == "survival" else _CLASSIFICATION_METRICS
-    if metric not in allowed:
-        raise ConfigError(f"federation.selection_metric: unknown metric {metric!r} for {task}; expected one of "
-                          f"{list(allowed)}")
-    return name in _LOWER_IS_BETTER
 
 
-def round_lr(train: TrainConfig, rounds: int, server_round: int) -> float:
-    """The learning rate of round ``server_round`` (1-based), as the federated server sets it: cosine
-    from ``train.lr`` to ``train.min_lr`` over the rounds, held for the round's local epochs."""
-    e = server_round - 1
-    return float(train.lr - (train.lr - train.min_lr) * (1 - math.cos(math.pi * e / rounds)) / 2)
 
 
 def site_names(dirs: Sequence[Path]) -> list[str]:

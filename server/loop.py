@@ -41,9 +41,10 @@ import numpy as np
 import torch
 import yaml
 
-from smm_model.config import TASK_CLASSES, TASKS, ConfigError, ExperimentConfig, TrainConfig, to_dict
+from smm_model.config import TASK_CLASSES, ConfigError, ExperimentConfig, to_dict
 from smm_model.metrics import MetricReport
 from smm_model.model import build_model
+from smm_model.protocol import config_text as resolved_config_text, round_lr, selection_lower_is_better
 from smm_model.protocol import (PROTOCOL_VERSION, SCHEMA_FIELDS, SURVIVAL_HIST_EDGES, EvalStats, SchemaMismatch,
                                 SharedStats, SiteSummary, check_schemas, derive_shared, metrics_from_eval)
 from smm_model.stats import GenomicsStats
@@ -67,9 +68,6 @@ log = logging.getLogger("fedsmm.server")
 C_INDEX_NOTE = ("survival.c_index is the within-site C-index: concordance pairs are formed within each site only "
                 "(a site cannot compare its patients with another site's), and the pair counts are summed over sites")
 MODEL_FORMAT = "fedsmm-model"
-_CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
-_SURVIVAL_METRICS = ("c_index", "logrank_chi2", "logrank_p")
-_LOWER_IS_BETTER = ("loss", "survival.logrank_p")
 
 
 class RunDirInUse(RuntimeError):
@@ -78,33 +76,10 @@ class RunDirInUse(RuntimeError):
 
 # --- small pure helpers ---------------------------------------------------------------------------------
 
-def resolved_config_text(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML: what sites receive and what ``config.yaml`` holds."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def selection_lower_is_better(cfg: ExperimentConfig) -> bool:
-    """Validate ``federation.selection_metric`` against the enabled tasks; True for loss-like ones."""
-    name = cfg.federation.selection_metric
-    if name == "loss":
-        return True
-    task, _, metric = name.partition(".")
-    field_ = "federation.selection_metric"
-    if task not in TASKS or task not in cfg.model.tasks:
-        raise ConfigError(f"{field_}: {name!r} names task {task!r}, but the run's tasks are {list(cfg.model.tasks)}")
-    allowed = _SURVIVAL_METRICS if task == "survival" else _CLASSIFICATION_METRICS
-    if metric not in allowed:
-        raise ConfigError(f"{field_}: unknown metric {metric!r} for {task}; expected one of {list(allowed)}")
-    return name in _LOWER_IS_BETTER
 
 
-def round_lr(train: TrainConfig, rounds: int, server_round: int) -> float:
-    """The local learning rate of ``server_round`` (1-based): cosine from ``train.lr`` to
-    ``train.min_lr`` over the rounds, i.e. ``CosineAnnealingLR(T_max=rounds, eta_min=min_lr)``
-    stepped once per round, as ``client.train.make_scheduler`` steps once per epoch."""
-    e = server_round - 1
-    # lr - (lr - min_lr)(1 - cos)/2 == min_lr + (lr - min_lr)(1 + cos)/2, but exactly train.lr in round 1.
-    return float(train.lr - (train.lr - train.min_lr) * (1 - math.cos(math.pi * e / rounds)) / 2)
 
 
 def sample_nodes(rng: random.Random, available: Sequence[int], fraction: float, minimum: int) -> list[int]:

@@ -20,19 +20,22 @@ Round trip of a federated run (architecture.md, "Federated protocol"):
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .config import TASK_CLASSES, ExperimentConfig
+import yaml
+
+from .config import TASK_CLASSES, TASKS, ConfigError, ExperimentConfig, TrainConfig, to_dict
 from .federated import (SCORE_BINS, auc_from_histograms, c_index_from_counts, logrank_from_counts,
                         metrics_from_confusion)
 from .metrics import MetricReport
 from .stats import GenomicsStats
 
-__all__ = ["PROTOCOL_VERSION", "SURVIVAL_HIST_EDGES", "KM_GRID_STEP_DAYS", "SiteSummary", "SharedStats",
+__all__ = ["config_text", "selection_lower_is_better", "round_lr", "PROTOCOL_VERSION", "SURVIVAL_HIST_EDGES", "KM_GRID_STEP_DAYS", "SiteSummary", "SharedStats",
            "SchemaMismatch", "check_schemas", "derive_shared", "EvalStats", "metrics_from_eval"]
 
 PROTOCOL_VERSION = 1
@@ -43,6 +46,39 @@ SURVIVAL_HIST_EDGES = np.arange(0.0, 30 * 365.25 + 10.0, 10.0)
 KM_GRID_STEP_DAYS = 30.0
 #: Schema fields every site must share with the run (anything else may differ between sites).
 SCHEMA_FIELDS = ("encoder", "feature_dim", "gene_set", "genes_tumour", "genes_micro", "genomics_policy")
+
+
+_CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
+_SURVIVAL_METRICS = ("c_index", "logrank_chi2", "logrank_p")
+_LOWER_IS_BETTER = ("loss", "survival.logrank_p")
+
+
+def config_text(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML: what sites receive and what a run's ``config.yaml`` holds."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def selection_lower_is_better(cfg: ExperimentConfig) -> bool:
+    """Validate ``federation.selection_metric`` against the enabled tasks; True for loss-like ones."""
+    name = cfg.federation.selection_metric
+    if name == "loss":
+        return True
+    task, _, metric = name.partition(".")
+    field_ = "federation.selection_metric"
+    if task not in TASKS or task not in cfg.model.tasks:
+        raise ConfigError(f"{field_}: {name!r} names task {task!r}, but the run's tasks are {list(cfg.model.tasks)}")
+    allowed = _SURVIVAL_METRICS if task == "survival" else _CLASSIFICATION_METRICS
+    if metric not in allowed:
+        raise ConfigError(f"{field_}: unknown metric {metric!r} for {task}; expected one of {list(allowed)}")
+    return name in _LOWER_IS_BETTER
+
+
+def round_lr(train: TrainConfig, rounds: int, server_round: int) -> float:
+    """The learning rate of round ``server_round`` (1-based): cosine from ``train.lr`` to
+    ``train.min_lr`` over the rounds, held for the round's local epochs (federated and centralized
+    runs share it, so they compare)."""
+    e = server_round - 1
+    return float(train.lr - (train.lr - train.min_lr) * (1 - math.cos(math.pi * e / rounds)) / 2)
 
 
 class SchemaMismatch(ValueError):
