@@ -18,22 +18,20 @@ JSON is strict, as the server writes it: an undefined metric is ``null`` with it
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import io
 import json
 import math
 import os
-import platform
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from smm_model.config import ExperimentConfig, to_dict
 from smm_model.protocol import EvalStats, config_text, metrics_from_eval, round_lr, selection_lower_is_better
+from smm_model.records import dumps, library_versions
 
 __all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "MODEL_FORMAT", "CHECKPOINT_FORMAT",
            "C_INDEX_NOTE", "FINAL_KEYS", "config_text", "selection_lower_is_better", "round_lr", "eval_record",
@@ -81,40 +79,12 @@ def eval_record(split: str, stats: Mapping[str, EvalStats], cfg: ExperimentConfi
             "suppressed": suppressed, "dropped": []}
 
 
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(np.__version__)}
-    for dist in ("flwr", "fedsmm"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "unknown"
-    return out
 
 
 # --- strict JSON and atomic writes ----------------------------------------------------------------------
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if obj is None or isinstance(obj, str):
-        return obj
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def dumps(obj: Any, *, indent: int | None = None) -> str:
-    """Strict JSON (non-finite floats become null)."""
-    return json.dumps(_jsonable(obj), indent=indent, allow_nan=False)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -10,15 +10,12 @@ survives a power loss.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from smm_model.records import dumps, jsonable
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_line", "sha256_bytes",
            "sha256_file", "jsonable", "dumps"]
@@ -61,31 +58,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain JSON data: numpy scalars and arrays become Python numbers and lists, tuples become
-    lists, mapping keys become strings, and non-finite floats become ``None`` (strict JSON, which
-    ``jq`` and browsers can read; the metric's reason says why it is undefined)."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if obj is None or isinstance(obj, str):
-        return obj
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def dumps(obj: Any, *, indent: int | None = None) -> str:
-    """Strict JSON text of ``jsonable(obj)`` (no NaN/Infinity tokens)."""
-    return json.dumps(jsonable(obj), indent=indent, sort_keys=False, allow_nan=False)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

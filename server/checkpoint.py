@@ -20,11 +20,9 @@ with an explicit warning, to the newest checkpoint that verifies (C4).
 
 from __future__ import annotations
 
-import importlib.metadata
 import io
 import json
 import logging
-import platform
 import random
 import re
 from collections.abc import Mapping
@@ -34,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from smm_model.records import library_versions
 
 from .atomic import atomic_write_bytes, atomic_write_json, sha256_bytes
 
@@ -55,16 +55,6 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint, or a checkpoint that does not verify; the message names the file."""
 
 
-def library_versions() -> dict[str, str]:
-    """Versions that decide whether a checkpoint reproduces: torch, flwr, numpy, fedsmm, Python."""
-    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses to unpickle.
-    out = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(np.__version__)}
-    for dist in ("flwr", "fedsmm"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "unknown"
-    return out
 
 
 def capture_rng() -> dict[str, Any]:
