@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.federated import (SITE_DIR_KEY, SiteError, evaluate_round, preflight_summary, resolve_site_dir,
-                              stage, train_round)
+                              site_label, stage, train_round)
 from smm_model.config import ExperimentConfig
 from smm_model.protocol import SharedStats
 
@@ -128,8 +128,9 @@ def _shared(cfg_rec: ConfigRecord) -> SharedStats:
         return SharedStats.from_json(str(cfg_rec["shared"]))
 
 
-def _preflight(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger) -> RecordDict:
-    summary = preflight_summary(site_dir, cfg)
+def _preflight(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger,
+               label: str | None = None) -> RecordDict:
+    summary = preflight_summary(site_dir, cfg, label=label)
     log.info("preflight: %s training patients", summary.splits["train"]["patients"])
     return RecordDict({"summary": ConfigRecord({"json": summary.to_json()})})
 
@@ -165,7 +166,14 @@ def _evaluate(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.
 @app.query("preflight")
 def preflight(msg: Message, context: Context) -> Message:
     """Schema and aggregate statistics of this site."""
-    return _handle("preflight", msg, context, _preflight)
+    node_config = dict(context.node_config)
+
+    def work(m: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger) -> RecordDict:
+        with stage("E_CONFIG"):
+            label = site_label(node_config, site_dir)
+        return _preflight(m, cfg, site_dir, log, label=label)
+
+    return _handle("preflight", msg, context, work)
 
 
 @app.train()

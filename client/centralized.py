@@ -33,6 +33,7 @@ tabulates both, labelled.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import sys
 import time
@@ -50,7 +51,8 @@ from client.federated import (SiteError, _class_weights, _dataset, evaluate_roun
                               simulation_site_dirs)
 from client.runfolder import (C_INDEX_NOTE, CONFIG_FILE, FINAL_FILE, MODEL_FILE, ROUNDS_FILE, append_jsonl,
                               atomic_write_bytes, config_text, eval_record, library_versions, model_payload,
-                              round_lr, selection_lower_is_better, site_names, write_json, write_model)
+                              round_lr, selection_lower_is_better, site_names, write_json, write_model,
+                              write_run_report)
 from client.train import make_optimizer, resolve_device, train_epochs
 from smm_model.config import ConfigError, ExperimentConfig
 from smm_model.model import build_model
@@ -106,7 +108,8 @@ def _select_value(rec: Mapping[str, Any] | None, metric: str) -> float | None:
 
 
 def _evaluate(sites: Mapping[str, Path], cfg: ExperimentConfig, shared, weights, split: str) -> dict[str, Any]:
-    return eval_record(split, {n: evaluate_round(d, cfg, shared, weights, split) for n, d in sites.items()}, cfg)
+    return eval_record(split, {n: evaluate_round(d, cfg, shared, weights, split) for n, d in sites.items()}, cfg,
+                       km_grid=shared.km_grid)
 
 
 def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_dir: Path, *,
@@ -128,6 +131,7 @@ def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_
     if summaries is None:
         summaries = {n: preflight_summary(d, cfg) for n, d in train_sites.items()}
         check_sites(summaries, cfg)
+    all_summaries = dict(summaries)
     summaries = {n: summaries[n] for n in train_sites}
     shared = derive_shared(list(summaries.values()), cfg)
     shared_json = shared.to_json()
@@ -209,6 +213,10 @@ def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_
         "sites": list(eval_sites), "training_sites": list(train_sites), "refused_sites": {}, "skipped_rounds": [],
         "epochs": fed.rounds * fed.local_epochs, "model": {"file": MODEL_FILE, "sha256": sha},
         "versions": library_versions(),
+        "wall_s": time.perf_counter() - t0,
+        "config_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "site_info": {n: {**s.info(), "label": n} for n, s in all_summaries.items()
+                      if n in eval_sites or n in train_sites},
     }
     write_json(run_dir / FINAL_FILE, final)
     say(f"[{mode}] final: round {best_round} selected; test {fed.selection_metric} = "
@@ -302,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SiteError, ValueError, FloatingPointError) as e:
         print(f"{prog}: {_site_error_text(e)}", file=sys.stderr)
         return 1
+    write_run_report(run_dir, prog)
     return 0
 
 

@@ -162,8 +162,12 @@ def stratified_pick(strata: np.ndarray, fraction: float, rng: np.random.Generato
 
 def write_site_tables(layout: SiteLayout, clinical: pd.DataFrame, slides: pd.DataFrame,
                       genomics: pd.DataFrame, geneset: pd.DataFrame,
-                      schema: Mapping[str, Any] | None = None) -> Manifest:
+                      schema: Mapping[str, Any] | None = None,
+                      source: Mapping[str, Any] | None = None) -> Manifest:
     """Write a site's four tables and a manifest whose schema carries the gene-set id.
+
+    ``source`` (e.g. ``{"generator": "smm synth", "synthetic": True}``) is kept in the manifest, so
+    every later report can say where the data came from (``SiteSummary.synthetic``).
 
     Checks the cross-table contract before writing anything: clinical and genomics name the same
     patients, every slide's patient is known, the gene set covers exactly the genomics columns with
@@ -202,5 +206,7 @@ def write_site_tables(layout: SiteLayout, clinical: pd.DataFrame, slides: pd.Dat
     manifest = Manifest(layout.manifest)
     manifest.schema.update(dict(schema or {}))
     manifest.schema["gene_set"] = gene_set_id(layout.geneset)
+    if source:
+        manifest.data["source"] = dict(source)
     manifest.save()
     return manifest

@@ -187,6 +187,8 @@ def check_slides(layout: SiteLayout, rows: Sequence[tuple[str, str]], manifest: 
         ref["feature_dim"] = int(schema["feature_dim"])
     if schema.get("encoder"):
         ref["encoder"] = str(schema["encoder"])
+    if schema.get("weights_sha256"):
+        ref["encoder_weights"] = str(schema["weights_sha256"])
     if attrs and ("feature_dim" not in ref or "encoder" not in ref):
         common = Counter((int(a["feature_dim"]), str(a["encoder"])) for a in attrs.values())
         (fd, enc), _ = sorted(common.items(), key=lambda kv: (-kv[1], kv[0]))[0]
@@ -356,16 +358,30 @@ class SiteData:
         return survival_bin_edges(self.clinical.survival_time[pos][known], self.clinical.event[pos][known], n_bins)
 
     def dataset(self, split: str, *, stats: GenomicsStats | None = None, bin_edges: np.ndarray | None = None,
-                n_bins: int = 4, grid_size: int | None = None, epoch: int = 0) -> "SiteDataset":
+                n_bins: int = 4, grid_size: int | None = None, epoch: int = 0,
+                patch_norm: tuple[np.ndarray, np.ndarray] | None = None) -> "SiteDataset":
         """Items of one split. ``stats``/``bin_edges`` default to this site's training split (a local
         run); a federation hands in shared ones. Pass ``grid_size=model.grid_size`` for the spatial
-        layout, so that slides of one patient never share a token (``concat_slide_coords``)."""
+        layout, so that slides of one patient never share a token (``concat_slide_coords``).
+        ``patch_norm``: (mean, std) per feature dimension applied to every patch (None: raw)."""
         stats = stats if stats is not None else self.genomics_stats("train")
         if bin_edges is None:
             bin_edges = self.survival_bin_edges(n_bins) if self.clinical.survival_known.any() else \
                 np.zeros(n_bins - 1)
         return SiteDataset(self, self.patients(split), stats=stats, bin_edges=bin_edges, grid_size=grid_size,
-                           epoch=epoch)
+                           epoch=epoch, patch_norm=patch_norm)
+
+    def patch_sums(self, split: str = "train") -> dict[str, Any]:
+        """{"n", "sum", "sum_sq"} (float64 sums per feature dimension) over every patch of every usable
+        slide of a split's patients: the additive statistics of the shared patch standardisation."""
+        n, s, sq = 0, None, None
+        for pid in self.patients(split):
+            for sid in self.slides.get(pid, ()):
+                x = read_features(self.layout.feature_file(sid))[0].astype(np.float64)  # (N, D)
+                s = x.sum(axis=0) if s is None else s + x.sum(axis=0)
+                sq = (x * x).sum(axis=0) if sq is None else sq + (x * x).sum(axis=0)
+                n += len(x)
+        return {"n": n, "sum": [] if s is None else s.tolist(), "sum_sq": [] if sq is None else sq.tolist()}
 
     def aggregate_stats(self) -> dict[str, Any]:
         """Aggregate numbers for a federated preflight: counts per split, class and event counts,
@@ -459,6 +475,8 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
             else:  # genomics-only: no feature file is opened; the declared schema sizes the placeholder bag
                 statuses = [SlideStatus(s, p, True) for s, p in rows]
                 schema = {k: manifest.schema[k] for k in ("encoder", "feature_dim") if manifest.schema.get(k)}
+                if manifest.schema.get("weights_sha256"):
+                    schema["encoder_weights"] = str(manifest.schema["weights_sha256"])
             left_out: Counter[str] = Counter()
             for st in statuses:
                 if st.ok:
@@ -510,8 +528,10 @@ class SiteDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, site: SiteData, patients: Sequence[str], *, stats: GenomicsStats, bin_edges: np.ndarray,
-                 grid_size: int | None = None, epoch: int = 0) -> None:
+                 grid_size: int | None = None, epoch: int = 0,
+                 patch_norm: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.site = site
+        self.patch_norm = patch_norm
         self.patient_ids = tuple(patients)
         bad = [p for p in self.patient_ids if p in site.excluded]
         if bad:
@@ -559,7 +579,14 @@ class SiteDataset(torch.utils.data.Dataset):
         xy, step = concat_slide_coords(coords, steps, self.grid_size)
         x = np.concatenate(feats, axis=0)
         keep = sample_indices(len(x), self.max_patches, self.seed, int(self._pos[i]), self.epoch)
-        return x[keep], xy[keep].astype(np.float32), step
+        x = x[keep]
+        if self.patch_norm is not None:
+            mean, std = self.patch_norm  # (D,) each
+            if mean.shape != (x.shape[1],):
+                raise ValueError(f"patch standardisation has {mean.shape[0]} dimensions, the features of patient "
+                                 f"{pid!r} have {x.shape[1]}")
+            x = ((x - mean) / std).astype(np.float32)
+        return x, xy[keep].astype(np.float32), step
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         patches, coords, step = self.bag(i)

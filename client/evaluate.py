@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import io
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,11 +37,12 @@ import torch
 from client.dataset import SiteDataset
 from client.federated import (SiteError, _shared_inputs, evaluate_dataset, evaluate_round, load_site,
                               preflight_summary)
-from client.runfolder import (C_INDEX_NOTE, CHECKPOINT_FORMAT, FINAL_FILE, MODEL_FORMAT, eval_record,
-                              library_versions, selection_lower_is_better, sha256_file, site_names, write_json)
+from client.runfolder import (C_INDEX_NOTE, CHECKPOINT_FORMAT, FINAL_FILE, MODEL_FORMAT, config_text, eval_record,
+                              library_versions, selection_lower_is_better, sha256_file, site_names, write_json,
+                              write_run_report)
 from client.train import resolve_device
 from smm_model.config import ConfigError, ExperimentConfig, to_dict
-from smm_model.protocol import SharedStats, SiteSummary
+from smm_model.protocol import HISTOLOGY_FIELDS, SharedStats, SiteSummary
 
 __all__ = ["ModelFileError", "LoadedModel", "load_model_file", "schema_problems", "evaluate_sites", "main"]
 
@@ -97,8 +100,8 @@ def schema_problems(site_dir: Path, summary: SiteSummary, model: LoadedModel) ->
     expected.setdefault("genes_micro", cfg.model.genes_micro)
     expected.setdefault("genomics_policy", cfg.data.genomics_policy)
     if cfg.model.arch == "snn":
-        expected.pop("encoder", None)
-        expected.pop("feature_dim", None)
+        for k in HISTOLOGY_FIELDS:
+            expected.pop(k, None)
     else:
         expected.setdefault("feature_dim", cfg.model.feature_dim)
     problems = [f"site {site_dir}: {k} is {summary.schema.get(k)!r}, the model expects {want!r}"
@@ -117,7 +120,9 @@ def _evaluate_site(site_dir: Path, model: LoadedModel, split: str, device: torch
     site = load_site(site_dir, cfg)
     stats, edges = _shared_inputs(site, cfg, model.shared)
     grid = cfg.model.grid_size if cfg.model.layout == "spatial" else None
-    ds = SiteDataset(site, site.patients(), stats=stats, bin_edges=edges, grid_size=grid)  # type: ignore[arg-type]
+    norm = model.shared.patch_norm() if cfg.model.arch != "snn" else None
+    ds = SiteDataset(site, site.patients(), stats=stats, bin_edges=edges, grid_size=grid,  # type: ignore[arg-type]
+                     patch_norm=norm)
     return evaluate_dataset(ds, cfg, model.shared, model.weights, device)
 
 
@@ -128,20 +133,23 @@ def evaluate_sites(model: LoadedModel, site_dirs: Sequence[Path], out_dir: Path,
     if split not in SPLIT_CHOICES:
         raise ValueError(f"split must be one of {SPLIT_CHOICES}")
     cfg = model.cfg
+    t0 = time.perf_counter()
     problems: list[str] = []
-    for d in site_dirs:
+    names = site_names(site_dirs)
+    info: dict[str, Any] = {}
+    for name, d in zip(names, site_dirs):
         try:
             summary = preflight_summary(d, cfg)
         except SiteError as e:
             problems.append(f"site {d}: cannot be read ({e.__cause__ or e})")
             continue
         problems += schema_problems(d, summary, model)
+        info[name] = {**summary.info(), "label": name}
     if problems:
         raise SchemaRefused("; ".join(problems))
     device = resolve_device(cfg.train.device)
-    names = site_names(site_dirs)
     stats = {n: _evaluate_site(d, model, split, device) for n, d in zip(names, site_dirs)}
-    rec = eval_record(split, stats, cfg)
+    rec = eval_record(split, stats, cfg, km_grid=model.shared.km_grid)
     final = {
         "mode": "evaluate", "run": cfg.name, "rounds": model.round, "best_round": model.round,
         "selection_metric": cfg.federation.selection_metric, "selection_value": model.selection_value,
@@ -154,6 +162,9 @@ def evaluate_sites(model: LoadedModel, site_dirs: Sequence[Path], out_dir: Path,
         "split": split, "sites": names, "refused_sites": {}, "skipped_rounds": [],
         "model": {"file": str(model.path), "sha256": sha256_file(model.path)},
         "versions": library_versions(),
+        "site_info": info,
+        "wall_s": time.perf_counter() - t0,
+        "config_sha256": hashlib.sha256(config_text(cfg).encode("utf-8")).hexdigest(),
     }
     write_json(Path(out_dir) / FINAL_FILE, final)
     return final
@@ -192,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{prog}: {final['test']['patients']} patients at {len(final['sites'])} site(s) "
           f"({len(final['suppressed_sites'])} suppressed); {shown or 'no metric'}")
     print(f"{prog}: wrote {Path(args.out) / FINAL_FILE}")
+    write_run_report(Path(args.out), prog)
     return 0
 
 

@@ -23,6 +23,8 @@ log it in full, locally (reliability B5, H4).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -35,7 +37,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from client.collate import collate_patients
-from client.dataset import SiteData, SiteDataset
+from client.dataset import SiteData, SiteDataset, find_genomics_file
+from client.sitefs import Manifest, file_sha256
 from client.labels import SPLITS
 from client.train import make_optimizer, resolve_device, train_epochs
 from smm_model.config import TASK_CLASSES, ConfigError, DataConfig, ExperimentConfig
@@ -45,8 +48,8 @@ from smm_model.metrics import risk_from_hazard_logits
 from smm_model.model import build_model
 from smm_model.protocol import SURVIVAL_HIST_EDGES, EvalStats, SharedStats, SiteSummary
 
-__all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "simulation_site_dirs", "resolve_site_dir", "load_site",
-           "preflight_summary", "train_round", "evaluate_round", "evaluate_dataset", "risk_groups", "SharedGenomicsStats"]
+__all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "simulation_site_dirs", "resolve_site_dir", "site_label", "SITE_NAME_KEY", "load_site",
+           "data_digest", "preflight_summary", "train_round", "evaluate_round", "evaluate_dataset", "risk_groups", "SharedGenomicsStats"]
 
 #: Stage codes a site error carries (the only detail that leaves the site besides the class name).
 ERROR_CODES = {
@@ -61,6 +64,8 @@ ERROR_CODES = {
 }
 #: The only keys a node_config may use to name its site folder (deployment).
 SITE_DIR_KEY = "site-dir"
+#: The optional node_config key of the site's display name in reports (deployment).
+SITE_NAME_KEY = "site-name"
 
 
 class SiteError(RuntimeError):
@@ -141,6 +146,23 @@ def resolve_site_dir(node_config: Mapping[str, Any], cfg: ExperimentConfig) -> P
     return dirs[pid]
 
 
+def site_label(node_config: Mapping[str, Any], site_dir: Path) -> str | None:
+    """The name this site appears under in the server's reports.
+
+    Deployment: only what the site chose (``--node-config 'site-dir="..." site-name="hospital-a"'``);
+    without it, None, since the folder's name is part of a local path and stays at the site.
+    Simulation: the site folder's name (the coordinator listed the folders, nothing leaves a site).
+    """
+    if SITE_NAME_KEY in node_config:
+        value = node_config[SITE_NAME_KEY]
+        if not isinstance(value, str) or not value.strip() or len(value) > 64:
+            raise ConfigError(f"node_config[{SITE_NAME_KEY!r}]: expected a short name (1-64 characters)")
+        return value.strip()
+    if SITE_DIR_KEY in node_config:
+        return None
+    return Path(site_dir).name
+
+
 # --------------------------------------------------------------------------------------------- #
 # site data
 # --------------------------------------------------------------------------------------------- #
@@ -209,8 +231,12 @@ def _dataset(site: SiteData, cfg: ExperimentConfig, shared: SharedStats, split: 
             raise ValueError(f"split {split!r}: expected one of {SPLITS}")
         grid = cfg.model.grid_size if cfg.model.layout == "spatial" else None
         # ``stats`` is duck-typed: SiteDataset only calls features/mean()/std() (SharedGenomicsStats).
+        norm = shared.patch_norm() if cfg.model.arch != "snn" else None
+        if norm is not None and norm[0].shape != (cfg.model.feature_dim,):
+            raise ValueError(f"shared patch statistics have {norm[0].shape[0]} dimensions, model.feature_dim is "
+                             f"{cfg.model.feature_dim}")
         return site.dataset(split, stats=stats, bin_edges=edges,  # type: ignore[arg-type]
-                            n_bins=cfg.model.survival_bins, grid_size=grid)
+                            n_bins=cfg.model.survival_bins, grid_size=grid, patch_norm=norm)
 
 
 def _model(cfg: ExperimentConfig, state_dict: Mapping[str, Tensor], device: torch.device) -> nn.Module:
@@ -229,16 +255,37 @@ SPLIT_KEYS = ("patients", "diagnosis", "diagnosis_unknown", "grade", "grade_unkn
               "events")
 
 
-def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig) -> SiteSummary:
+def data_digest(site: SiteData) -> str:
+    """sha256 identifying the site's data: its tables' bytes, the feature schema and every usable
+    slide's feature-file checksum (as the manifest records it), so re-running extraction on the same
+    slides gives the same digest. It reveals nothing about the data; it only lets a report say
+    whether two runs saw the same files."""
+    layout = site.layout
+    tables = {p.name: file_sha256(p) for p in (layout.clinical, layout.slides, layout.geneset,
+                                                 find_genomics_file(layout)) if p.is_file()}
+    manifest = Manifest.load(layout.manifest)
+    used = sorted(s for sl in site.slides.values() for s in sl)
+    features = {s: manifest.slides.get(s, {}).get("checksum") for s in used}
+    blob = json.dumps({"tables": tables, "schema": manifest.schema, "features": features}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig, label: str | None = None) -> SiteSummary:
     """The site's schema and aggregate statistics (``smm_model.protocol.SiteSummary``).
 
     Everything in it is a count, a sum over training patients or a schema identifier: no patient
     id, slide id, path or per-patient value. Survival histograms count TRAINING survival times on
     the fixed ``SURVIVAL_HIST_EDGES``; a time beyond the last edge (30 years) is counted in the last
-    bin so the histogram totals equal the labelled counts.
+    bin so the histogram totals equal the labelled counts. Histology runs with ``data.patch_norm:
+    standardize`` add per-dimension sums over every training patch (``SiteData.patch_sums``).
+    ``label`` is the site's chosen display name (never derived from a path here).
     """
     with stage("E_DATA"):
         site = load_site(site_dir, cfg, check_feature_dim=False)
+        patches = None
+        if cfg.model.arch != "snn" and cfg.data.patch_norm == "standardize":
+            patches = site.patch_sums("train")
+        source = Manifest.load(site.layout.manifest).data.get("source") or {}
         agg = site.aggregate_stats()
         schema = {"encoder": None, "feature_dim": None, **agg["schema"]}
         splits = {s: {k: agg["splits"][s][k] for k in SPLIT_KEYS} for s in SPLITS}
@@ -252,7 +299,9 @@ def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig) -> SiteSummar
         return SiteSummary(schema=schema, splits=splits, genomics=agg.get("genomics_stats"),
                            survival_hist_events=[int(x) for x in hist_ev],
                            survival_hist_all=[int(x) for x in hist_all],
-                           excluded={str(k): int(v) for k, v in agg["excluded"].items()})
+                           excluded={str(k): int(v) for k, v in agg["excluded"].items()},
+                           patches=patches, label=label, data_digest=data_digest(site),
+                           synthetic=bool(source.get("synthetic", False)))
 
 
 # --------------------------------------------------------------------------------------------- #

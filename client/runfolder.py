@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,9 +35,9 @@ from smm_model.protocol import EvalStats, config_text, metrics_from_eval, round_
 from smm_model.records import dumps, library_versions
 
 __all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "MODEL_FORMAT", "CHECKPOINT_FORMAT",
-           "C_INDEX_NOTE", "FINAL_KEYS", "config_text", "selection_lower_is_better", "round_lr", "eval_record",
+           "C_INDEX_NOTE", "FINAL_KEYS", "FEDERATED_KEYS", "config_text", "selection_lower_is_better", "round_lr", "eval_record",
            "site_names", "library_versions", "dumps", "atomic_write_bytes", "write_json", "append_jsonl",
-           "model_payload", "write_model", "sha256_file"]
+           "model_payload", "write_model", "sha256_file", "write_run_report"]
 
 CONFIG_FILE = "config.yaml"
 ROUNDS_FILE = "rounds.jsonl"
@@ -46,10 +47,12 @@ MODEL_FORMAT = "fedsmm-model"
 CHECKPOINT_FORMAT = "fedsmm-server-checkpoint"
 C_INDEX_NOTE = ("survival.c_index is the within-site C-index: concordance pairs are formed within each site only "
                 "(a site cannot compare its patients with another site's), and the pair counts are summed over sites")
-#: The keys of a federated run's final_metrics.json (server.loop); ours add ``mode`` (and more, per mode).
-FINAL_KEYS = ("run", "rounds", "best_round", "selection_metric", "selection_value", "lower_is_better",
+#: The keys every run folder's final_metrics.json has (federated: server.loop; centralized, local-only).
+FINAL_KEYS = ("mode", "run", "rounds", "best_round", "selection_metric", "selection_value", "lower_is_better",
               "selection_note", "test", "suppressed_sites", "notes", "sites", "refused_sites", "skipped_rounds",
-              "model", "versions")
+              "model", "versions", "wall_s", "config_sha256", "site_info")
+#: The keys only a federated run adds.
+FEDERATED_KEYS = ("strategy", "bytes", "resumed_after_round")
 
 
 
@@ -64,9 +67,11 @@ def site_names(dirs: Sequence[Path]) -> list[str]:
     return [n if names.count(n) == 1 else str(d) for n, d in zip(names, dirs)]
 
 
-def eval_record(split: str, stats: Mapping[str, EvalStats], cfg: ExperimentConfig) -> dict[str, Any]:
+def eval_record(split: str, stats: Mapping[str, EvalStats], cfg: ExperimentConfig,
+                km_grid: Sequence[float] | None = None) -> dict[str, Any]:
     """One evaluation over sites, in the format of a federated run's ``val``/``test`` records: global
-    metrics from the summed statistics of the unsuppressed sites, per-site metrics, suppressed sites
+    metrics from the summed statistics of the unsuppressed sites (kept under ``global.stats``, except
+    for validation rounds, for the report's plots, with the Kaplan-Meier ``km_grid``), per-site metrics, suppressed sites
     (fewer than ``federation.min_site_patients`` patients: no numbers at all)."""
     n_classes = cfg.model.n_classes
     min_p = cfg.federation.min_site_patients
@@ -74,7 +79,9 @@ def eval_record(split: str, stats: Mapping[str, EvalStats], cfg: ExperimentConfi
     per_site = {s: (int(st.n), metrics_from_eval(st, n_classes)) for s, st in stats.items() if s not in suppressed}
     total = EvalStats.merge([stats[s] for s in per_site])
     return {"split": split, "sampled": list(stats), "patients": int(sum(n for n, _ in per_site.values())),
-            "global": metrics_from_eval(total, n_classes).to_dict(),
+            "global": {**metrics_from_eval(total, n_classes).to_dict(),
+                       **({"stats": total.to_record()} if split != "val" else {})},
+            "km_grid": list(km_grid) if km_grid is not None else None,
             "per_site": {s: {"patients": n, **r.to_dict()} for s, (n, r) in per_site.items()},
             "suppressed": suppressed, "dropped": []}
 
@@ -149,3 +156,18 @@ def write_model(path: Path, payload: Mapping[str, Any]) -> str:
     data = buf.getvalue()
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def write_run_report(run_dir: Path, prog: str) -> Path | None:
+    """Write the run folder's report (``smm report``), as every run does when it ends. Drawing it
+    can fail without touching the finished run's results: then say so and how to retry."""
+    try:
+        from server.report import write_report  # matplotlib: only once a run has finished
+
+        path = write_report([Path(run_dir)])
+    except Exception as e:  # noqa: BLE001 - the results are already on disk
+        print(f"{prog}: the report could not be written ({type(e).__name__}: {e}); retry with "
+              f"`smm report {run_dir}`", file=sys.stderr)
+        return None
+    print(f"{prog}: report {path}")
+    return path

@@ -578,7 +578,8 @@ def write_cohort(out: Path, spec: CohortSpec, force: bool = False, workers: int 
             slides = site["slides"]
             if not spec.features_only:
                 slides = slides.assign(path=[f"slides/{s}.tiff" for s in slides["slide_id"]])
-            manifest = write_site_tables(layout, site["clinical"], slides, site["genomics"], site["geneset"])
+            manifest = write_site_tables(layout, site["clinical"], slides, site["genomics"], site["geneset"],
+                                         source={"generator": "smm synth", "synthetic": True, "seed": spec.seed})
             n_patches = None
             if spec.features_only:
                 n_patches = _write_features(spec, k, site, proto, layout, manifest)

@@ -389,7 +389,8 @@ def write_cohort(out: Path, cohort: TcgaCohort, force: bool = False, features_di
         genomics = cohort.genomics[cohort.genomics["patient_id"].isin(pats)].reset_index(drop=True)
         layout = SiteLayout(out / name)
         manifest = write_site_tables(layout, clin[[*CLINICAL_COLUMNS, "split"]], slides, genomics, cohort.geneset,
-                                     schema=feat_schema if any(s in found for s in slides["slide_id"]) else None)
+                                     schema=feat_schema if any(s in found for s in slides["slide_id"]) else None,
+                                     source={"generator": "smm tcga", "synthetic": False})
         linked = 0
         for sid in slides["slide_id"]:
             if sid in found:

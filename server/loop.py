@@ -45,8 +45,9 @@ from smm_model.config import TASK_CLASSES, ConfigError, ExperimentConfig, to_dic
 from smm_model.metrics import MetricReport
 from smm_model.model import build_model
 from smm_model.protocol import config_text as resolved_config_text, round_lr, selection_lower_is_better
-from smm_model.protocol import (PROTOCOL_VERSION, SCHEMA_FIELDS, SURVIVAL_HIST_EDGES, EvalStats, SchemaMismatch,
-                                SharedStats, SiteSummary, check_schemas, derive_shared, metrics_from_eval)
+from smm_model.protocol import (HISTOLOGY_FIELDS, PROTOCOL_VERSION, SCHEMA_FIELDS, SURVIVAL_HIST_EDGES, EvalStats,
+                                SchemaMismatch, SharedStats, SiteSummary, check_schemas, derive_shared,
+                                metrics_from_eval)
 from smm_model.stats import GenomicsStats
 
 from .atomic import atomic_write_bytes, sha256_bytes
@@ -122,22 +123,29 @@ class EvalOutcome:
     sampled: list[int]
     bytes_sent: int = 0
     bytes_received: int = 0
+    pooled: EvalStats | None = None  # the summed statistics behind global_report (plots in reports)
+    km_grid: list[float] | None = None
 
     @property
     def patients(self) -> int:
         return int(sum(n for n, _ in self.per_site.values()))
 
     def to_record(self) -> dict[str, Any]:
+        # The pooled statistics (for the report's confusion matrices, ROC and Kaplan-Meier curves)
+        # are kept with the final test evaluation only; validation rounds keep their metrics.
+        pooled = {"stats": self.pooled.to_record()} if self.pooled is not None and self.split == "test" else {}
         return {"split": self.split, "sampled": self.sampled, "patients": self.patients,
-                "global": _report_dict(self.global_report),
+                "global": {**_report_dict(self.global_report), **pooled}, "km_grid": self.km_grid,
                 "per_site": {str(n): {"patients": p, **_report_dict(r)} for n, (p, r) in sorted(self.per_site.items())},
                 "suppressed": self.suppressed,
                 "dropped": [{"node": n, "reason": c} for n, c in self.dropped]}
 
 
 def summarise_eval(replies: Sequence[Reply], cfg: ExperimentConfig, km_len: int | None, split: str,
-                   sampled: Sequence[int]) -> EvalOutcome:
-    """Guard evaluate replies, apply suppression, and compute global and per-site metrics."""
+                   sampled: Sequence[int], km_grid: Sequence[float] | None = None) -> EvalOutcome:
+    """Guard evaluate replies, apply suppression, and compute global and per-site metrics (the
+    pooled statistics are kept too: reports draw confusion matrices, ROC and Kaplan-Meier curves
+    from them)."""
     n_classes = cfg.model.n_classes
     parsed, dropped = guard_eval_replies(replies, n_classes, km_len)
     min_p = cfg.federation.min_site_patients
@@ -155,7 +163,8 @@ def summarise_eval(replies: Sequence[Reply], cfg: ExperimentConfig, km_len: int 
     return EvalOutcome(split=split, global_report=metrics_from_eval(total, n_classes), per_site=per_site,
                        suppressed=suppressed, dropped=dropped, sampled=list(sampled),
                        bytes_sent=sum(r.bytes_sent for r in replies),
-                       bytes_received=sum(r.bytes_received for r in replies))
+                       bytes_received=sum(r.bytes_received for r in replies), pooled=total,
+                       km_grid=list(km_grid) if km_grid is not None else None)
 
 
 # --- preflight ------------------------------------------------------------------------------------------
@@ -191,7 +200,7 @@ def _cross_site_fields(cfg: ExperimentConfig) -> list[str]:
     if cfg.model.arch != "snn":
         against_config.add("feature_dim")
     return [k for k in SCHEMA_FIELDS
-            if k not in against_config and not (cfg.model.arch == "snn" and k in ("encoder", "feature_dim"))]
+            if k not in against_config and not (cfg.model.arch == "snn" and k in HISTOLOGY_FIELDS)]
 
 
 def _features(s: SiteSummary) -> tuple[str, ...]:
@@ -284,7 +293,11 @@ class FederationRun:
         self._guarded: GuardedStrategy | None = None  # built once the number of sites is known
         self.shared_json = ""
         self.km_len: int | None = None
+        self.km_grid: list[float] | None = None
         self.sampler = random.Random(self.fed.seed)
+        self.site_info: dict[int, dict[str, Any]] = {}  # accepted sites' counts and provenance
+        self.started = time.monotonic()
+        self.resumed_after: int | None = None
 
     @property
     def guarded(self) -> GuardedStrategy:
@@ -348,6 +361,7 @@ class FederationRun:
                                + ("; ".join(self.refused[n] for n in sorted(self.refused)) or "none"))
         self.fed.check_sites(len(accepted))
         self.accepted = sorted(accepted)
+        self.site_info.update({n: accepted[n].info() for n in self.accepted})
         self.reference = (ref, accepted[ref])
         self.schema = {k: accepted[ref].schema.get(k) for k in SCHEMA_FIELDS}
         self.schema["protocol_version"] = PROTOCOL_VERSION
@@ -372,6 +386,7 @@ class FederationRun:
                 log.error("refused site %d: %s", nid, why)
                 continue
             self.accepted = sorted({*self.accepted, nid})
+            self.site_info[nid] = s.info()
             joined.append(nid)
             log.info("site %d joined before round %d (it did not shape the shared statistics)", nid, server_round)
         return joined
@@ -399,7 +414,7 @@ class FederationRun:
                   nodes: Sequence[int]) -> EvalOutcome:
         config = {**self._base_config(server_round), KEY_SPLIT: split}
         replies = self._send([Instruction(n, EVALUATE, config, weights) for n in nodes])
-        return summarise_eval(replies, self.cfg, self.km_len, split, nodes)
+        return summarise_eval(replies, self.cfg, self.km_len, split, nodes, self.km_grid)
 
     def _selection_value(self, ev: EvalOutcome | None) -> float | None:
         if ev is None:
@@ -502,8 +517,11 @@ class FederationRun:
         available, _ = self._available(p.round + 1)
         test = self._evaluate(best_round, "test", weights, available)
         model_sha = self._write_model(weights, best_round, best_value)
+        rounds = self.runlog.read_rounds()
+        sent = sum(int((r.get("bytes") or {}).get("sent", 0)) for r in rounds) + test.bytes_sent
+        received = sum(int((r.get("bytes") or {}).get("received", 0)) for r in rounds) + test.bytes_received
         final = {
-            "run": self.cfg.name, "rounds": p.round, "best_round": best_round,
+            "mode": "federated", "run": self.cfg.name, "rounds": p.round, "best_round": best_round,
             "selection_metric": self.fed.selection_metric, "selection_value": best_value,
             "lower_is_better": self.lower_is_better, "selection_note": note,
             "test": test.to_record(),
@@ -513,6 +531,12 @@ class FederationRun:
             "skipped_rounds": p.skipped,
             "model": {"file": self.runlog.model_path.name, "sha256": model_sha},
             "versions": library_versions(),
+            "strategy": self.fed.strategy,
+            "wall_s": time.monotonic() - self.started,  # this server process (a resumed run: since resuming)
+            "resumed_after_round": self.resumed_after,
+            "bytes": {"sent": sent, "received": received},
+            "config_sha256": sha256_bytes(self.config_text.encode("utf-8")),
+            "site_info": {str(n): self.site_info[n] for n in sorted(self.site_info)},
         }
         self.runlog.write_final(final)
         log.info("final: round %d selected by val %s = %s; test %s = %s", best_round, self.fed.selection_metric,
@@ -552,6 +576,7 @@ class FederationRun:
             shared = SharedStats.from_json(state.shared_json)
         self.shared_json = shared.to_json()
         self.km_len = len(shared.km_grid)
+        self.km_grid = list(shared.km_grid)
         self._guarded = GuardedStrategy(build_strategy(self.fed, self.cfg.train, n_sites=len(self.accepted)),
                                         self.fed)
         if state is None:
@@ -565,6 +590,7 @@ class FederationRun:
                 self.sampler.setstate(state.sampler_state)
             restore_rng(state.rng)
             self.runlog.truncate_rounds(state.round)
+            self.resumed_after = state.round
             log.info("resuming after round %d of %d", state.round, self.fed.rounds)
         for r in range(p.round + 1, self.fed.rounds + 1):
             self._train_round(p, r)

@@ -615,6 +615,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     sim._say(f"run {sim.run_id}: {status} in {took:.0f} s. Run folder: {run_dir}")
+    report = run_dir / "report.html"
+    if report.is_file():  # the ServerApp writes it at the end of the run
+        sim._say(f"report: {report}")
+    else:
+        sim._say(f"no report was written (see {run_dir / 'serverapp.log'}); `smm report {run_dir}` retries")
     return 0
 
 

@@ -47,6 +47,7 @@ POSITION_BIAS = ("table", "exact")
 COORDINATION = ("pcgrad", "seed", "off")
 OPTIMIZERS = ("adam", "adamw")
 GENOMICS_POLICIES = ("error", "impute_mean", "impute_zero")
+PATCH_NORMS = ("standardize", "none")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum",
               "multikrum")
 
@@ -226,6 +227,9 @@ class DataConfig:
     genomics_policy: str = "error"  # NaN/missing genomic values: error, or impute + missingness indicator
     log1p_features: tuple[str, ...] = ()  # suffixes of features to log1p before standardising (e.g. _rnaseq)
     clip: float = 0.0  # clip standardised genomic values to [-clip, clip] (0 = off)
+    # Patch features: "standardize" = per-dimension (x - mean) / std with statistics pooled from every
+    # site's training patches (additive sums in the preflight); "none" = the encoder's raw values.
+    patch_norm: str = "standardize"
     val_fraction: float = 0.15  # patient-level splits when clinical.csv has no split column
     test_fraction: float = 0.15
     split_seed: int = 42
@@ -236,6 +240,8 @@ class DataConfig:
         _require(self.genomics_policy in GENOMICS_POLICIES, f"{p}.genomics_policy",
                  f"unknown {self.genomics_policy!r}; expected one of {GENOMICS_POLICIES}")
         _require(self.clip >= 0, f"{p}.clip", f"must be >= 0, got {self.clip}")
+        _require(self.patch_norm in PATCH_NORMS, f"{p}.patch_norm",
+                 f"unknown {self.patch_norm!r}; expected one of {PATCH_NORMS}")
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             _require(0.0 <= v < 1.0, f"{p}.{name}", f"must be in [0, 1), got {v}")

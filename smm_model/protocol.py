@@ -35,7 +35,7 @@ from .federated import (SCORE_BINS, auc_from_histograms, c_index_from_counts, lo
 from .metrics import MetricReport
 from .stats import GenomicsStats
 
-__all__ = ["config_text", "selection_lower_is_better", "round_lr", "PROTOCOL_VERSION", "SURVIVAL_HIST_EDGES", "KM_GRID_STEP_DAYS", "SiteSummary", "SharedStats",
+__all__ = ["config_text", "selection_lower_is_better", "round_lr", "PROTOCOL_VERSION", "SURVIVAL_HIST_EDGES", "KM_GRID_STEP_DAYS", "SiteSummary", "SharedStats", "merge_patch_stats",
            "SchemaMismatch", "check_schemas", "derive_shared", "EvalStats", "metrics_from_eval"]
 
 PROTOCOL_VERSION = 1
@@ -45,7 +45,10 @@ SURVIVAL_HIST_EDGES = np.arange(0.0, 30 * 365.25 + 10.0, 10.0)
 #: Spacing of the shared Kaplan-Meier time grid (days).
 KM_GRID_STEP_DAYS = 30.0
 #: Schema fields every site must share with the run (anything else may differ between sites).
-SCHEMA_FIELDS = ("encoder", "feature_dim", "gene_set", "genes_tumour", "genes_micro", "genomics_policy")
+SCHEMA_FIELDS = ("encoder", "encoder_weights", "feature_dim", "gene_set", "genes_tumour", "genes_micro",
+                 "genomics_policy")
+#: Schema fields a genomics-only model does not read (its sites may differ in them).
+HISTOLOGY_FIELDS = ("encoder", "encoder_weights", "feature_dim")
 
 
 _CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
@@ -92,6 +95,12 @@ class SiteSummary:
     ``splits``: {split: {"patients", "diagnosis": [counts], "grade": [counts], "survival_labelled",
     "events"}}; ``genomics``: GenomicsStats.to_dict() of the training split; ``survival_hist``:
     counts of training event times and of all training times on SURVIVAL_HIST_EDGES.
+    ``patches``: {"n", "sum", "sum_sq"} per feature dimension over every training patch (histology
+    runs with ``data.patch_norm: standardize``), for the shared patch standardisation.
+    ``label``: the name the site chose to appear under in reports (deployment: node_config
+    ``site-name``; simulation: the site folder's name), or None. ``data_digest``: sha256 over the
+    site's tables and feature manifest, so a report can tell which data a run saw without seeing
+    it. ``synthetic``: the site folder was written by ``smm synth``.
     """
 
     schema: dict[str, Any]
@@ -100,7 +109,18 @@ class SiteSummary:
     survival_hist_events: list[int]
     survival_hist_all: list[int]
     excluded: dict[str, int] = field(default_factory=dict)
+    patches: dict[str, Any] | None = None
+    label: str | None = None
+    data_digest: str | None = None
+    synthetic: bool = False
     version: int = PROTOCOL_VERSION
+
+    def info(self) -> dict[str, Any]:
+        """What a run folder records about the site: counts, provenance, schema (no statistics)."""
+        return {"label": self.label, "splits": self.splits, "excluded": self.excluded,
+                "data_digest": self.data_digest, "synthetic": bool(self.synthetic),
+                "encoder": self.schema.get("encoder"), "weights": self.schema.get("encoder_weights"),
+                "feature_dim": self.schema.get("feature_dim"), "gene_set": self.schema.get("gene_set")}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -131,7 +151,7 @@ def check_schemas(summaries: Mapping[str, SiteSummary], cfg: ExperimentConfig) -
         ref_site, ref = first
         for site, s in summaries.items():
             for key in SCHEMA_FIELDS:
-                if key in expected or (key in ("encoder", "feature_dim") and m.arch == "snn"):
+                if key in expected or (key in HISTOLOGY_FIELDS and m.arch == "snn"):
                     continue
                 if s.schema.get(key) != ref.schema.get(key):
                     problems.append(f"site {site}: {key} is {s.schema.get(key)!r}, site {ref_site} has "
@@ -161,6 +181,8 @@ class SharedStats:
     class_weights: dict[str, list[float]]
     km_grid: list[float]
     n_sites: int
+    patch_mean: list[float] | None = None  # shared patch standardisation (None: raw features)
+    patch_std: list[float] | None = None
     version: int = PROTOCOL_VERSION
 
     def to_json(self) -> str:
@@ -176,6 +198,44 @@ class SharedStats:
     def genomics_stats(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.genomics_mean), np.asarray(self.genomics_std)
 
+    def patch_norm(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean (D,), std (D,)) float32 of the shared patch standardisation, or None."""
+        if self.patch_mean is None or self.patch_std is None:
+            return None
+        mean = np.asarray(self.patch_mean, dtype=np.float32)
+        std = np.asarray(self.patch_std, dtype=np.float32)
+        if mean.ndim != 1 or mean.shape != std.shape or not (np.isfinite(mean).all() and np.isfinite(std).all()
+                                                             and (std > 0).all()):
+            raise ValueError("shared patch statistics: mean and std must be finite vectors of one length, std > 0")
+        return mean, std
+
+
+#: Floor of the shared patch standard deviation, relative to the median dimension's, so that a
+#: dimension that is (almost) constant at every site is centred but not blown up.
+PATCH_STD_FLOOR = 1e-3
+
+
+def merge_patch_stats(parts: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+    """Pooled per-dimension mean and standard deviation from the sites' {"n", "sum", "sum_sq"}.
+
+    Sums are float64 over at most a few million patches per site; the variance uses the pooled
+    sums (E[x^2] - E[x]^2, clipped at 0), whose cancellation error is far below the floor for
+    encoder features (|mean| / std of order 1-10).
+    """
+    n = sum(int(p["n"]) for p in parts)
+    if n < 2:
+        raise ValueError("derive_shared: fewer than 2 training patches over all sites for the patch statistics")
+    dims = {len(p["sum"]) for p in parts} | {len(p["sum_sq"]) for p in parts}
+    if len(dims) != 1:
+        raise ValueError(f"derive_shared: sites' patch statistics differ in length {sorted(dims)}")
+    s = np.sum([np.asarray(p["sum"], dtype=np.float64) for p in parts], axis=0)
+    sq = np.sum([np.asarray(p["sum_sq"], dtype=np.float64) for p in parts], axis=0)
+    mean = s / n
+    var = np.maximum(sq / n - mean ** 2, 0.0) * n / (n - 1)
+    std = np.sqrt(var)
+    floor = PATCH_STD_FLOOR * max(float(np.median(std)), 1e-12)
+    return mean.tolist(), np.maximum(std, floor).tolist()
+
 
 def derive_shared(summaries: Sequence[SiteSummary], cfg: ExperimentConfig) -> SharedStats:
     """Shared preprocessing from the sites' training-split aggregates (never from patient rows).
@@ -184,7 +244,8 @@ def derive_shared(summaries: Sequence[SiteSummary], cfg: ExperimentConfig) -> Sh
     histogram of training event times (as the reference's quartiles, fitted on training data only).
     Class weights: largest class count / class count over the pooled training split (the
     reference's weighting), 0 for a class no site has. Kaplan-Meier grid: KM_GRID_STEP_DAYS steps up
-    to the largest training time.
+    to the largest training time. Patch standardisation (histology models with ``data.patch_norm:
+    standardize``): pooled per-dimension mean and std of every site's training patches.
     """
     if not summaries:
         raise ValueError("derive_shared: no site summary")
@@ -208,8 +269,14 @@ def derive_shared(summaries: Sequence[SiteSummary], cfg: ExperimentConfig) -> Sh
     nz = np.flatnonzero(allh)
     t_max = float(SURVIVAL_HIST_EDGES[nz[-1] + 1]) if nz.size else KM_GRID_STEP_DAYS
     km_grid = np.arange(0.0, t_max + KM_GRID_STEP_DAYS, KM_GRID_STEP_DAYS).tolist()
+    patch_mean = patch_std = None
+    if cfg.model.arch != "snn" and cfg.data.patch_norm == "standardize":
+        parts = [s.patches for s in summaries if s.patches and int(s.patches.get("n", 0)) > 0]
+        if not parts:
+            raise ValueError("derive_shared: data.patch_norm is 'standardize' but no site sent patch statistics")
+        patch_mean, patch_std = merge_patch_stats(parts)
     return SharedStats(list(merged.features), merged.mean().tolist(), merged.std().tolist(), edges, weights,
-                       km_grid, n_sites=len(summaries))
+                       km_grid, n_sites=len(summaries), patch_mean=patch_mean, patch_std=patch_std)
 
 
 @dataclass

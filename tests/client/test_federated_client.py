@@ -118,6 +118,36 @@ def test_site_dir_from_node_config(cohort, cfg, sites):
     assert simulation_site_dirs(explicit.data) == [sites[0], sites[2]]  # sorted, whatever the listed order
 
 
+def test_site_label_is_only_what_the_site_chose_or_the_simulated_folder_name(sites):
+    from client.federated import site_label
+    assert site_label({"site-dir": str(sites[0]), "site-name": " hospital-a "}, sites[0]) == "hospital-a"
+    assert site_label({"site-dir": str(sites[0])}, sites[0]) is None  # a deployed folder's name stays local
+    assert site_label({"partition-id": 1, "num-partitions": 3}, sites[1]) == "site_2"
+    with pytest.raises(ConfigError, match="site-name"):
+        site_label({"site-dir": str(sites[0]), "site-name": ""}, sites[0])
+
+
+def test_patches_are_standardised_with_the_shared_statistics(cfg, sites):
+    """The preflight's patch sums pool to the statistics of every training patch, and the dataset
+    applies exactly (x - mean) / std to what it reads."""
+    from client.sitefs import read_features
+    summaries = [preflight_summary(d, cfg) for d in sites]
+    shared = derive_shared(summaries, cfg)
+    raw = []
+    for d in sites:
+        site = load_site(d, cfg)
+        raw += [read_features(site.layout.feature_file(s))[0] for p in site.patients("train") for s in site.slides[p]]
+    x = np.concatenate(raw).astype(np.float64)  # (all training patches, D)
+    assert sum(s.patches["n"] for s in summaries) == len(x)
+    np.testing.assert_allclose(shared.patch_mean, x.mean(0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(shared.patch_std, x.std(0, ddof=1), rtol=1e-7)
+    site = load_site(sites[0], cfg)
+    mean, std = shared.patch_norm()
+    plain = site.dataset("val", grid_size=cfg.model.grid_size)
+    normed = site.dataset("val", grid_size=cfg.model.grid_size, patch_norm=(mean, std))
+    np.testing.assert_allclose(normed[0]["patches"], (plain[0]["patches"] - mean) / std, rtol=1e-5, atol=1e-5)
+
+
 def test_launcher_counts_the_same_sites(cohort, cfg):
     """server/simulate.py may not import the client side; its copy of the rule must agree."""
     from server.simulate import site_dirs
@@ -194,7 +224,7 @@ def _pooled_reference(sites, cfg, shared, state, split):
     for d in sites:
         site = load_site(d, cfg)
         ds = site.dataset(split, stats=stats, bin_edges=np.asarray(shared.survival_bin_edges),
-                          grid_size=cfg.model.grid_size)
+                          grid_size=cfg.model.grid_size, patch_norm=shared.patch_norm())
         ref["n"] += len(ds)
         site_t, site_e, site_r = [], [], []
         with torch.no_grad():
@@ -337,7 +367,7 @@ def test_handlers_follow_the_message_contract(cfg, sites, init_state, tmp_path, 
     ctx = _context({"partition-id": 2, "num-partitions": 3})
     reply = client_app.app(_message(PREFLIGHT, RecordDict({CONFIG: ConfigRecord({KEY_EXPERIMENT: text})})), ctx)
     summary = SiteSummary.from_json(reply.content[SUMMARY][SUMMARY_JSON])
-    assert summary == preflight_summary(sites[2], cfg)
+    assert summary == preflight_summary(sites[2], cfg, label=sites[2].name)  # simulation: the folder's name
     shared = derive_shared([summary], cfg)
     base = {KEY_EXPERIMENT: text, KEY_SHARED: shared.to_json(), KEY_ROUND: 1}
     reply = client_app.app(_message(TRAIN, RecordDict({

@@ -55,7 +55,15 @@ def site_summary(cfg: ExperimentConfig, seed: int, n: int = 40, **schema: Any) -
                 "val": {"patients": 20}, "test": {"patients": 20}},
         genomics=GenomicsStats(("g1", "g2", "g3"), np.full(3, n), x.sum(0), (x * x).sum(0)).to_dict(),
         survival_hist_events=np.histogram(t[e], SURVIVAL_HIST_EDGES)[0].tolist(),
-        survival_hist_all=np.histogram(t, SURVIVAL_HIST_EDGES)[0].tolist())
+        survival_hist_all=np.histogram(t, SURVIVAL_HIST_EDGES)[0].tolist(),
+        patches=_patch_sums(rng, 10 * n, int(base["feature_dim"])), label=f"fake-{seed}",
+        data_digest=f"{seed:064x}", synthetic=True)
+
+
+def _patch_sums(rng: np.random.Generator, n: int, dim: int) -> dict[str, Any]:
+    """The additive patch statistics a site sends (``SiteData.patch_sums``) of n random patches."""
+    p = rng.normal(3.0, 2.0, (n, dim))
+    return {"n": n, "sum": p.sum(0).tolist(), "sum_sq": (p * p).sum(0).tolist()}
 
 
 class FakeSite:

@@ -98,8 +98,13 @@ def test_centralized_writes_the_federated_run_folder_format(cohort, central, tmp
     loop.run_federation(InProcessFlower(3), fcfg, fed_dir, poll_s=0.01)
     fed_final = json.loads((fed_dir / rf.FINAL_FILE).read_text())
     ours = json.loads((central / rf.FINAL_FILE).read_text())
-    assert set(fed_final) == set(rf.FINAL_KEYS)
-    assert set(fed_final) <= set(ours) and ours["mode"] == "centralized"
+    assert set(fed_final) == set(rf.FINAL_KEYS) | set(rf.FEDERATED_KEYS)
+    assert set(rf.FINAL_KEYS) <= set(ours) and ours["mode"] == "centralized"
+    assert set(ours["site_info"]) == {"site_1", "site_2", "site_3"}
+    assert [i["label"] for i in fed_final["site_info"].values()] == ["site_1", "site_2", "site_3"]
+    assert all(i["synthetic"] and len(i["data_digest"]) == 64 for i in fed_final["site_info"].values())
+    assert {i["data_digest"] for i in fed_final["site_info"].values()} == \
+        {i["data_digest"] for i in ours["site_info"].values()}  # the same files, seen by both runs
     assert set(ours["test"]) == set(fed_final["test"])
     assert ours["test"]["split"] == "test" and set(ours["test"]["per_site"]) == {"site_1", "site_2", "site_3"}
     site = next(iter(fed_final["test"]["per_site"].values()))

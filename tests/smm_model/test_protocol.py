@@ -16,28 +16,34 @@ def summary(rng, n=50, dim=8, gene_set="abc", train_counts=None):
     x = rng.normal(0, 1, (n, 3))
     t = rng.exponential(600, n)
     e = rng.random(n) < 0.6
+    prng = np.random.default_rng(1000 * n + dim)  # its own stream: the draws above stay as they were
+    p = prng.normal(prng.normal(0, 5, dim), prng.uniform(0.5, 20, dim), (7 * n, dim))  # (patches, dim)
     return SiteSummary(
+        patches={"n": len(p), "sum": p.sum(0).tolist(), "sum_sq": (p * p).sum(0).tolist()},
         schema={"encoder": "resnet50_trunc", "feature_dim": dim, "gene_set": gene_set, "genes_tumour": 2,
                 "genes_micro": 1, "genomics_policy": "error"},
         splits={"train": {"patients": n, "diagnosis": train_counts or [20, 5, 15, 10], "grade": [10, 10, 30],
                           "survival_labelled": n, "events": int(e.sum())}},
         genomics=GenomicsStats(("g1", "g2", "g3"), np.full(3, n), x.sum(0), (x * x).sum(0)).to_dict(),
         survival_hist_events=np.histogram(t[e], SURVIVAL_HIST_EDGES)[0].tolist(),
-        survival_hist_all=np.histogram(t, SURVIVAL_HIST_EDGES)[0].tolist()), x, t, e
+        survival_hist_all=np.histogram(t, SURVIVAL_HIST_EDGES)[0].tolist()), x, t, e, p
 
 
 def test_shared_stats_equal_pooled_statistics():
     rng = np.random.default_rng(0)
     sites = [summary(rng, n) for n in (40, 70, 55)]
     shared = derive_shared([s for s, *_ in sites], CFG)
-    x = np.concatenate([x for _, x, _, _ in sites])
+    x = np.concatenate([x for _, x, _, _, _ in sites])
     np.testing.assert_allclose(shared.genomics_mean, x.mean(0), atol=1e-12)
     np.testing.assert_allclose(shared.genomics_std, x.std(0), atol=1e-12)
-    t = np.concatenate([t[e] for _, _, t, e in sites])
+    t = np.concatenate([t[e] for _, _, t, e, _ in sites])
     # Quantile edges from the summed 10-day histograms: within one bin of the pooled quantiles.
     np.testing.assert_allclose(shared.survival_bin_edges, np.quantile(t, [0.25, 0.5, 0.75]), atol=10.0)
     assert shared.class_weights["diagnosis"] == [1.0, 4.0, 20 / 15, 2.0]
     assert shared.km_grid[0] == 0.0 and shared.km_grid[-1] >= max(t)
+    patches = np.concatenate([p for *_, p in sites])  # every site's training patches, pooled
+    np.testing.assert_allclose(shared.patch_mean, patches.mean(0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(shared.patch_std, patches.std(0, ddof=1), rtol=1e-8)
     assert SharedStats.from_json(shared.to_json()) == shared
     # The same sites in another order give bit-identical statistics.
     assert derive_shared([s for s, *_ in sites[::-1]], CFG) == shared
@@ -80,3 +86,28 @@ def test_eval_stats_sum_to_pooled_metrics():
     assert m["loss"] == pytest.approx(1.0)
     assert 0 <= m["survival.c_index"] <= 1 and 0 <= m["survival.logrank_p"] <= 1
     assert metrics_from_eval(small, {"diagnosis": 4}).reasons["loss"]
+
+
+def test_patch_standardisation_is_off_for_genomics_only_runs_and_when_disabled():
+    rng = np.random.default_rng(3)
+    sites = [summary(rng, n)[0] for n in (30, 40)]
+    for over in (["model.arch=snn"], ["data.patch_norm=none"]):
+        cfg = ExperimentConfig.from_yaml_text("", ["model.genes_tumour=2", "model.genes_micro=1",
+                                                   "model.feature_dim=8", *over])
+        shared = derive_shared(sites, cfg)
+        assert shared.patch_mean is None and shared.patch_norm() is None
+    for s in sites:
+        s.patches = None
+    with pytest.raises(ValueError, match="no site sent patch statistics"):
+        derive_shared(sites, CFG)
+
+
+def test_a_constant_feature_dimension_is_centred_not_blown_up():
+    from smm_model.protocol import PATCH_STD_FLOOR, merge_patch_stats
+    p = np.random.default_rng(4).normal(0, 2, (500, 4))
+    p[:, 2] = 7.0  # a dimension every site sees as constant
+    mean, std = merge_patch_stats([{"n": 500, "sum": p.sum(0).tolist(), "sum_sq": (p * p).sum(0).tolist()}])
+    assert mean[2] == pytest.approx(7.0)
+    assert std[2] >= PATCH_STD_FLOOR * np.median(p.std(0, ddof=1)) * 0.99
+    with pytest.raises(ValueError, match="fewer than 2"):
+        merge_patch_stats([{"n": 1, "sum": [0.0], "sum_sq": [0.0]}])
