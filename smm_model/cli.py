@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "centralized": ("client.centralized:main", "train on all sites' training data pooled (a benchmark reference) or per site (--local-only), same run folder"),
     "evaluate": ("client.evaluate:main", "evaluate a final or checkpointed global model on site folders, locally"),
     "simulate": ("server.simulate:main", "run a simulated federation (own SuperLink on a free port) and check its final status"),
+    "report": ("server.report:main", "write report.html, report.md and metrics.json for run folder(s), the first "
+                                     "compared with the others"),
     "certs": ("server.certs:main", "create a CA, a SuperLink certificate and SuperNode auth keys for a test or small deployment"),
 }
 
