@@ -37,9 +37,9 @@ import torch
 from client.dataset import SiteDataset
 from client.federated import (SiteError, _shared_inputs, evaluate_dataset, evaluate_round, load_site,
                               preflight_summary)
-from client.runfolder import (C_INDEX_NOTE, CHECKPOINT_FORMAT, FINAL_FILE, MODEL_FORMAT, config_text, eval_record,
-                              library_versions, selection_lower_is_better, sha256_file, site_names, write_json,
-                              write_run_report)
+from client.runfolder import (C_INDEX_NOTE, CHECKPOINT_FORMAT, CONFIG_FILE, FINAL_FILE, MODEL_FORMAT,
+                              atomic_write_bytes, config_text, eval_record, library_versions,
+                              selection_lower_is_better, sha256_file, site_names, write_json, write_run_report)
 from client.train import resolve_device
 from smm_model.config import ConfigError, ExperimentConfig, to_dict
 from smm_model.protocol import HISTOLOGY_FIELDS, SharedStats, SiteSummary
@@ -167,6 +167,8 @@ def evaluate_sites(model: LoadedModel, site_dirs: Sequence[Path], out_dir: Path,
         "config_sha256": hashlib.sha256(config_text(cfg).encode("utf-8")).hexdigest(),
     }
     write_json(Path(out_dir) / FINAL_FILE, final)
+    # The model's resolved config beside the metrics, as in every run folder (reports read it).
+    atomic_write_bytes(Path(out_dir) / CONFIG_FILE, config_text(cfg).encode("utf-8"))
     return final
 
 

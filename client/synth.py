@@ -494,10 +494,12 @@ def _site_tables(spec: CohortSpec, k: int, proto: Prototypes) -> dict[str, Any]:
             rows = rng.choice(n, size=max(1, math.ceil(rate * n)), replace=False)
             cols = ["survival_days", "event"] if col == "survival" else [col]
             clinical.loc[rows, cols] = pd.NA
-    # Splits: test, then validation from the rest, each stratified by class.
-    test = stratified_pick(y, spec.split[2], rng)
+    # Splits: test, then validation from the rest, each stratified by class; drawn from their own
+    # stream so that other split fractions leave every other draw (genes, slides) as it is.
+    split_rng = _rng(spec, 3, k)
+    test = stratified_pick(y, spec.split[2], split_rng)
     val = np.zeros(n, dtype=bool)
-    val[~test] = stratified_pick(y[~test], spec.split[1] / max(1e-9, 1 - spec.split[2]), rng)
+    val[~test] = stratified_pick(y[~test], spec.split[1] / max(1e-9, 1 - spec.split[2]), split_rng)
     clinical["split"] = np.where(test, "test", np.where(val, "val", "train"))
 
     # Genomics: planted programs + noise + the site's batch effect.
@@ -655,6 +657,17 @@ def _cohort_summary(spec: CohortSpec, sites: list[dict[str, Any]]) -> dict[str, 
     }
 
 
+def _split_arg(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1.0) > 1e-6 or parts[0] <= 0:
+        raise argparse.ArgumentTypeError(f"--split {text!r}: expected three fractions TRAIN,VAL,TEST summing to 1, "
+                                         "e.g. 0.6,0.15,0.25")
+    return parts  # type: ignore[return-value]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``smm synth``: write a synthetic multi-site cohort with known ground truth."""
     ap = argparse.ArgumentParser(prog="smm synth", description=__doc__.split("\n\n")[0],
@@ -676,11 +689,15 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"level-0 slide side in px, multiple of 64 (default {d.slide_size})")
     ap.add_argument("--patch-size", type=int, default=d.patch_size,
                     help=f"patch side at {d.target_mpp} um/px for the --features-only grid (default {d.patch_size})")
+    ap.add_argument("--split", type=_split_arg, default=d.split, metavar="TRAIN,VAL,TEST",
+                    help="patient fractions of the split column, stratified by class (default "
+                         f"{','.join(map(str, d.split))})")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering slides (default 1)")
     ap.add_argument("--force", action="store_true", help="overwrite a cohort in a non-empty --out")
     args = ap.parse_args(argv)
     spec = replace(d, sites=args.sites, patients_per_site=args.patients_per_site, seed=args.seed,
                    features_only=args.features_only, slide_size=args.slide_size, patch_size=args.patch_size,
+                   split=args.split,
                    features=replace(d.features, feature_dim=args.feature_dim))
     t0 = time.perf_counter()
     try:
