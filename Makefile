@@ -31,6 +31,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/model_speed.py --quick
+	$(BIN)/python benchmarks/federation_overhead.py --quick
+	$(BIN)/python benchmarks/report_render.py
 
 # The demo: a synthetic 3-hospital cohort with real slide files -> features (ResNet-50 trunk with
 # explicitly random weights: nothing can be downloaded here) -> simulated federation -> report.

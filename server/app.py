@@ -143,9 +143,8 @@ def reply_from_message(msg: Message) -> Reply:
     try:
         content = msg.content
         arrays = None
-        received = 0
+        received = content_bytes(content)
         for name, rec in content.array_records.items():
-            received += int(rec.count_bytes())
             if name == ARRAYS:
                 arrays = {k: a.numpy() for k, a in rec.items()}
         metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else None
@@ -153,6 +152,12 @@ def reply_from_message(msg: Message) -> Reply:
     except Exception:  # an undecodable array or record: a bad reply, not a crashed server
         return Reply(nid, error="E_BAD_REPLY")
     return Reply(nid, arrays=arrays, metrics=metrics, records=records, bytes_received=received)
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message: arrays plus the config and metric records (the run's config and
+    shared statistics travel as text with every instruction, so they count too)."""
+    return int(sum(rec.count_bytes() for rec in content.values()))
 
 
 class FlowerTransport:
@@ -181,7 +186,7 @@ class FlowerTransport:
                 if rec is None:
                     rec = records[id(ins.arrays)] = _array_record(ins.arrays)
             messages.append(instruction_message(ins, rec, ttl=self.timeout_s))
-            sent[int(ins.node_id)] = int(rec.count_bytes()) if rec is not None else 0
+            sent[int(ins.node_id)] = content_bytes(messages[-1].content)
         replies: Iterable[Message] = self.grid.send_and_receive(messages, timeout=self.timeout_s)
         by_node: dict[int, Reply] = {}
         for m in replies:

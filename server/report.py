@@ -34,6 +34,7 @@ import html
 import json
 import logging
 import math
+import re
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -354,6 +355,11 @@ def _check_run(run: RunData) -> None:
     recorded_skips = final.get("skipped_rounds") or []
     if sorted(recorded_skips) != sorted(run.skipped) and run.rounds and run.final is not None:
         ev.append(f"final_metrics.json lists skipped rounds {recorded_skips}, rounds.jsonl {run.skipped}")
+
+
+def _natural(name: str) -> list[tuple[int, Any]]:
+    """Sort key putting site_2 before site_10 (node ids, all digits, sort numerically)."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", str(name)) if t]
 
 
 def _short_path(path: Path) -> str:
@@ -955,7 +961,7 @@ class _Builder:
             for site in run.local:
                 if site not in names:
                     names.append(site)
-        return names
+        return sorted(names, key=_natural)
 
     def _rows_for(self, run: RunData, scope: str | None) -> list[tuple[str, Any, dict | None, str]]:
         """(run label, patients, metric record or None, why None) for one scope (None = pooled)."""

@@ -115,7 +115,9 @@ def test_reply_contents_are_converted_and_counted():
     r = reply_from_message(msg)
     assert r.error is None and np.array_equal(r.arrays["w"], np.arange(3, dtype=np.float32))
     assert r.metrics == {"num-examples": 4} and r.records == {"summary": {"json": "{}"}}
-    assert r.bytes_received == arrays.count_bytes()
+    # every record counts: arrays, metrics and config text
+    assert r.bytes_received == arrays.count_bytes() + msg.content[METRICS].count_bytes() + \
+        msg.content["summary"].count_bytes() > arrays.count_bytes()
 
 
 def _metadata(src: int):
@@ -142,8 +144,10 @@ def test_flower_transport_one_reply_per_instruction(task_identity):
     assert [r.node_id for r in replies] == [11, 12, 13]
     assert replies[0].error is None and replies[0].arrays["a"].shape == (2, 2)
     assert replies[1].error == "E_CLIENT_ERROR" and replies[2].error == "E_NO_REPLY"
-    expected = ArrayRecord({"a": Array(w["a"])}).count_bytes()
-    assert [r.bytes_sent for r in replies] == [expected] * 3 and replies[0].bytes_received == expected
+    weights = ArrayRecord({"a": Array(w["a"])}).count_bytes()
+    config_bytes = ConfigRecord({"experiment": cfg_text, "server-round": 1}).count_bytes()
+    assert [r.bytes_sent for r in replies] == [weights + config_bytes] * 3  # the config text travels too
+    assert replies[0].bytes_received > weights  # the trained weights plus the metrics
     assert grid.timeouts == [30.0] and set(grid.ttls) == {30.0}
 
 
