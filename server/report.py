@@ -173,12 +173,12 @@ class RunData:
     def site_info(self) -> dict[str, Any]:
         """final_metrics.json's ``site_info`` (a local-only run: its site runs' merged)."""
         info = (self.final or {}).get("site_info")
-        if isinstance(info, dict):
-            return info
-        merged: dict[str, Any] = {}
-        for child in self.local.values():
-            merged.update(child.site_info)
-        return merged
+        if not isinstance(info, dict):
+            info = {}
+            for child in self.local.values():
+                info.update(child.site_info)
+        # in the order of their names (site_2 before site_10), not of node ids
+        return dict(sorted(info.items(), key=lambda kv: _natural(str((kv[1] or {}).get("label") or kv[0]))))
 
     @property
     def complete(self) -> bool:
@@ -303,7 +303,7 @@ def load_run(path: str | Path) -> RunData:
 
 
 def _fmt_sites(run: RunData, keys: Sequence[Any]) -> str:
-    return ", ".join(run.site_name(k) for k in keys)
+    return ", ".join(sorted((run.site_name(k) for k in keys), key=_natural))
 
 
 def _check_run(run: RunData) -> None:
