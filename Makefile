@@ -65,7 +65,7 @@ demo: $(STAMP)
 	echo "[demo 5/5] report"; \
 	$(SMM) report $(DEMO_RUN)/federated $(DEMO_RUN)/centralized || exit 1; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"; \
-	echo "Report: $$(pwd)/$(DEMO_RUN)/federated/report.html"
+	echo "Report: $(abspath $(DEMO_RUN))/federated/report.html"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
