@@ -39,7 +39,8 @@ from client.federated import (SiteError, _shared_inputs, evaluate_dataset, evalu
                               preflight_summary)
 from client.runfolder import (C_INDEX_NOTE, CHECKPOINT_FORMAT, CONFIG_FILE, FINAL_FILE, MODEL_FORMAT,
                               atomic_write_bytes, config_text, eval_record, library_versions,
-                              selection_lower_is_better, sha256_file, site_names, write_json, write_run_report)
+                              selection_lower_is_better, site_names, write_json, write_run_report)
+from client.sitefs import file_sha256
 from client.train import resolve_device
 from smm_model.config import ConfigError, ExperimentConfig, to_dict
 from smm_model.protocol import HISTOLOGY_FIELDS, SharedStats, SiteSummary
@@ -139,7 +140,7 @@ def evaluate_sites(model: LoadedModel, site_dirs: Sequence[Path], out_dir: Path,
     info: dict[str, Any] = {}
     for name, d in zip(names, site_dirs):
         try:
-            summary = preflight_summary(d, cfg)
+            summary = preflight_summary(d, cfg, patch_sums=False)  # the model carries its statistics
         except SiteError as e:
             problems.append(f"site {d}: cannot be read ({e.__cause__ or e})")
             continue
@@ -160,7 +161,7 @@ def evaluate_sites(model: LoadedModel, site_dirs: Sequence[Path], out_dir: Path,
                           f"{split} split{'s' if split == 'all' else ''} of the given site folders, with the "
                           "model's stored preprocessing"},
         "split": split, "sites": names, "refused_sites": {}, "skipped_rounds": [],
-        "model": {"file": str(model.path), "sha256": sha256_file(model.path)},
+        "model": {"file": str(model.path), "sha256": file_sha256(model.path)},
         "versions": library_versions(),
         "site_info": info,
         "wall_s": time.perf_counter() - t0,

@@ -270,7 +270,8 @@ def data_digest(site: SiteData) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig, label: str | None = None) -> SiteSummary:
+def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig, label: str | None = None, *,
+                      patch_sums: bool = True) -> SiteSummary:
     """The site's schema and aggregate statistics (``smm_model.protocol.SiteSummary``).
 
     Everything in it is a count, a sum over training patients or a schema identifier: no patient
@@ -278,12 +279,14 @@ def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig, label: str | 
     the fixed ``SURVIVAL_HIST_EDGES``; a time beyond the last edge (30 years) is counted in the last
     bin so the histogram totals equal the labelled counts. Histology runs with ``data.patch_norm:
     standardize`` add per-dimension sums over every training patch (``SiteData.patch_sums``).
-    ``label`` is the site's chosen display name (never derived from a path here).
+    ``label`` is the site's chosen display name (never derived from a path here). ``patch_sums=False``
+    skips reading every training feature file where the statistics are not needed (evaluating a
+    model that carries its own).
     """
     with stage("E_DATA"):
         site = load_site(site_dir, cfg, check_feature_dim=False)
         patches = None
-        if cfg.model.arch != "snn" and cfg.data.patch_norm == "standardize":
+        if patch_sums and cfg.model.arch != "snn" and cfg.data.patch_norm == "standardize":
             patches = site.patch_sums("train")
         source = Manifest.load(site.layout.manifest).data.get("source") or {}
         agg = site.aggregate_stats()

@@ -23,13 +23,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from client.sitefs import atomic_path
 from smm_model.config import ExperimentConfig, to_dict
 from smm_model.protocol import EvalStats, config_text, metrics_from_eval, round_lr, selection_lower_is_better
 from smm_model.records import dumps, library_versions
@@ -37,7 +37,7 @@ from smm_model.records import dumps, library_versions
 __all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "MODEL_FORMAT", "CHECKPOINT_FORMAT",
            "C_INDEX_NOTE", "FINAL_KEYS", "FEDERATED_KEYS", "config_text", "selection_lower_is_better", "round_lr", "eval_record",
            "site_names", "library_versions", "dumps", "atomic_write_bytes", "write_json", "append_jsonl",
-           "model_payload", "write_model", "sha256_file", "write_run_report"]
+           "model_payload", "write_model", "write_run_report"]
 
 CONFIG_FILE = "config.yaml"
 ROUNDS_FILE = "rounds.jsonl"
@@ -95,21 +95,11 @@ def eval_record(split: str, stats: Mapping[str, EvalStats], cfg: ExperimentConfi
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """``client.sitefs.atomic_path``, with the data fsynced before the rename (run results)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -125,14 +115,6 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- model.pt -------------------------------------------------------------------------------------------
@@ -159,15 +141,13 @@ def write_model(path: Path, payload: Mapping[str, Any]) -> str:
 
 
 def write_run_report(run_dir: Path, prog: str) -> Path | None:
-    """Write the run folder's report (``smm report``), as every run does when it ends. Drawing it
-    can fail without touching the finished run's results: then say so and how to retry."""
-    try:
-        from server.report import write_report  # matplotlib: only once a run has finished
+    """Write the run folder's report (``smm report``), as every run does when it ends, and say
+    where it is, or why it could not be drawn (the finished run's results stay as they are)."""
+    from server.report import report_after_run  # matplotlib: only once a run has finished
 
-        path = write_report([Path(run_dir)])
-    except Exception as e:  # noqa: BLE001 - the results are already on disk
-        print(f"{prog}: the report could not be written ({type(e).__name__}: {e}); retry with "
-              f"`smm report {run_dir}`", file=sys.stderr)
-        return None
-    print(f"{prog}: report {path}")
+    path, problem = report_after_run(run_dir)
+    if path is None:
+        print(f"{prog}: {problem}", file=sys.stderr)
+    else:
+        print(f"{prog}: report {path}")
     return path

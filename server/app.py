@@ -38,7 +38,7 @@ from .loop import run_federation
 from .messages import ARRAYS, CONFIG, METRICS, Instruction, Reply, sanitize_error
 
 __all__ = ["app", "main", "RunSettings", "read_run_settings", "parse_overrides", "load_experiment",
-           "FlowerTransport", "instruction_message", "reply_from_message", "report_after_run", "APP_DIR",
+           "FlowerTransport", "instruction_message", "reply_from_message", "APP_DIR",
            "RUN_CONFIG_KEYS"]
 
 log = logging.getLogger("fedsmm.server")
@@ -227,19 +227,10 @@ def main(grid: Grid, context: Context) -> None:
              " (resume)" if settings.resume else "")
     transport = FlowerTransport(grid, timeout_s=cfg.federation.round_timeout_s)
     run_federation(transport, cfg, run_dir, resume=settings.resume)
-    report_after_run(run_dir, log)
+    from .report import report_after_run  # matplotlib: imported only once the run has finished
 
-
-def report_after_run(run_dir: str | Path, logger: logging.Logger) -> Path | None:
-    """Write the run's report (``smm report``) at the end of a run. A report that cannot be drawn
-    must not turn a finished run into a failed one: it is logged with the command to retry."""
-    try:
-        from .report import write_report  # matplotlib: imported only when a run has finished
-
-        path = write_report([Path(run_dir)])
-    except Exception as e:  # noqa: BLE001 - the run's results are already safe on disk
-        logger.warning("the run finished but its report could not be written (%s: %s); retry with "
-                       "`smm report %s`", type(e).__name__, e, run_dir)
-        return None
-    logger.info("report: %s", path)
-    return path
+    path, problem = report_after_run(run_dir)
+    if path is not None:
+        log.info("report: %s", path)
+    else:
+        log.warning("the run finished but %s", problem)

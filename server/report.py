@@ -52,7 +52,7 @@ from smm_model.federated import SCORE_BINS
 from .atomic import atomic_write_bytes, atomic_write_text, dumps
 
 __all__ = ["REPORT_HTML", "REPORT_MD", "METRICS_JSON", "FIGURES_DIR", "CLASS_NAMES", "ReportError", "RunData",
-           "load_run", "km_lifelines", "build_metrics", "write_report", "main"]
+           "load_run", "km_lifelines", "build_metrics", "write_report", "report_after_run", "main"]
 
 log = logging.getLogger("fedsmm.server.report")
 
@@ -1517,6 +1517,17 @@ def _markdown(sections: Sequence[Section], title: str, meta: Sequence[str]) -> s
                 n_fig += 1
                 out += [f"![{b.alt}]({FIGURES_DIR}/{b.name}.png)", "", f"*Figure {n_fig}. {b.caption}*", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def report_after_run(run_dir: str | Path) -> tuple[Path | None, str | None]:
+    """Write a just-finished run's report: (report.html, None), or (None, why) when it could not be
+    drawn. Never raises: a report must not turn a finished run, whose results are already on
+    disk, into a failed one; the caller says why and how to retry (``smm report RUN_DIR``)."""
+    try:
+        return write_report([Path(run_dir)]), None
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        return None, (f"the report could not be written ({type(e).__name__}: {e}); retry with "
+                      f"`smm report {run_dir}`")
 
 
 def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
