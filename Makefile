@@ -29,8 +29,12 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Quick versions (about 25 minutes on 2 CPU cores); benchmarks/README.md has the full ones and their times.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/model_speed.py --quick
+	$(BIN)/python benchmarks/scale.py --quick
+	$(BIN)/python benchmarks/tcga_quality.py --quick
+	$(BIN)/python benchmarks/synthetic_quality.py --quick
 	$(BIN)/python benchmarks/federation_overhead.py --quick
 	$(BIN)/python benchmarks/report_render.py
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -32,6 +33,7 @@ RESULTS = HERE / "results"
 # this project's 2-core machine with 2 threads at this setting (issue 2): seconds per train step
 # and peak memory in GB.
 REFERENCE = {1: (3.7, 3.5), 4: (21.0, 10.8), 8: (41.5, 20.5)}
+REFERENCE_PATCHES = 2500  # patches per slide at the reference setting (a 50 x 50 token map)
 # Parameters of the reference model that take part in the forward pass (method.md Part B 3.1-3.5):
 # 2 x MaxNet layers (12,752 + 32,080), 2 x branch (deformable attention 93,921, patch fc 131,200,
 # fusion 32,896, the layer's LayerNorm 256 and the pre-pooler LayerNorm 256, pooler 16,512,
@@ -42,8 +44,15 @@ REFERENCE_USED_PARAMS = (12_752 + 32_080 + 2 * (93_921 + 131_200 + 32_896 + 256 
                          + 1_028)
 
 
-def run_one(mode: str, batch: int, reps: int, device: str, threads: int) -> dict:
-    """One setting, in this process: returns timings and peak memory."""
+def run_one(mode: str, batch: int, reps: int, device: str, threads: int,
+            n_patches: int = REFERENCE_PATCHES) -> dict:
+    """One setting, in this process: returns timings and peak memory.
+
+    ``n_patches`` real patches per slide (``benchmarks/scale.py`` varies it); the seed layout views
+    them on the smallest square token map that holds them, ceil(sqrt(n))**2 tokens (a bag smaller
+    than the map is tiled over it, as ``seed_tokens`` does for any short bag). At the default the
+    model, data and output are the reference setting's, as before this argument existed.
+    """
     import torch
 
     from smm_model.batch import Batch
@@ -55,11 +64,12 @@ def run_one(mode: str, batch: int, reps: int, device: str, threads: int) -> dict
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
-    cfg = ModelConfig(position_bias=mode, tasks=("diagnosis",))
+    grid = math.isqrt(n_patches - 1) + 1  # ceil(sqrt(n_patches)) for n_patches >= 1
+    cfg = ModelConfig(position_bias=mode, tasks=("diagnosis",), n_patches=grid * grid, grid_size=grid)
     model = build_model(cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.1)
-    b = Batch(patches=torch.randn(batch, cfg.n_patches, cfg.feature_dim),
-              patch_mask=torch.ones(batch, cfg.n_patches, dtype=torch.bool),
+    b = Batch(patches=torch.randn(batch, n_patches, cfg.feature_dim),
+              patch_mask=torch.ones(batch, n_patches, dtype=torch.bool),
               genes_tumour=torch.randn(batch, cfg.genes_tumour), genes_micro=torch.randn(batch, cfg.genes_micro),
               labels={"diagnosis": torch.randint(0, 4, (batch,))}).to(dev)
     loss_cfg = LossConfig()

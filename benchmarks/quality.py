@@ -1,0 +1,191 @@
+"""Shared parts of the quality benchmarks (``tcga_quality.py``, ``synthetic_quality.py``).
+
+Each benchmark drives the ``smm`` commands a user runs (``smm centralized``, ``smm centralized
+--local-only``, ``smm simulate``) in subprocesses and reads their run folders afterwards, so a
+benchmark number is what a user of the same command would get, not a figure from a special path.
+
+Local-only runs are summarised by pooling each site's own test statistics (confusion matrices,
+score histograms, within-site C-index pair counts: additive, the same way the federation pools
+sites) and computing the metrics from the sum, so all three training modes are read on the same
+patients with the same estimator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+#: Flower and Ray settings every federated subprocess gets (environment.md / flower.md)
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+#: (task, metric) pairs the paper's tables report, in table order
+CLASSIFICATION_METRICS = ("auc", "accuracy", "macro_f1")
+PAPER_METRICS: tuple[str, ...] = tuple(f"{t}.{m}" for t in ("diagnosis", "grade") for m in CLASSIFICATION_METRICS
+                                       ) + ("survival.c_index",)
+
+
+class BenchmarkError(RuntimeError):
+    """A run the benchmark needs failed; the message names the command and its log."""
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # runs the ``finally`` below, which stops the child's process group
+
+
+def smm(args: Sequence[str], log: Path, *, timeout: float = 7200.0) -> float:
+    """Run ``smm ARGS`` with output to ``log``; return its wall time in seconds, raise on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **QUIET_ENV}
+    cmd = [sys.executable, "-m", "smm_model.cli", *map(str, args)]
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        # Own process group, stopped with everything under it if this benchmark is interrupted or
+        # times out (a federation leaves a SuperLink, Ray and ClientApps behind otherwise).
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise BenchmarkError(f"`smm {' '.join(map(str, args))}` exited {proc.returncode}; log {log}:\n{tail}")
+    return wall
+
+
+def load_final(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "final_metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BenchmarkError(f"{path}: cannot read the run's final metrics ({e})") from e
+
+
+def test_values(run_dir: Path) -> dict[str, float]:
+    """The pooled test metrics of a centralized or federated run folder."""
+    final = load_final(run_dir)
+    return {k: float(v) for k, v in final["test"]["global"]["values"].items() if v is not None}
+
+
+def pooled_local_values(local_root: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """Local-only (``RUN_DIR`` of ``smm centralized --local-only``): every site's model on its own
+    test split, statistics summed over sites, metrics computed from the sum. Also returns, per
+    site, its own test metrics and patient count (sites below ``min_site_patients`` are suppressed
+    and counted as such)."""
+    from smm_model.config import ExperimentConfig
+    from smm_model.protocol import EvalStats, metrics_from_eval
+
+    table = json.loads((local_root / "local_only.json").read_text())
+    parts, per_site, n_classes = [], {}, None
+    for site, row in sorted(table["sites"].items()):
+        run_dir = local_root / row["run_dir"]
+        final = load_final(run_dir)
+        if n_classes is None:
+            cfg = ExperimentConfig.from_yaml_text((run_dir / "config.yaml").read_text(), source=str(run_dir))
+            n_classes = cfg.model.n_classes
+        glob = final["test"]["global"]
+        per_site[site] = {"patients": final["test"]["patients"], "values": glob["values"]}
+        if glob.get("stats") and final["test"]["patients"]:
+            # Each site's Kaplan-Meier counts lie on its own time grid (its own preprocessing), so
+            # they do not add up: the pooled local-only row has no log-rank test.
+            parts.append(dataclasses.replace(EvalStats.from_record(glob["stats"]), km=None, km_groups=0))
+    if not parts:
+        raise BenchmarkError(f"{local_root}: no site has test statistics")
+    report = metrics_from_eval(EvalStats.merge(parts), n_classes)
+    values = {k: float(v) for k, v in report.to_dict()["values"].items() if v is not None}
+    return values, per_site
+
+
+def run_mode(mode: str, config: Path, run_dir: Path, sets: Sequence[str], log: Path) -> dict[str, Any]:
+    """One training run the way a user starts it: ``centralized``, ``local-only`` or a federation
+    (``smm simulate``; the strategy is whatever ``sets`` and the config say). Returns the pooled test
+    ``values``, the command's ``wall_s`` and, where there is one, the selected round."""
+    if mode == "centralized":
+        args = ["centralized", config, "--run-dir", run_dir]
+    elif mode == "local-only":
+        args = ["centralized", config, "--run-dir", run_dir, "--local-only"]
+    elif mode == "federated":
+        args = ["simulate", config, "--run-dir", run_dir]
+    else:
+        raise ValueError(f"unknown mode {mode!r}; expected centralized, local-only or federated")
+    for s in sets:
+        args += ["--set", s]
+    wall = smm(args, log)
+    if mode == "local-only":
+        values, per_site = pooled_local_values(run_dir)
+        return {"values": values, "per_site": per_site, "wall_s": round(wall, 1)}
+    final = load_final(run_dir)
+    return {"values": test_values(run_dir), "wall_s": round(wall, 1), "best_round": final["best_round"],
+            "test_patients": final["test"]["patients"]}
+
+
+def print_row(prefix: str, row: Mapping[str, Any]) -> None:
+    v = row["values"]
+    print(f"{prefix} ({row['wall_s']:5.0f} s): "
+          + ", ".join(f"{m} {v.get(m, float('nan')):.3f}" for m in PAPER_METRICS), flush=True)
+
+
+def mean_sd(values: Sequence[float]) -> dict[str, float | int | None]:
+    """Mean and sample standard deviation over folds (or seeds), NaN-free values only."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def summarise(per_fold: Mapping[str, Sequence[Mapping[str, float]]], metrics: Sequence[str]
+              ) -> dict[str, dict[str, dict[str, float | int | None]]]:
+    """``{mode: [values of fold k]}`` -> ``{mode: {metric: {mean, sd, n}}}``."""
+    return {mode: {m: mean_sd([f.get(m, float("nan")) for f in folds]) for m in metrics}
+            for mode, folds in per_fold.items()}
+
+
+def fmt(cell: Mapping[str, Any], scale: float = 100.0) -> str:
+    if cell.get("mean") is None:
+        return "n/a"
+    return f"{cell['mean'] * scale:.1f} ± {cell['sd'] * scale:.1f}"
+
+
+def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], metrics: Sequence[str],
+                   extra_rows: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """Modes as rows, metrics as columns, mean ± sd in percent (the paper's convention)."""
+    head = "| mode | " + " | ".join(metrics) + " |"
+    lines = [head, "|" + " --- |" * (len(metrics) + 1)]
+    for mode, cells in summary.items():
+        lines.append(f"| {mode} | " + " | ".join(fmt(cells[m]) for m in metrics) + " |")
+    for name, row in (extra_rows or {}).items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[m]:.1f}" if m in row else "–" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def write_result(name: str, payload: Mapping[str, Any]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path

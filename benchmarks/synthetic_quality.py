@@ -1,0 +1,177 @@
+"""Multimodal quality with known ground truth: the proposed model against its baselines.
+
+``smm synth --features-only`` writes a cohort per seed (6 sites x 100 patients by default, 64-dim
+patch features, 20 + 30 genes, a 60/15/25 train/val/test split): the sites differ in case mix
+(Dirichlet class priors: non-IID) and in per-site batch effects on genes and patch features, and
+each patient's diagnosis, grade and survival are planted in both modalities with independent noise,
+so neither modality alone recovers them fully (``client/synth.py``, ``client/synthetic.py``).
+
+On every cohort, with ``configs/bench_synthetic.yaml``, each model variant is trained
+
+* ``centralized`` (``smm centralized``: all training patients pooled) and
+* ``federated`` (``smm simulate``, FedAvg over the 6 sites, the same epochs and schedule),
+
+selected on validation loss and tested once on the pooled test patients. Variants: the proposed
+``smm`` model with gradient coordination ``pcgrad`` (the paper's), ``seed`` and ``off``; the
+genomics-only ``snn``, the histology-only ``abmil`` and the late-fusion ``concat`` (ABMIL + SNN).
+
+Reported: mean and sample standard deviation over cohort seeds per variant and mode; per seed, the
+proposed model's (``smm-pcgrad``) difference to each baseline on the same cohort (paired), and each
+variant's federated-minus-centralized gap.
+
+    python benchmarks/synthetic_quality.py           # 3 seeds x 6 variants x 2 modes (see README for the time)
+    python benchmarks/synthetic_quality.py --work DIR --seeds 0,1,2,3   # reuses DIR's finished runs
+    python benchmarks/synthetic_quality.py --quick   # seed 0, 6 x 40 patients, smm-pcgrad and concat, 5 rounds
+
+Results: ``benchmarks/results/synthetic_quality_<device>.json`` (``..._quick_...`` for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import provenance  # noqa: E402
+import quality  # noqa: E402
+
+CONFIG = quality.ROOT / "configs" / "bench_synthetic.yaml"
+SITES, PATIENTS_PER_SITE, SPLIT = 6, 100, "0.6,0.15,0.25"
+#: variant -> config overrides
+VARIANTS = {
+    "smm-pcgrad": ["model.arch=smm", "train.coordination=pcgrad"],
+    "smm-seed": ["model.arch=smm", "train.coordination=seed"],
+    "smm-off": ["model.arch=smm", "train.coordination=off"],
+    "snn": ["model.arch=snn", "train.coordination=off"],
+    "abmil": ["model.arch=abmil", "train.coordination=off"],
+    "concat": ["model.arch=concat", "train.coordination=off"],
+}
+PROPOSED = "smm-pcgrad"
+BASELINES = ("snn", "abmil", "concat")
+MODES = ("centralized", "federated")
+
+
+def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str, ...], sites: int,
+             patients: int, rounds: int) -> dict:
+    """Write cohort ``seed`` and train every variant in every mode on it."""
+    base = work / f"seed{seed}"
+    cohort = base / "sites"
+    synth_args = ["synth", "--out", cohort, "--sites", sites, "--patients-per-site", patients, "--features-only",
+                  "--split", SPLIT, "--seed", seed]
+    if not _cached(base / "synth.json", synth_args):
+        if cohort.exists():
+            shutil.rmtree(cohort)
+        quality.smm(synth_args, base / "synth.log")
+        _store(base / "synth.json", synth_args, {})
+    common = [f"data.sites_root={cohort}", f"federation.rounds={rounds}", f"federation.min_nodes={sites}"]
+    out: dict = {}
+    for variant in variants:
+        out[variant] = {}
+        for mode in modes:
+            name = f"{variant}-{mode}"
+            sets = common + VARIANTS[variant]
+            row = _cached(base / f"{name}.json", [mode, *sets])
+            if row is None:
+                run_dir = base / name
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)  # an interrupted run: start it again
+                row = quality.run_mode(mode, CONFIG, run_dir, sets, base / f"{name}.log")
+                _store(base / f"{name}.json", [mode, *sets], row)
+            out[variant][mode] = row
+            quality.print_row(f"[synthetic seed {seed}] {name:<22}", row)
+    return out
+
+
+def _cached(path: Path, key: list) -> dict | None:
+    """A finished step's result from an earlier invocation with the same ``--work`` and arguments
+    (so a long benchmark can be stopped and continued, or extended by seeds), else None."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return rec["result"] if rec.get("key") == [str(k) for k in key] else None
+
+
+def _store(path: Path, key: list, result: dict) -> None:
+    path.write_text(json.dumps({"key": [str(k) for k in key], "result": result}, indent=1))
+
+
+def paired(per_seed: list[dict], a: str, b: str, mode: str) -> dict:
+    """Per metric: (a - b) on the same cohorts, per seed and mean ± sd."""
+    res = {}
+    for m in quality.PAPER_METRICS:
+        d = [s[a][mode]["values"].get(m, float("nan")) - s[b][mode]["values"].get(m, float("nan")) for s in per_seed]
+        res[m] = {"per_seed": d, **quality.mean_sd(d)}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated cohort seeds (default 0,1,2)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {tuple(VARIANTS)}")
+    ap.add_argument("--sites", type=int, default=SITES)
+    ap.add_argument("--patients-per-site", type=int, default=PATIENTS_PER_SITE)
+    ap.add_argument("--rounds", type=int, default=None, help="federation.rounds (default: the config's)")
+    ap.add_argument("--quick", action="store_true", help="seed 0, 6 x 40 patients, smm-pcgrad and concat, 5 rounds")
+    ap.add_argument("--work", type=Path, default=None, help="keep the cohorts and run folders here")
+    args = ap.parse_args(argv)
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    variants = (PROPOSED, "concat") if args.quick else tuple(args.variants.split(","))
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; expected {tuple(VARIANTS)}")
+    patients = 40 if args.quick else args.patients_per_site
+    import yaml
+    rounds = 5 if args.quick else (args.rounds or yaml.safe_load(CONFIG.read_text())["federation"]["rounds"])
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="synthetic_quality_")
+        work = Path(tmp.name)
+    else:
+        work = args.work.resolve()
+        work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        per_seed = [run_seed(s, work, variants, MODES, args.sites, patients, rounds) for s in seeds]
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    summary = {mode: quality.summarise({v: [s[v][mode]["values"] for s in per_seed] for v in variants},
+                                       quality.PAPER_METRICS) for mode in MODES}
+    comparisons = {mode: {b: paired(per_seed, PROPOSED, b, mode) for b in variants if b != PROPOSED}
+                   for mode in MODES} if PROPOSED in variants else {}
+    fed_gap = {v: {m: quality.mean_sd([s[v]["federated"]["values"].get(m, float("nan"))
+                                       - s[v]["centralized"]["values"].get(m, float("nan")) for s in per_seed])
+                   for m in quality.PAPER_METRICS} for v in variants}
+    payload = {
+        "benchmark": "synthetic_quality", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/" + " ".join([Path(__file__).name, *(argv if argv is not None else sys.argv[1:])]),
+        "commit": provenance.git_commit(), "machine": provenance.machine("flwr", "numpy", "sklearn"),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "seeds": seeds, "sites": args.sites,
+                    "patients_per_site": patients, "split": SPLIT, "rounds": rounds, "strategy": "fedavg",
+                    "variants": {v: VARIANTS[v] for v in variants}, "selection": "validation loss",
+                    "c_index": "within-site pairs", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+        "summary": summary, "proposed_minus_baseline": comparisons, "federated_minus_centralized": fed_gap,
+        "seeds": {str(s): r for s, r in zip(seeds, per_seed)},
+    }
+    name = "synthetic_quality_quick" if args.quick else "synthetic_quality"
+    device = "gpu" if "gpu" in payload["machine"] else "cpu"
+    path = quality.write_result(f"{name}_{device}", payload)
+    for mode in MODES:
+        print(f"\n{mode}:")
+        print(quality.markdown_table(summary[mode], quality.PAPER_METRICS))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

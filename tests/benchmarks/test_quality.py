@@ -1,0 +1,104 @@
+"""The quality benchmarks' shared parts (benchmarks/quality.py): pooling local-only runs, summaries,
+and the command runner's failure path."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from lifelines.utils import concordance_index
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import quality  # noqa: E402
+
+from smm_model.config import ExperimentConfig, to_dict  # noqa: E402
+from smm_model.federated import c_index_counts, confusion_counts, km_counts, score_histograms  # noqa: E402
+from smm_model.protocol import EvalStats  # noqa: E402
+
+C = 4  # diagnosis classes
+
+
+def _site_predictions(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    y = rng.integers(0, C, n)
+    logits = rng.normal(0, 1, (n, C)) + 1.5 * np.eye(C)[y]  # informative, not perfect
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    time_ = rng.uniform(1, 100, n)
+    event = rng.random(n) < 0.6
+    risk = -time_ + rng.normal(0, 30, n)
+    return {"y": y, "probs": probs, "time": time_, "event": event, "risk": risk}
+
+
+def _write_local_run(root: Path, site: str, p: dict[str, np.ndarray], km_grid: np.ndarray,
+                     cfg: ExperimentConfig) -> None:
+    """A run folder as `smm centralized --local-only` writes one, with real statistics."""
+    stats = EvalStats(n=len(p["y"]), loss_sum=1.0 * len(p["y"]))
+    stats.confusion["diagnosis"] = confusion_counts(p["y"], p["probs"].argmax(1), C).ravel().tolist()
+    stats.histograms["diagnosis"] = score_histograms(p["y"], p["probs"], C).ravel().tolist()
+    stats.cindex = c_index_counts(p["time"], p["event"], p["risk"]).tolist()
+    groups = np.digitize(p["risk"], np.quantile(p["risk"], [0.25, 0.5, 0.75]))
+    stats.km = km_counts(p["time"], p["event"], groups, 4, km_grid).ravel().tolist()  # a grid of its own
+    stats.km_groups = 4
+    run = root / "local" / site
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    final = {"test": {"patients": len(p["y"]), "global": {"values": {"diagnosis.accuracy": 0.0}, "reasons": {},
+                                                          "stats": stats.to_record()}}}
+    (run / "final_metrics.json").write_text(json.dumps(final))
+
+
+def test_pooled_local_values_match_metrics_on_the_concatenated_predictions(tmp_path: Path) -> None:
+    cfg = ExperimentConfig.from_yaml_text("model: {arch: snn, tasks: [diagnosis, survival]}")
+    rng = np.random.default_rng(0)
+    sites = {"a": _site_predictions(rng, 60), "b": _site_predictions(rng, 45)}
+    grids = {"a": np.linspace(0, 100, 7), "b": np.linspace(0, 100, 11)}  # local preprocessing: own KM grids
+    for name, p in sites.items():
+        _write_local_run(tmp_path, name, p, grids[name], cfg)
+    table = {"sites": {name: {"run_dir": f"local/{name}"} for name in sites}}
+    (tmp_path / "local_only.json").write_text(json.dumps(table))
+
+    values, per_site = quality.pooled_local_values(tmp_path)
+
+    y = np.concatenate([p["y"] for p in sites.values()])
+    probs = np.concatenate([p["probs"] for p in sites.values()])
+    assert values["diagnosis.accuracy"] == pytest.approx(accuracy_score(y, probs.argmax(1)))
+    assert values["diagnosis.macro_f1"] == pytest.approx(f1_score(y, probs.argmax(1), average="macro"))
+    # histogram AUC: scores sharing one of the bins count as ties
+    assert values["diagnosis.auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr"), abs=0.01)
+    # within-site C-index: pairs are compared inside a site only, so it is the comparable-pair weighted
+    # mean of the sites' own C-indices
+    comp = {n: c_index_counts(p["time"], p["event"], p["risk"])[3] for n, p in sites.items()}
+    own = {n: concordance_index(p["time"], -p["risk"], p["event"]) for n, p in sites.items()}
+    expected = sum(own[n] * comp[n] for n in sites) / sum(comp.values())
+    assert values["survival.c_index"] == pytest.approx(expected, abs=1e-9)
+    assert "survival.logrank_p" not in values  # KM counts on different grids are not pooled
+    assert set(per_site) == {"a", "b"} and per_site["b"]["patients"] == 45
+
+
+def test_pooled_local_values_without_statistics_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "local_only.json").write_text(json.dumps({"sites": {}}))
+    with pytest.raises(quality.BenchmarkError, match="no site has test statistics"):
+        quality.pooled_local_values(tmp_path)
+
+
+def test_summaries_are_mean_and_sample_sd_ignoring_missing_values() -> None:
+    folds = [{"m": 0.8}, {"m": 0.9}, {"m": float("nan")}, {"m": 0.7}]
+    cell = quality.summarise({"centralized": folds}, ["m"])["centralized"]["m"]
+    assert cell["n"] == 3
+    assert cell["mean"] == pytest.approx(0.8)
+    assert cell["sd"] == pytest.approx(statistics.stdev([0.8, 0.9, 0.7]))
+    assert quality.mean_sd([]) == {"mean": None, "sd": None, "n": 0}
+    table = quality.markdown_table({"centralized": {"m": cell}}, ["m"], {"published": {"m": 75.99}})
+    assert "| centralized | 80.0 ± 10.0 |" in table and "| published | 76.0 |" in table
+
+
+def test_a_failing_command_raises_with_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "config.log"
+    with pytest.raises(quality.BenchmarkError, match=r"(?s)exited 2.*cannot read"):
+        quality.smm(["config", tmp_path / "missing.yaml"], log)
+    assert "cannot read" in log.read_text()
