@@ -150,11 +150,11 @@ def print_row(prefix: str, row: Mapping[str, Any]) -> None:
 
 
 def mean_sd(values: Sequence[float]) -> dict[str, float | int | None]:
-    """Mean and sample standard deviation over folds (or seeds), NaN-free values only."""
+    """Mean and sample standard deviation over folds (or seeds), NaN-free values only (no sd from one)."""
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not xs:
         return {"mean": None, "sd": None, "n": 0}
-    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
 
 
 def summarise(per_fold: Mapping[str, Sequence[Mapping[str, float]]], metrics: Sequence[str]
@@ -167,13 +167,15 @@ def summarise(per_fold: Mapping[str, Sequence[Mapping[str, float]]], metrics: Se
 def fmt(cell: Mapping[str, Any], scale: float = 100.0) -> str:
     if cell.get("mean") is None:
         return "n/a"
+    if cell.get("sd") is None:  # a single fold or seed
+        return f"{cell['mean'] * scale:.1f}"
     return f"{cell['mean'] * scale:.1f} ± {cell['sd'] * scale:.1f}"
 
 
 def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], metrics: Sequence[str],
-                   extra_rows: Mapping[str, Mapping[str, float]] | None = None) -> str:
-    """Modes as rows, metrics as columns, mean ± sd in percent (the paper's convention)."""
-    head = "| mode | " + " | ".join(metrics) + " |"
+                   extra_rows: Mapping[str, Mapping[str, float]] | None = None, label: str = "mode") -> str:
+    """Rows (modes or models), metrics as columns, mean ± sd in percent (the paper's convention)."""
+    head = f"| {label} | " + " | ".join(metrics) + " |"
     lines = [head, "|" + " --- |" * (len(metrics) + 1)]
     for mode, cells in summary.items():
         lines.append(f"| {mode} | " + " | ".join(fmt(cells[m]) for m in metrics) + " |")

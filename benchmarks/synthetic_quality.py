@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     path = quality.write_result(f"{name}_{device}", payload)
     for mode in MODES:
         print(f"\n{mode}:")
-        print(quality.markdown_table(summary[mode], quality.PAPER_METRICS))
+        print(quality.markdown_table(summary[mode], quality.PAPER_METRICS, label="model"))
     print(f"results: {path}")
     return 0
 

@@ -93,6 +93,8 @@ def test_summaries_are_mean_and_sample_sd_ignoring_missing_values() -> None:
     assert cell["mean"] == pytest.approx(0.8)
     assert cell["sd"] == pytest.approx(statistics.stdev([0.8, 0.9, 0.7]))
     assert quality.mean_sd([]) == {"mean": None, "sd": None, "n": 0}
+    assert quality.mean_sd([0.5]) == {"mean": 0.5, "sd": None, "n": 1}
+    assert quality.fmt(quality.mean_sd([0.5])) == "50.0"
     table = quality.markdown_table({"centralized": {"m": cell}}, ["m"], {"published": {"m": 75.99}})
     assert "| centralized | 80.0 ± 10.0 |" in table and "| published | 76.0 |" in table
 
