@@ -157,6 +157,17 @@ def mean_sd(values: Sequence[float]) -> dict[str, float | int | None]:
     return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
 
 
+def differences(a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str, float]], per: str = "per_fold"
+                ) -> dict[str, dict[str, Any]]:
+    """Per paper metric: ``a[k] - b[k]`` for paired runs k (same fold or cohort), listed under
+    ``per`` and summarised as mean ± sd; a paired difference is what a fold-to-fold spread hides."""
+    res = {}
+    for m in PAPER_METRICS:
+        d = [x.get(m, float("nan")) - y.get(m, float("nan")) for x, y in zip(a, b, strict=True)]
+        res[m] = {per: d, **mean_sd(d)}
+    return res
+
+
 def summarise(per_fold: Mapping[str, Sequence[Mapping[str, float]]], metrics: Sequence[str]
               ) -> dict[str, dict[str, dict[str, float | int | None]]]:
     """``{mode: [values of fold k]}`` -> ``{mode: {metric: {mean, sd, n}}}``."""

@@ -106,11 +106,8 @@ def _store(path: Path, key: list, result: dict) -> None:
 
 def paired(per_seed: list[dict], a: str, b: str, mode: str) -> dict:
     """Per metric: (a - b) on the same cohorts, per seed and mean ± sd."""
-    res = {}
-    for m in quality.PAPER_METRICS:
-        d = [s[a][mode]["values"].get(m, float("nan")) - s[b][mode]["values"].get(m, float("nan")) for s in per_seed]
-        res[m] = {"per_seed": d, **quality.mean_sd(d)}
-    return res
+    return quality.differences([s[a][mode]["values"] for s in per_seed], [s[b][mode]["values"] for s in per_seed],
+                               per="per_seed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,14 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                                        quality.PAPER_METRICS) for mode in MODES}
     comparisons = {mode: {b: paired(per_seed, PROPOSED, b, mode) for b in variants if b != PROPOSED}
                    for mode in MODES} if PROPOSED in variants else {}
-    fed_gap = {v: {m: quality.mean_sd([s[v]["federated"]["values"].get(m, float("nan"))
-                                       - s[v]["centralized"]["values"].get(m, float("nan")) for s in per_seed])
-                   for m in quality.PAPER_METRICS} for v in variants}
+    fed_gap = {v: quality.differences([s[v]["federated"]["values"] for s in per_seed],
+                                      [s[v]["centralized"]["values"] for s in per_seed], per="per_seed")
+               for v in variants}
     payload = {
         "benchmark": "synthetic_quality", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/" + " ".join([Path(__file__).name, *(argv if argv is not None else sys.argv[1:])]),
         "commit": provenance.git_commit(), "machine": provenance.machine("flwr", "numpy", "sklearn"),
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "wall_s": round(time.perf_counter() - t0, 1),  # this invocation (runs cached in --work take no time)
+        "runs_wall_s": round(sum(r[m]["wall_s"] for s in per_seed for r in s.values() for m in r), 1),
         "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "seeds": seeds, "sites": args.sites,
                     "patients_per_site": patients, "split": SPLIT, "rounds": rounds, "strategy": "fedavg",
                     "variants": {v: VARIANTS[v] for v in variants}, "selection": "validation loss",

@@ -80,10 +80,8 @@ def gaps(folds: list[dict], modes: tuple[str, ...]) -> dict:
     for mode in modes:
         if mode not in STRATEGIES or "centralized" not in modes:
             continue
-        res[mode] = {}
-        for m in quality.PAPER_METRICS:
-            d = [f[mode]["values"].get(m, float("nan")) - f["centralized"]["values"].get(m, float("nan")) for f in folds]
-            res[mode][m] = {"per_fold": d, **quality.mean_sd(d)}
+        res[mode] = quality.differences([f[mode]["values"] for f in folds],
+                                        [f["centralized"]["values"] for f in folds])
     return res
 
 

@@ -99,6 +99,17 @@ def test_summaries_are_mean_and_sample_sd_ignoring_missing_values() -> None:
     assert "| centralized | 80.0 ± 10.0 |" in table and "| published | 76.0 |" in table
 
 
+def test_differences_are_paired_per_run() -> None:
+    fed = [{"diagnosis.auc": 0.90}, {"diagnosis.auc": 0.80}]
+    central = [{"diagnosis.auc": 0.95}, {"diagnosis.auc": 0.90}]
+    d = quality.differences(fed, central)["diagnosis.auc"]
+    assert d["per_fold"] == pytest.approx([-0.05, -0.10])
+    assert d["mean"] == pytest.approx(-0.075) and d["sd"] == pytest.approx(statistics.stdev([-0.05, -0.10]))
+    assert quality.differences(fed, central)["grade.auc"]["n"] == 0  # missing metric: no number, not 0
+    with pytest.raises(ValueError):
+        quality.differences(fed, central[:1])  # runs must pair up
+
+
 def test_a_failing_command_raises_with_its_log(tmp_path: Path) -> None:
     log = tmp_path / "logs" / "config.log"
     with pytest.raises(quality.BenchmarkError, match=r"(?s)exited 2.*cannot read"):
