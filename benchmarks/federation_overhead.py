@@ -73,6 +73,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 import provenance  # noqa: E402
+from quality import median, training_rounds  # noqa: E402
 
 # Worker processes of the direct baseline start like `spawn` and re-import this module: everything
 # heavy (torch, the project) is imported inside functions.
@@ -232,19 +233,10 @@ def makespan(times: list[float], workers: int) -> float:
 def read_run(run_dir: Path, workers: int) -> list[dict]:
     """Per training round: the server's phase timings, the whole round from server.log, the sites'
     own seconds and their makespan on ``workers``, bytes."""
-    records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
-    stamps: dict[int, float] = {}
-    for line in (run_dir / "server.log").read_text(errors="replace").splitlines():
-        m = _ROUND_LINE.match(line)
-        if m:
-            stamps.setdefault(int(m[2]), datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    stamps = round_stamps(run_dir)
     out = []
-    for rec in records:
+    for rec in training_rounds(run_dir):
         r = int(rec["round"])
-        if r == 0:
-            continue
-        if rec.get("status") != "aggregated":
-            raise RuntimeError(f"{run_dir}: round {r} was {rec.get('status')} ({rec.get('skip_reason')})")
         t = rec["timings"]
         site_s = [float(m["seconds"]) for m in rec["train"]["per_site"].values()]
         out.append({"round": r, "wait_s": t.get("wait", 0.0), "train_s": t["train"], "aggregate_s": t["aggregate"],
@@ -256,24 +248,19 @@ def read_run(run_dir: Path, workers: int) -> list[dict]:
     return out
 
 
-def _median(xs) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def summarise(fed_rounds: list[dict], direct: dict, first: int, timeline: list[dict] | None = None) -> dict:
     """Medians over rounds >= ``first`` and the overhead fractions against the direct baseline."""
     fr = [r for r in fed_rounds if r["round"] >= first]
     dr = [r for r in direct["rounds"] if r["round"] >= first]
-    med = lambda rows, key: _median(r[key] for r in rows)  # noqa: E731
+    med = lambda rows, key: median(r[key] for r in rows)  # noqa: E731
     train, agg, ev = med(fr, "train_s"), med(fr, "aggregate_s"), med(fr, "evaluate_s")
     d_train, d_eval = med(dr, "train_s"), med(dr, "evaluate_s")
-    d_site = _median(m["seconds"] for r in dr for m in r["per_site"].values())
-    d_trainer = _median(m["trainer_s"] for r in dr for m in r["per_site"].values())
-    d_sum = _median(sum(m["seconds"] for m in r["per_site"].values()) for r in dr)
-    f_site = _median(s for r in fr for s in r["site_seconds"])
-    round_ta = _median(r["train_s"] + r["aggregate_s"] for r in fr)
-    round_tae = _median(r["train_s"] + r["aggregate_s"] + r["evaluate_s"] for r in fr)
+    d_site = median(m["seconds"] for r in dr for m in r["per_site"].values())
+    d_trainer = median(m["trainer_s"] for r in dr for m in r["per_site"].values())
+    d_sum = median(sum(m["seconds"] for m in r["per_site"].values()) for r in dr)
+    f_site = median(s for r in fr for s in r["site_seconds"])
+    round_ta = median(r["train_s"] + r["aggregate_s"] for r in fr)
+    round_tae = median(r["train_s"] + r["aggregate_s"] + r["evaluate_s"] for r in fr)
     whole = med(fr, "round_s")
     n_sites = fr[0]["sites"] if fr else 0
     s = {
@@ -290,8 +277,8 @@ def summarise(fed_rounds: list[dict], direct: dict, first: int, timeline: list[d
         "direct_site_train_round_s": d_site,
         "direct_site_trainer_s": d_trainer,
         "direct_sum_of_sites_s": d_sum,
-        "bytes_per_round_per_site": {"sent": _median(r["bytes_sent"] / r["sites"] for r in fr),
-                                     "received": _median(r["bytes_received"] / r["sites"] for r in fr)},
+        "bytes_per_round_per_site": {"sent": median(r["bytes_sent"] / r["sites"] for r in fr),
+                                     "received": median(r["bytes_received"] / r["sites"] for r in fr)},
         "sites": n_sites,
     }
     if round_ta and d_train is not None:
@@ -309,10 +296,10 @@ def summarise(fed_rounds: list[dict], direct: dict, first: int, timeline: list[d
         s["evaluate_extra_s"] = ev - d_eval
         s["checkpoint_and_other_s"] = (whole - (s["wait_s"] or 0.0) - round_tae) if whole else None
     for when, run in direct.get("runs", {}).items():
-        s[f"direct_train_makespan_s_{when}"] = _median(r["train_s"] for r in run["rounds"] if r["round"] >= first)
+        s[f"direct_train_makespan_s_{when}"] = median(r["train_s"] for r in run["rounds"] if r["round"] >= first)
     tl = [r for r in (timeline or []) if r["round"] >= first]
     for key in ("dispatch_s", "dispatch_max_s", "collect_s", "eval_last_site_done_s", "eval_collect_s"):
-        s[f"timeline_{key}"] = _median(r.get(key) for r in tl)
+        s[f"timeline_{key}"] = median(r.get(key) for r in tl)
     return s
 
 
@@ -415,6 +402,16 @@ def _stamp(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
+def round_stamps(run_dir: Path) -> dict[int, float]:
+    """Round -> time stamp of the server.log line that ends it (the first such line per round)."""
+    stamps: dict[int, float] = {}
+    for line in (run_dir / "server.log").read_text(errors="replace").splitlines():
+        m = _ROUND_LINE.match(line)
+        if m:
+            stamps.setdefault(int(m[2]), _stamp(m[1]))
+    return stamps
+
+
 def site_timeline(site_logs: list[Path], run_dir: Path) -> list[dict]:
     """Per round, from the server's round lines and each site's own log (time stamps of one clock):
     ``dispatch_s``, median over sites of (site's train_round start - train phase start), i.e. the
@@ -422,13 +419,9 @@ def site_timeline(site_logs: list[Path], run_dir: Path) -> list[dict]:
     from the last site's train_round end to the end of the server's train phase (reply sent, server
     pulling it); and the same for the federated evaluation (site end only: ``eval_last_site_done_s``
     after the evaluate phase started, against its phase length)."""
-    rounds = {int(json.loads(l)["round"]): json.loads(l) for l in (run_dir / "rounds.jsonl").read_text().splitlines()
-              if l.strip()}
-    stamps: dict[int, float] = {}
-    for line in (run_dir / "server.log").read_text(errors="replace").splitlines():
-        m = _ROUND_LINE.match(line)
-        if m:
-            stamps.setdefault(int(m[2]), _stamp(m[1]))
+    records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    rounds = {int(rec["round"]): rec for rec in records}
+    stamps = round_stamps(run_dir)
     train: dict[int, list[tuple[float, float]]] = {}
     evals: dict[int, list[float]] = {}
     for path in site_logs:

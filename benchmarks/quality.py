@@ -1,4 +1,6 @@
-"""Shared parts of the quality benchmarks (``tcga_quality.py``, ``synthetic_quality.py``).
+"""Shared parts of the benchmarks that drive ``smm`` commands and read their run folders
+(``tcga_quality.py``, ``synthetic_quality.py``; ``scale.py`` and ``federation_overhead.py`` use the
+command runner and the round reader).
 
 Each benchmark drives the ``smm`` commands a user runs (``smm centralized``, ``smm centralized
 --local-only``, ``smm simulate``) in subprocesses and reads their run folders afterwards, so a
@@ -12,6 +14,7 @@ patients with the same estimator.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,8 +23,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(HERE))
+import provenance  # noqa: E402
 
 #: Flower and Ray settings every federated subprocess gets (environment.md / flower.md)
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -89,6 +96,32 @@ def test_values(run_dir: Path) -> dict[str, float]:
     """The pooled test metrics of a centralized or federated run folder."""
     final = load_final(run_dir)
     return {k: float(v) for k, v in final["test"]["global"]["values"].items() if v is not None}
+
+
+def training_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """The training rounds of a run folder's ``rounds.jsonl`` (round 0, the initial model's
+    evaluation, left out). A round that was not aggregated has no timings to measure, so it is an
+    error naming the round and its reason, not a gap in a median."""
+    path = run_dir / "rounds.jsonl"
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise BenchmarkError(f"{path}: cannot read the run's rounds ({e})") from e
+    out = []
+    for rec in records:
+        r = int(rec["round"])
+        if r == 0:
+            continue
+        if rec.get("status") != "aggregated":
+            raise BenchmarkError(f"{path}: round {r} was {rec.get('status')} ({rec.get('skip_reason')})")
+        out.append(rec)
+    return out
+
+
+def median(xs: Iterable[float | None]) -> float | None:
+    """Median of the values that exist (None where a run did not measure one)."""
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
 
 
 def pooled_local_values(local_root: Path) -> tuple[dict[str, float], dict[str, Any]]:
@@ -195,9 +228,35 @@ def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], metri
     return "\n".join(lines)
 
 
-def write_result(name: str, payload: Mapping[str, Any]) -> Path:
+@contextlib.contextmanager
+def work_folder(work: Path | None, prefix: str) -> Iterator[Path]:
+    """``--work DIR`` (created, kept with its run folders and reports) or a temporary folder that is
+    removed afterwards, also on errors."""
+    if work is not None:
+        work = work.resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+def result_header(benchmark: str, script: str, argv: Sequence[str] | None, t0: float) -> dict[str, Any]:
+    """What every results file starts with: the benchmark, when, the command, the commit, the
+    machine and versions, and the wall time since ``t0`` (``time.perf_counter()``)."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "python benchmarks/" + " ".join([Path(script).name, *args]),
+            "commit": provenance.git_commit(), "machine": provenance.machine("flwr", "numpy", "sklearn"),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def write_result(payload: Mapping[str, Any], quick: bool) -> Path:
+    """``results/<benchmark>[_quick]_<cpu|gpu>.json``, written atomically: a quick run never
+    overwrites the full result."""
+    device = "gpu" if "gpu" in payload["machine"] else "cpu"
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / f"{payload['benchmark']}{'_quick' if quick else ''}_{device}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
     tmp.replace(path)

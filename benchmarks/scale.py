@@ -77,7 +77,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 import provenance  # noqa: E402
-from quality import QUIET_ENV, BenchmarkError, smm  # noqa: E402
+from quality import QUIET_ENV, BenchmarkError, median, smm, training_rounds  # noqa: E402
 
 # -- (a) sites ------------------------------------------------------------------------------------
 DEMO_CONFIG = "configs/demo.yaml"  # relative to the repository root (the commands run there)
@@ -387,26 +387,12 @@ def _tail(log: Path, lines: int = 20) -> str:
 # --------------------------------------------------------------------------------------------- #
 # (a) sites
 # --------------------------------------------------------------------------------------------- #
-def _median(xs) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def read_rounds(run_dir: Path) -> list[dict]:
     """Per training round from ``rounds.jsonl``: the server's phase seconds, the sites' own
     ``train_round`` seconds, bytes."""
-    path = run_dir / "rounds.jsonl"
-    try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise BenchmarkError(f"{path}: cannot read the run's rounds ({e})") from e
     out = []
-    for rec in records:
+    for rec in training_rounds(run_dir):
         r = int(rec["round"])
-        if r == 0:
-            continue
-        if rec.get("status") != "aggregated":
-            raise BenchmarkError(f"{path}: round {r} was {rec.get('status')} ({rec.get('skip_reason')})")
         t = rec["timings"]
         site_s = [float(m["seconds"]) for m in rec["train"]["per_site"].values()]
         phases = {k: float(t.get(k, 0.0)) for k in ("wait", "train", "aggregate", "evaluate")}
@@ -456,7 +442,7 @@ def run_sites(sites: int, patients: int, rounds: int, base: Path) -> dict:
     if not measured:
         raise BenchmarkError(f"{run_dir}: no round >= {FIRST_MEASURED_ROUND} recorded")
     keys = [k for k in measured[0] if k not in ("round", "sites_trained")]
-    summary = {k: _median(r[k] for r in measured) for k in keys}
+    summary = {k: median(r[k] for r in measured) for k in keys}
     summary["bytes_per_round"] = summary["bytes_sent"] + summary["bytes_received"]
     summary["bytes_per_round_per_site"] = summary["bytes_per_round"] / sites
     summary["round_s_per_site"] = summary["round_s"] / sites

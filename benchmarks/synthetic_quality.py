@@ -33,14 +33,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import provenance  # noqa: E402
 import quality  # noqa: E402
 
 CONFIG = quality.ROOT / "configs" / "bench_synthetic.yaml"
@@ -126,21 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; expected {tuple(VARIANTS)}")
     patients = 40 if args.quick else args.patients_per_site
-    import yaml
     rounds = 5 if args.quick else (args.rounds or yaml.safe_load(CONFIG.read_text())["federation"]["rounds"])
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="synthetic_quality_")
-        work = Path(tmp.name)
-    else:
-        work = args.work.resolve()
-        work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    try:
+    with quality.work_folder(args.work, "synthetic_quality_") as work:
         per_seed = [run_seed(s, work, variants, MODES, args.sites, patients, rounds) for s in seeds]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     summary = {mode: quality.summarise({v: [s[v][mode]["values"] for s in per_seed] for v in variants},
                                        quality.PAPER_METRICS) for mode in MODES}
     comparisons = {mode: {b: paired(per_seed, PROPOSED, b, mode) for b in variants if b != PROPOSED}
@@ -149,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                                       [s[v]["centralized"]["values"] for s in per_seed], per="per_seed")
                for v in variants}
     payload = {
-        "benchmark": "synthetic_quality", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/" + " ".join([Path(__file__).name, *(argv if argv is not None else sys.argv[1:])]),
-        "commit": provenance.git_commit(), "machine": provenance.machine("flwr", "numpy", "sklearn"),
-        "wall_s": round(time.perf_counter() - t0, 1),  # this invocation (runs cached in --work take no time)
+        **quality.result_header("synthetic_quality", __file__, argv, t0),  # wall_s: runs cached in --work take none
         "runs_wall_s": round(sum(r[m]["wall_s"] for s in per_seed for r in s.values() for m in r), 1),
         "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "seeds": seeds, "sites": args.sites,
                     "patients_per_site": patients, "split": SPLIT, "rounds": rounds, "strategy": "fedavg",
@@ -161,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary, "proposed_minus_baseline": comparisons, "federated_minus_centralized": fed_gap,
         "seeds": {str(s): r for s, r in zip(seeds, per_seed)},
     }
-    name = "synthetic_quality_quick" if args.quick else "synthetic_quality"
-    device = "gpu" if "gpu" in payload["machine"] else "cpu"
-    path = quality.write_result(f"{name}_{device}", payload)
+    path = quality.write_result(payload, args.quick)
     for mode in MODES:
         print(f"\n{mode}:")
         print(quality.markdown_table(summary[mode], quality.PAPER_METRICS, label="model"))

@@ -33,14 +33,11 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import provenance  # noqa: E402
 import quality  # noqa: E402
 
 CONFIG = quality.ROOT / "configs" / "tcga_gbmlgg.yaml"
@@ -103,25 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown modes {sorted(unknown)}; expected {MODES}")
     rounds, local_epochs = (5, 1) if args.quick else (args.rounds, args.local_epochs)
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="tcga_quality_")
-        work = Path(tmp.name)
-    else:
-        work = args.work.resolve()
-        work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    try:
+    with quality.work_folder(args.work, "tcga_quality_") as work:
         per_fold = [run_fold(f, work, modes, rounds, local_epochs) for f in folds]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     summary = quality.summarise({m: [f[m]["values"] for f in per_fold] for m in modes}, quality.PAPER_METRICS)
     payload = {
-        "benchmark": "tcga_quality", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/" + " ".join([Path(__file__).name, *(argv if argv is not None else sys.argv[1:])]),
-        "commit": provenance.git_commit(), "machine": provenance.machine("flwr", "numpy", "sklearn"),
-        "wall_s": round(time.perf_counter() - t0, 1),
+        **quality.result_header("tcga_quality", __file__, argv, t0),
         "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "folds": folds, "modes": list(modes),
                     "rounds": rounds, "local_epochs": local_epochs, "strategies": STRATEGIES,
                     "selection": "validation loss, per mode", "c_index": "within-site pairs",
@@ -130,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary, "gap_to_centralized": gaps(per_fold, modes),
         "folds": {str(f): r for f, r in zip(folds, per_fold)},
     }
-    name = "tcga_quality_quick" if args.quick else "tcga_quality"
-    device = "gpu" if "gpu" in payload["machine"] else "cpu"
-    path = quality.write_result(f"{name}_{device}", payload)
+    path = quality.write_result(payload, args.quick)
     print(quality.markdown_table(summary, quality.PAPER_METRICS, {"published SNN (TMI table)": PUBLISHED_SNN}))
     print(f"results: {path}")
     return 0

@@ -115,3 +115,27 @@ def test_a_failing_command_raises_with_its_log(tmp_path: Path) -> None:
     with pytest.raises(quality.BenchmarkError, match=r"(?s)exited 2.*cannot read"):
         quality.smm(["config", tmp_path / "missing.yaml"], log)
     assert "cannot read" in log.read_text()
+
+
+def _rounds_file(run_dir: Path, records: list[dict]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
+
+
+def test_training_rounds_skip_the_initial_evaluation_and_refuse_a_skipped_round(tmp_path: Path) -> None:
+    ok = [{"round": 0, "status": "evaluated"}, {"round": 1, "status": "aggregated", "timings": {"train": 1.0}},
+          {"round": 2, "status": "aggregated", "timings": {"train": 2.0}}]
+    _rounds_file(tmp_path / "ok", ok)
+    assert [r["round"] for r in quality.training_rounds(tmp_path / "ok")] == [1, 2]
+    _rounds_file(tmp_path / "skipped", ok + [{"round": 3, "status": "skipped", "skip_reason": "too few sites"}])
+    with pytest.raises(quality.BenchmarkError, match="round 3 was skipped \\(too few sites\\)"):
+        quality.training_rounds(tmp_path / "skipped")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "rounds.jsonl").write_text('{"round": 1, "stat')
+    with pytest.raises(quality.BenchmarkError, match="cannot read the run's rounds"):
+        quality.training_rounds(tmp_path / "torn")
+
+
+def test_median_ignores_missing_measurements() -> None:
+    assert quality.median([3.0, None, 1.0, 2.0]) == 2.0
+    assert quality.median([None]) is None
