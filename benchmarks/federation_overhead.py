@@ -139,7 +139,7 @@ def _site_train(site: str, cfg_text: str, shared_json: str, weights: dict, lr: f
     cfg = _worker_cfg(cfg_text)
     shared = SharedStats.from_json(shared_json)
     state = {k: torch.from_numpy(v) for k, v in weights.items()}
-    new, metrics = train_round(site, cfg, shared, state, lr, epochs, server_round=rnd)
+    new, metrics, *_ = train_round(site, cfg, shared, state, lr, epochs, server_round=rnd)
     return ({k: v.numpy() for k, v in new.items()},
             {"seconds": float(metrics["seconds"]), "trainer_s": float(_W.get("trainer_s", float("nan"))),
              "num_examples": int(metrics["num-examples"]), "pid": os.getpid(),

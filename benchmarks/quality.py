@@ -168,12 +168,24 @@ def run_mode(mode: str, config: Path, run_dir: Path, sets: Sequence[str], log: P
     for s in sets:
         args += ["--set", s]
     wall = smm(args, log)
+    return mode_result(mode, run_dir, wall)
+
+
+def finished(mode: str, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``mode`` (its last file, written atomically)."""
+    return (run_dir / ("local_only.json" if mode == "local-only" else "final_metrics.json")).is_file()
+
+
+def mode_result(mode: str, run_dir: Path, wall: float | None) -> dict[str, Any]:
+    """What ``run_mode`` returns, read from a finished run folder (``wall``: the command's time, or
+    None for a run found finished in a work folder, whose own ``wall_s`` is then used)."""
     if mode == "local-only":
         values, per_site = pooled_local_values(run_dir)
-        return {"values": values, "per_site": per_site, "wall_s": round(wall, 1)}
+        return {"values": values, "per_site": per_site, "wall_s": None if wall is None else round(wall, 1)}
     final = load_final(run_dir)
-    return {"values": test_values(run_dir), "wall_s": round(wall, 1), "best_round": final["best_round"],
-            "test_patients": final["test"]["patients"]}
+    wall = final.get("wall_s") if wall is None else wall
+    return {"values": test_values(run_dir), "wall_s": None if wall is None else round(float(wall), 1),
+            "best_round": final["best_round"], "test_patients": final["test"]["patients"]}
 
 
 def print_row(prefix: str, row: Mapping[str, Any]) -> None:
@@ -190,12 +202,13 @@ def mean_sd(values: Sequence[float]) -> dict[str, float | int | None]:
     return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
 
 
-def differences(a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str, float]], per: str = "per_fold"
-                ) -> dict[str, dict[str, Any]]:
-    """Per paper metric: ``a[k] - b[k]`` for paired runs k (same fold or cohort), listed under
-    ``per`` and summarised as mean ± sd; a paired difference is what a fold-to-fold spread hides."""
+def differences(a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str, float]], per: str = "per_fold",
+                metrics: Sequence[str] = PAPER_METRICS) -> dict[str, dict[str, Any]]:
+    """Per metric (default: the paper's): ``a[k] - b[k]`` for paired runs k (same fold or cohort),
+    listed under ``per`` and summarised as mean ± sd; a paired difference is what a fold-to-fold
+    spread hides."""
     res = {}
-    for m in PAPER_METRICS:
+    for m in metrics:
         d = [x.get(m, float("nan")) - y.get(m, float("nan")) for x, y in zip(a, b, strict=True)]
         res[m] = {per: d, **mean_sd(d)}
     return res

@@ -9,9 +9,11 @@ so neither modality alone recovers them fully (``client/synth.py``, ``client/syn
 On every cohort, with ``configs/bench_synthetic.yaml``, each model variant is trained
 
 * ``centralized`` (``smm centralized``: all training patients pooled) and
-* ``federated`` (``smm simulate``, FedAvg over the 6 sites, the same epochs and schedule),
+* ``federated`` (``smm simulate`` over the 6 sites with the config's protocol: SCAFFOLD, the same
+  number of optimizer steps at every site, the same learning-rate schedule),
 
-selected on validation loss and tested once on the pooled test patients. Variants: the proposed
+selected by the config's ``federation.selection_metric`` on validation patients and tested once on
+the pooled test patients. Variants: the proposed
 ``smm`` model with gradient coordination ``pcgrad`` (the paper's), ``seed`` and ``off``; the
 genomics-only ``snn``, the histology-only ``abmil`` and the late-fusion ``concat`` (ABMIL + SNN).
 
@@ -140,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         **quality.result_header("synthetic_quality", __file__, argv, t0),  # wall_s: runs cached in --work take none
         "runs_wall_s": round(sum(r[m]["wall_s"] for s in per_seed for r in s.values() for m in r), 1),
         "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "seeds": seeds, "sites": args.sites,
-                    "patients_per_site": patients, "split": SPLIT, "rounds": rounds, "strategy": "fedavg",
-                    "variants": {v: VARIANTS[v] for v in variants}, "selection": "validation loss",
+                    "patients_per_site": patients, "split": SPLIT, "rounds": rounds,
+                    "protocol": "the config's federation section (strategy, local_steps, selection_metric)",
+                    "variants": {v: VARIANTS[v] for v in variants},
+                    "selection": "the config's federation.selection_metric on validation patients",
                     "c_index": "within-site pairs", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "summary": summary, "proposed_minus_baseline": comparisons, "federated_minus_centralized": fed_gap,
         "seeds": {str(s): r for s, r in zip(seeds, per_seed)},

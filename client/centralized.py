@@ -57,7 +57,7 @@ from client.train import make_optimizer, resolve_device, train_epochs
 from smm_model.config import ConfigError, ExperimentConfig
 from smm_model.model import build_model
 from smm_model.protocol import (PROTOCOL_VERSION, SCHEMA_FIELDS, SchemaMismatch, SharedStats, SiteSummary,
-                                check_schemas, derive_shared)
+                                check_schemas, derive_shared, evaluation_round, selection_value)
 
 __all__ = ["RunDirInUse", "check_sites", "run_centralized", "run_local_only", "main"]
 
@@ -100,11 +100,8 @@ def _check_run_dir(run_dir: Path) -> None:
             raise RunDirInUse(f"{run_dir} already holds a run ({name}); choose another run directory")
 
 
-def _select_value(rec: Mapping[str, Any] | None, metric: str) -> float | None:
-    if rec is None:
-        return None
-    v = rec["global"]["values"].get(metric)
-    return float(v) if v is not None and np.isfinite(v) else None
+def _select_value(rec: Mapping[str, Any] | None, cfg: ExperimentConfig) -> float | None:
+    return None if rec is None else selection_value(rec["global"]["values"], cfg)
 
 
 def _evaluate(sites: Mapping[str, Path], cfg: ExperimentConfig, shared, weights, split: str) -> dict[str, Any]:
@@ -160,7 +157,7 @@ def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_
     rounds_path = run_dir / ROUNDS_FILE
     t0 = time.perf_counter()
     val = _evaluate(eval_sites, cfg, shared, state(), "val")
-    value = _select_value(val, fed.selection_metric)
+    value = _select_value(val, cfg)
     append_jsonl(rounds_path, {"round": 0, "status": "initial", "lr": None,
                                "timings": {"evaluate": time.perf_counter() - t0}, "train": None, "val": val,
                                "selection": {"metric": fed.selection_metric, "value": value, "best_round": None,
@@ -181,9 +178,10 @@ def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_
                             scheduler=_Hold(), class_weights=weights)
         t_train = time.perf_counter() - t
         t = time.perf_counter()
-        val = _evaluate(eval_sites, cfg, shared, state(), "val")
+        val = (_evaluate(eval_sites, cfg, shared, state(), "val")
+               if evaluation_round(r, fed.rounds, fed.eval_every) else None)
         t_eval = time.perf_counter() - t
-        value = _select_value(val, fed.selection_metric)
+        value = _select_value(val, cfg)
         if value is not None and (best_value is None or (value < best_value if lower else value > best_value)):
             best_round, best_value, best_state = r, value, state()
         append_jsonl(rounds_path, {
@@ -220,7 +218,7 @@ def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_
     }
     write_json(run_dir / FINAL_FILE, final)
     say(f"[{mode}] final: round {best_round} selected; test {fed.selection_metric} = "
-        f"{_fmt(_select_value(test, fed.selection_metric))} over {test['patients']} patients")
+        f"{_fmt(_select_value(test, cfg))} over {test['patients']} patients")
     return final
 
 

@@ -40,10 +40,11 @@ from client.collate import collate_patients
 from client.dataset import SiteData, SiteDataset, find_genomics_file
 from client.sitefs import Manifest, file_sha256
 from client.labels import SPLITS
-from client.train import make_optimizer, resolve_device, train_epochs
+from client.train import (load_optimizer_state, make_optimizer, optimizer_state_arrays, resolve_device, step_batches,
+                          train_epochs)
 from smm_model.config import TASK_CLASSES, ConfigError, DataConfig, ExperimentConfig
 from smm_model.federated import c_index_counts, confusion_counts, km_counts, score_histograms
-from smm_model.losses import nll_survival_loss, weighted_cross_entropy
+from smm_model.losses import logit_adjustment_offsets, nll_survival_loss, weighted_cross_entropy
 from smm_model.metrics import risk_from_hazard_logits
 from smm_model.model import build_model
 from smm_model.protocol import SURVIVAL_HIST_EDGES, EvalStats, SharedStats, SiteSummary
@@ -323,21 +324,50 @@ def _class_weights(cfg: ExperimentConfig, shared: SharedStats, device: torch.dev
     return out
 
 
-def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats, state_dict: Mapping[str, Tensor],
-                lr: float, local_epochs: int, proximal_mu: float = 0.0, *, server_round: int = 0
-                ) -> tuple[dict[str, Tensor], dict[str, int | float]]:
-    """Train the global model locally; return (new state_dict on the CPU, metrics).
+def _logit_offsets(cfg: ExperimentConfig, site: SiteData, shared: SharedStats, device: torch.device
+                   ) -> dict[str, Tensor]:
+    """Per classification task the site's logit-adjustment offsets (``train.logit_adjustment``):
+    this site's training class counts against the pooled ones the server sent."""
+    tau = cfg.train.logit_adjustment
+    if tau <= 0:
+        return {}
+    with stage("E_SCHEMA"):
+        if not shared.class_counts:
+            raise ValueError("train.logit_adjustment needs the pooled class counts in the shared statistics")
+        own = site.aggregate_stats()["splits"]["train"]
+        return {task: logit_adjustment_offsets(own[task], shared.class_counts[task], tau).to(device)
+                for task in cfg.model.tasks if task in TASK_CLASSES}
 
+
+def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats, state_dict: Mapping[str, Tensor],
+                lr: float, local_epochs: int, proximal_mu: float = 0.0, *, server_round: int = 0,
+                local_steps: int = 0, optimizer_state: Mapping[str, Tensor] | None = None,
+                control: Mapping[str, Tensor] | None = None, site_control: Mapping[str, Tensor] | None = None
+                ) -> tuple[dict[str, Tensor], dict[str, int | float], dict[str, Tensor], dict[str, Tensor] | None]:
+    """Train the global model locally; return (new state_dict on the CPU, metrics, optimizer state,
+    new SCAFFOLD control variate or None).
+
+    Local work: ``local_steps > 0`` optimizer steps (``client.train.step_batches``: the same count
+    at every site, whatever its size), else ``local_epochs`` passes over the training patients.
     The learning rate is held at ``lr`` for the whole round (the server owns the schedule across
-    rounds); the optimizer starts fresh each round, as ClientApps keep no state between messages.
-    ``proximal_mu > 0`` adds FedProx's (mu/2)||w - w_global||^2 with the weights received here.
-    Seeds derive from ``train.seed`` and ``server_round``, so a rerun of a round is repeatable.
+    rounds). ``optimizer_state`` (``client.train.optimizer_state_arrays`` of this site's previous
+    round) continues the site's optimizer; None starts a fresh one. The optimizer state returned
+    is for the site to keep: it never goes into a reply. ``proximal_mu > 0`` adds FedProx's
+    (mu/2)||w - w_global||^2 with the weights received here; ``train.logit_adjustment > 0`` adds the
+    site's label-skew offsets to the classification logits inside the loss. ``control`` (SCAFFOLD,
+    Karimireddy et al. 2020: the server's control variate c, one tensor per model parameter) adds
+    c - c_i to every step's gradient, with c_i = ``site_control`` (this site's own, kept at the site;
+    zeros when it has none yet), so that local steps follow the federation's gradient rather than
+    drift to the site's own optimum; the returned control variate is the site's new c_i, the mean of
+    its gradients over the round (SCAFFOLD's option II, which for plain SGD equals
+    c_i - c + (x - y) / (K lr), and stays right under momentum). Seeds derive from
+    ``train.seed`` and ``server_round``, so a rerun of a round is repeatable.
 
     Metrics (the same keys at every site, as Flower's strategies require): ``num-examples`` (training
-    patients), ``train-loss`` (mean training loss of the last local epoch), ``seconds`` (wall time of
-    the round), and per task ``coord-<task>-tumour`` / ``-micro`` / ``-conflicts``: gradient
-    coordination counts summed over the epochs (0 when coordination is off or the model has no split
-    heads).
+    patients), ``train-loss`` (mean training loss of the last local epoch), ``steps`` (optimizer
+    steps taken), ``seconds`` (wall time of the round), and per task ``coord-<task>-tumour`` /
+    ``-micro`` / ``-conflicts``: gradient coordination counts summed over the round (0 when
+    coordination is off or the model has no split heads).
     """
     t0 = time.perf_counter()
     with stage("E_CONFIG"):
@@ -345,6 +375,8 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
             raise ValueError("lr must be a positive number")
         if int(local_epochs) < 1:
             raise ValueError("local-epochs must be >= 1")
+        if int(local_steps) < 0:
+            raise ValueError("local-steps must be >= 0")
         if not (np.isfinite(proximal_mu) and proximal_mu >= 0):
             raise ValueError("proximal-mu must be >= 0")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, proximal_mu=float(proximal_mu),
@@ -358,25 +390,59 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
     torch.manual_seed(cfg.train.seed + server_round)
     model = _model(cfg, state_dict, device)
     weights = _class_weights(cfg, shared, device)
+    offsets = _logit_offsets(cfg, site, shared, device)
     with stage("E_TRAIN"):
         bs = cfg.train.batch_size
-        # A site smaller than one batch still trains (on one partial batch) rather than on nothing.
-        loader = DataLoader(ds, batch_size=bs, shuffle=True, collate_fn=collate_patients,
-                            drop_last=cfg.train.drop_last and n_train >= bs, num_workers=cfg.train.num_workers,
-                            generator=torch.Generator().manual_seed(cfg.train.seed + server_round))
+        generator = torch.Generator().manual_seed(cfg.train.seed + server_round)
+        if local_steps > 0:
+            loader = DataLoader(ds, batch_sampler=step_batches(n_train, int(local_steps), bs, generator),
+                                collate_fn=collate_patients, num_workers=cfg.train.num_workers)
+            epochs = 1
+        else:
+            # A site smaller than one batch still trains (on one partial batch) rather than on nothing.
+            loader = DataLoader(ds, batch_size=bs, shuffle=True, collate_fn=collate_patients,
+                                drop_last=cfg.train.drop_last and n_train >= bs, num_workers=cfg.train.num_workers,
+                                generator=generator)
+            epochs = int(local_epochs)
         global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
         optimizer = make_optimizer(model, cfg.train, lr=float(lr))
+        if optimizer_state:
+            load_optimizer_state(optimizer, optimizer_state)
+            for g in optimizer.param_groups:  # the state keeps moments, never the previous round's lr
+                g["lr"] = float(lr)
         constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
-        logs = train_epochs(model, loader, cfg, epochs=int(local_epochs), device=device, optimizer=optimizer,
-                            scheduler=constant, class_weights=weights, global_params=global_params)
-        metrics: dict[str, int | float] = {"num-examples": int(n_train), "train-loss": float(logs[-1].loss)}
+        correction, new_control = _scaffold_correction(model, control, site_control)
+        logs = train_epochs(model, loader, cfg, epochs=epochs, device=device, optimizer=optimizer,
+                            scheduler=constant, class_weights=weights, global_params=global_params,
+                            logit_offsets=offsets, grad_correction=correction, grad_mean=new_control)
+        metrics: dict[str, int | float] = {"num-examples": int(n_train), "train-loss": float(logs[-1].loss),
+                                           "steps": int(sum(log.steps for log in logs))}
         for task in cfg.model.tasks:
             for part in ("tumour", "micro", "conflicts"):
                 metrics[f"coord-{task}-{part}"] = int(sum(log.coordination.get(task, {}).get(part, 0)
                                                           for log in logs))
         new_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        new_optimizer_state = optimizer_state_arrays(optimizer)
     metrics["seconds"] = float(time.perf_counter() - t0)
-    return new_state, metrics
+    return new_state, metrics, new_optimizer_state, new_control
+
+
+def _scaffold_correction(model: nn.Module, control: Mapping[str, Tensor] | None,
+                         site_control: Mapping[str, Tensor] | None
+                         ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
+    """(c - c_i per parameter, an empty dict for the new c_i), or (None, None) without SCAFFOLD;
+    control variates that do not fit the model's parameters are an E_PROTOCOL error."""
+    if control is None:
+        return None, None
+    with stage("E_PROTOCOL"):
+        shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
+        for name, c in (("control", control), ("site control", site_control or {})):
+            if c and {k: tuple(v.shape) for k, v in c.items()} != shapes:
+                raise ValueError(f"the {name} variate does not match the model's parameters")
+        if not control:
+            raise ValueError("an empty control variate")
+        own = site_control or {}
+        return {k: control[k].float() - (own[k].float() if k in own else 0.0) for k in shapes}, {}
 
 
 # --------------------------------------------------------------------------------------------- #

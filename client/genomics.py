@@ -8,7 +8,7 @@ code got this wrong, method.md B.7 item 7).
 
 Pipeline, in the order applied::
 
-    read table -> validate (patients, duplicates, numbers, gene-set features present, NaN/Inf policy)
+    read table -> validate (patients, duplicates, numbers, gene-set features present, NaN policy, no Inf)
     -> log1p for features with a configured suffix (counts/FPKM; negative values rejected)
     -> GenomicsStats over TRAINING patients (count, sum, sum of squares; ``merge`` across sites)
     -> impute (policy) -> standardise with the handed-in stats -> clip -> split into subspaces
@@ -34,8 +34,8 @@ from client.sitefs import SUBSPACES
 from client.validation import Report, SiteDataError, preview
 from smm_model.stats import STD_FLOOR, GenomicsStats
 
-__all__ = ["GeneSet", "read_geneset", "read_table", "GenomicsStats", "GenomicsData", "load_genomics",
-           "log1p_columns", "IMPUTE_POLICIES", "POLICIES", "STD_FLOOR"]
+__all__ = ["GeneSet", "read_geneset", "read_table", "read_table_columns", "GenomicsStats", "GenomicsData",
+           "load_genomics", "log1p_columns", "IMPUTE_POLICIES", "POLICIES", "STD_FLOOR"]
 
 #: ``data.genomics_policy`` values (mirrors smm_model.config.GENOMICS_POLICIES).
 POLICIES = ("error", "impute_mean", "impute_zero")
@@ -181,6 +181,24 @@ def read_table(path: Path | str, patient_column: str = "patient_id") -> pd.DataF
     return df
 
 
+def read_table_columns(path: Path | str, patient_column: str = "patient_id") -> list[str]:
+    """The feature columns of a genomic table (every column but the patient column), from its header
+    alone: for checks that look at names, never at values. Raises SiteDataError if unreadable."""
+    path = Path(path)
+    try:
+        if path.name.lower().endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
+            cols = list(pq.read_schema(path).names)
+        else:
+            cols = list(pd.read_csv(path, sep="\t" if _is_tab_separated(path.name.lower()) else ",", nrows=0).columns)
+    except FileNotFoundError:
+        raise SiteDataError(f"{path}: genomic table not found") from None
+    except (OSError, ValueError, ImportError, pd.errors.ParserError) as e:
+        raise SiteDataError(f"{path}: not a readable table ({type(e).__name__}: {e})") from None
+    return [str(c) for c in cols if str(c) != patient_column]
+
+
 def log1p_columns(features: Iterable[str], suffixes: Sequence[str]) -> list[str]:
     """The features that ``data.log1p_features`` selects (name ends with one of the suffixes)."""
     suffixes = tuple(suffixes)
@@ -258,8 +276,9 @@ def load_genomics(path: Path | str, geneset: GeneSet, patients: Sequence[str] | 
 
     Errors (raised together as one SiteDataError): unreadable file, missing patient column,
     duplicate or empty patient ids, gene-set features absent from the table, non-numeric cells
-    (column and first patient named), NaN/Inf under policy ``error``, clinical patients without a
-    genomic row under policy ``error``, negative values in log1p features.
+    (column and first patient named), NaN/Inf under policy ``error`` and Inf under every policy,
+    clinical patients without a genomic row under policy ``error``, negative values in log1p
+    features.
     Warnings (``GenomicsData.report``): table patients not in the clinical table (left out),
     features without any observed value (impute policies).
     """
@@ -318,29 +337,35 @@ def load_genomics(path: Path | str, geneset: GeneSet, patients: Sequence[str] | 
     x = x.reindex(patients)
 
     # Missing / non-finite values (non-numeric cells are already reported, so not counted twice).
+    # NaN is a missing value, and the policy decides what happens to it; +-Inf is a value outside
+    # the domain of any measurement (a log of 0 or a division by 0 upstream), so it is an error
+    # under every policy rather than a missing value to impute.
     bad_names = {c[0] for c in bad_cols}
     arr = x.to_numpy()
-    nonfinite = ~np.isfinite(arr)
     present = x.index.isin(table.index)
-    if policy == "error":
-        offending = [j for j, f in enumerate(geneset.features)
-                     if f not in bad_names and nonfinite[present, j].any()]
-        for j in offending[:_MAX_COLUMN_MESSAGES]:
-            col = nonfinite[:, j] & present
-            who, n = _first_rows(col, x.index)
+    flagged = ~np.isfinite(arr) if policy == "error" else np.isinf(arr)
+    offending = [j for j, f in enumerate(geneset.features) if f not in bad_names and flagged[present, j].any()]
+    for j in offending[:_MAX_COLUMN_MESSAGES]:
+        col = flagged[:, j] & present
+        who, n = _first_rows(col, x.index)
+        where = f"{path}: column {geneset.features[j]!r}, row patient {who!r}"
+        if policy == "error":
             kinds = "NaN" if not np.isinf(arr[col, j]).any() else "NaN/Inf"
-            problems.append(f"{path}: column {geneset.features[j]!r}, row patient {who!r}: missing or {kinds} "
-                            f"value ({n} in this column); data.genomics_policy is 'error' (expected finite "
-                            "numbers, or set impute_mean / impute_zero)")
-        if len(offending) > _MAX_COLUMN_MESSAGES:
-            rest = [geneset.features[j] for j in offending[_MAX_COLUMN_MESSAGES:]]
-            problems.append(f"{path}: {len(rest)} more column(s) hold missing or non-finite values: {preview(rest)}")
-    else:
-        arr = np.where(nonfinite, np.nan, arr)  # Inf counts as missing under imputation
-        n_missing = int(nonfinite[present].sum())
+            problems.append(f"{where}: missing or {kinds} value ({n} in this column); data.genomics_policy is "
+                            "'error' (expected finite numbers, or set impute_mean / impute_zero)")
+        else:
+            problems.append(f"{where}: infinite value ({n} in this column); expected finite numbers (a missing "
+                            f"value is an empty cell, which {policy} imputes)")
+    if len(offending) > _MAX_COLUMN_MESSAGES:
+        rest = [geneset.features[j] for j in offending[_MAX_COLUMN_MESSAGES:]]
+        what = "missing or non-finite" if policy == "error" else "infinite"
+        problems.append(f"{path}: {len(rest)} more column(s) hold {what} values: {preview(rest)}")
+    if policy != "error":
+        missing = np.isnan(arr)
+        n_missing = int(missing[present].sum())
         if n_missing:
-            report.note(f"{path}: {n_missing} missing or non-finite value(s) will be imputed ({policy})")
-        all_missing = [f for j, f in enumerate(geneset.features) if nonfinite[:, j].all()]
+            report.note(f"{path}: {n_missing} missing value(s) will be imputed ({policy})")
+        all_missing = [f for j, f in enumerate(geneset.features) if missing[:, j].all()]
         if all_missing:
             report.warn(f"{path}: {len(all_missing)} feature(s) have no observed value at this site: "
                         f"{preview(all_missing)}")

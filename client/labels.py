@@ -7,9 +7,14 @@ not silently become "unknown" or, worse, a class.
 
 A missing value masks that patient for the tasks that need it, and only those: a patient without
 1p/19q status still trains grade and survival. Masks are never guesses; the reason for every
-masked label is counted so the site check can say why a class is small.
+masked label is counted so the site check can say why a class is small. A value outside its
+domain (a negative or zero survival time, an event that is not 0/1) is not missing: it is an
+error naming the file, the column and the patient, because masking it would hide a broken export.
 
-The diagnosis rule (method.md B.2.4) is the pure vectorised function ``who2021_diagnosis``.
+The diagnosis rule (method.md B.2.4) is the pure vectorised function ``who2021_diagnosis``. The
+facts it reads (``DIAGNOSIS_READS``) are declared in ``smm_model.label_facts``, together with the
+genomic feature names that measure each fact directly, so that the site check and the server can
+refuse a genomic input that would hand the model its own label.
 """
 
 from __future__ import annotations
@@ -24,12 +29,19 @@ import numpy as np
 import pandas as pd
 
 from client.validation import MISSING_TOKENS, Report, SiteDataError, preview
+from smm_model.label_facts import FACT_NAMES, fact
 
-__all__ = ["LABEL_COLUMNS", "DIAGNOSES", "GRADES", "SPLITS", "CDKN2AB_CODINGS", "ClinicalLabels",
-           "who2021_diagnosis", "diagnosis_mask_reasons", "grade_index", "read_clinical", "parse_clinical"]
+__all__ = ["DIAGNOSIS_READS", "GRADE_READS", "LABEL_COLUMNS", "DIAGNOSES", "GRADES", "SPLITS", "CDKN2AB_CODINGS",
+           "ClinicalLabels", "who2021_diagnosis", "diagnosis_mask_reasons", "grade_index", "read_clinical",
+           "parse_clinical"]
 
+#: The clinical columns (facts) ``who2021_diagnosis`` reads, in its argument order: declared once in
+#: smm_model.label_facts, where the genomic features that measure each one are listed too.
+DIAGNOSIS_READS = FACT_NAMES
+#: The facts the grade task reads (``fact`` raises if label_facts stops declaring it).
+GRADE_READS = (fact("grade").name,)
 #: Columns clinical.csv must have (cells may be empty where unknown).
-LABEL_COLUMNS = ("idh", "codel_1p19q", "cdkn2ab", "grade", "survival_days", "event")
+LABEL_COLUMNS = (*DIAGNOSIS_READS, "survival_days", "event")
 #: Diagnosis class index -> name (TASK_CLASSES["diagnosis"] == 4).
 DIAGNOSES = ("GBM, IDH-wildtype", "astrocytoma, IDH-mutant, grade 4", "astrocytoma, IDH-mutant, grade 2-3",
              "oligodendroglioma, IDH-mutant, 1p/19q-codeleted")
@@ -178,12 +190,12 @@ class _Parser:
         self.df, self.source, self.ids = df, source, ids
         self.problems: list[str] = []
 
-    def bad(self, column: str, mask: np.ndarray, expected: str) -> None:
+    def bad(self, column: str, mask: np.ndarray, expected: str, what: str = "unrecognised value") -> None:
         pos = np.flatnonzero(mask)
         if len(pos):
             more = f" ({len(pos)} rows are invalid)" if len(pos) > 1 else ""
             self.problems.append(f"{self.source}: column {column!r}, row patient {self.ids[pos[0]]!r}: "
-                                 f"unrecognised value; expected {expected}{more}")
+                                 f"{what}; expected {expected}{more}")
 
     def tokens(self, column: str, mapping: Mapping[str, float], expected: str,
                pre: re.Pattern | None = None) -> np.ndarray:
@@ -269,6 +281,11 @@ def parse_clinical(df: pd.DataFrame, source: str = "clinical.csv", *, patient_co
     cdkn = _parse_cdkn(p, cdkn2ab_coding, report)
     grade_who = p.tokens("grade", _GRADE, "2/3/4, G2/G3/G4 or II/III/IV", pre=_GRADE_PREFIX)
     days = p.number("survival_days", "a number of days (finite; empty if unknown)")
+    # Not a mask: a time <= 0 is no follow-up at all (the discrete-time survival loss needs a time
+    # > 0), so it is a broken export or a date subtraction the wrong way round. The TCGA tables hold
+    # none (their shortest follow-up is 0.03 months).
+    p.bad("survival_days", days <= 0, "a number of days > 0 (time from diagnosis to death or last "
+          "follow-up; empty if unknown)", what="value out of range")
     event = p.tokens("event", _EVENT, "1 (death observed) or 0 (censored)")
     split = None
     if "split" in df.columns:
@@ -284,14 +301,13 @@ def parse_clinical(df: pd.DataFrame, source: str = "clinical.csv", *, patient_co
 
     diagnosis = who2021_diagnosis(idh, codel, cdkn, grade_who)
     grade = grade_index(grade_who)
-    no_days, non_pos = np.isnan(days), ~np.isnan(days) & (days <= 0)
-    no_event = ~no_days & ~non_pos & np.isnan(event)
-    survival_known = ~(no_days | non_pos | no_event)
+    no_days = np.isnan(days)
+    no_event = ~no_days & np.isnan(event)
+    survival_known = ~(no_days | no_event)
     masked = {
         "diagnosis": dict(Counter(r for r in diagnosis_mask_reasons(idh, codel, cdkn, grade_who) if r)),
         "grade": {"grade missing": int((grade < 0).sum())} if (grade < 0).any() else {},
         "survival": {k: int(v.sum()) for k, v in (("survival_days missing", no_days),
-                                                  ("survival_days <= 0", non_pos),
                                                   ("event missing", no_event)) if v.any()},
     }
     for task, reasons in masked.items():

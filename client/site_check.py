@@ -6,6 +6,12 @@ checksums), the genomic table against the gene set, the labels and the splits, t
 summary: counts per split, per class and events. It never prints genomic values or a patient's
 labels; patient ids appear only in error messages, which the operator needs to fix the row.
 
+A gene set that feeds the model a feature measuring a fact the label rules read (IDH1_mut,
+CDKN2A_cnv, a 1p/19q or grade column: ``smm_model.label_facts``) is an error: the model would
+read its labels off its input. ``data.allow_label_features: true`` turns it into a warning (the
+server's preflight applies the same rule and the same opt-in). Such a column in the genomic table
+that the gene set does not list is not an input, and only warned about.
+
 Exit status: 0 when the folder is usable (warnings allowed), 1 when it has errors, 2 for a usage
 or configuration error.
 """
@@ -18,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smm_model.config import ConfigError, ExperimentConfig
+from smm_model.config import ConfigError, DataConfig, ExperimentConfig
 
 if TYPE_CHECKING:  # the data modules (pandas, h5py, torch) load only when a check runs, not for --help
     from client.dataset import SiteData
@@ -56,6 +62,46 @@ def _survival_leakage(site: SiteData, report: Report) -> None:
         report.warn(f"{site.genomics.source}: feature(s) {', '.join(repr(f) for f in leaky[:5])}"
                     f"{' and more' if len(leaky) > 5 else ''} have |rank correlation| >= {LEAKAGE_RANK_CORR} with "
                     "survival time in the training split: is a label in the genomic table?")
+
+
+def _label_features(site_dir: Path | str, data: DataConfig, report: Report) -> None:
+    """Refuse genomic inputs that measure a label fact (an error, or a warning with the opt-in), and
+    warn about such columns of the genomic table that the gene set leaves out (not inputs).
+
+    Reads the gene set and the table's header itself, so it still runs when another stage failed
+    (their errors are already in the report, so failures to read are not reported twice).
+    """
+    from client.dataset import find_genomics_file
+    from client.genomics import read_geneset, read_table_columns
+    from client.sitefs import SiteLayout
+    from client.validation import SiteDataError
+    from smm_model.label_facts import OPT_IN_HINT, describe_hits, label_feature_hits
+
+    layout = SiteLayout(Path(site_dir))
+    try:
+        inputs = read_geneset(layout.geneset).features
+    except SiteDataError:
+        inputs = ()
+    try:
+        table = find_genomics_file(layout)
+        columns = read_table_columns(table)
+    except SiteDataError:
+        table, columns = None, []
+    hits = label_feature_hits(inputs)
+    if hits:
+        where = f" (values in {table})" if table is not None else ""
+        msg = (f"{layout.geneset}: feature(s) {describe_hits(hits)} measure a fact the label rules read, so the "
+               f"model could read its labels off its input{where}")
+        if data.allow_label_features:
+            report.warn(f"{msg}; accepted because data.allow_label_features is true (the run's report says so)")
+        else:
+            report.error(f"{msg}; {OPT_IN_HINT}")
+    listed = set(inputs)
+    unused = label_feature_hits(c for c in columns if c not in listed)
+    if unused and table is not None:
+        report.warn(f"{table}: column(s) {describe_hits(unused)} measure a fact the label rules read; they are not "
+                    f"model inputs ({layout.geneset.name} does not list them), but keeping them out of the table "
+                    "avoids listing them by mistake")
 
 
 def check_site(site_dir: Path | str, cfg: ExperimentConfig | None = None, *, explicit_config: bool = False,
@@ -108,6 +154,7 @@ def check_site(site_dir: Path | str, cfg: ExperimentConfig | None = None, *, exp
             report.note(f"{const} genomic feature(s) are constant (or unobserved) in the training split; they "
                         "standardise to 0")
         _survival_leakage(site, report)
+    _label_features(site_dir, data, report)
     return {"site": str(site_dir), "ok": report.ok, "errors": report.errors, "warnings": report.warnings,
             "notes": report.notes, "summary": summary}
 

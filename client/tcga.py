@@ -7,9 +7,10 @@ as it reads a hospital, split into "hospitals" by where the tissue came from.
 Inputs (``--tables DIR``; file names as in the folder's README):
 
 * ``porpoise_tcga_gbmlgg_all_clean_mutsig.csv.zip``: one row per diagnostic slide; genomics
-  (``*_rnaseq``, ``*_cnv``, ``*_mut``), survival and the tissue-source-site (TSS) code. Genomics and
-  survival are per patient (``case_id``); the rows of one patient must agree, and one is taken. This
-  table defines the cohort (569 patients): every patient in it has genomics and survival.
+  (1,544 ``*_rnaseq``, 30 ``*_cnv``, 16 ``*_mut``), survival and the tissue-source-site (TSS) code.
+  Genomics and survival are per patient (``case_id``); the rows of one patient must agree, and one
+  is taken. This table defines the cohort (569 patients): every patient in it has genomics and
+  survival.
 * ``pathomicfusion_grade_data.csv``: WHO grade and the IDH/1p19q molecular subtype, joined on the
   12-character patient barcode. Patients absent there, or with those values missing, are kept with
   empty ``grade`` / ``idh`` / ``codel_1p19q`` (the labels module masks them for those tasks).
@@ -21,9 +22,20 @@ Inputs (``--tables DIR``; file names as in the folder's README):
 Output columns (encoding in ``client.cohort.LABEL_ENCODING``): ``idh`` 1 = IDH-mutant from the subtype
 (IDHmut-codel / IDHmut-non-codel) and 0 for IDHwt; ``codel_1p19q`` 1 for IDHmut-codel, else 0 (IDHwt
 implies not codeleted); ``cdkn2ab`` 1 when CDKN2A_cnv or CDKN2B_cnv is a GISTIC deletion (-1 or -2),
-else 0 (the integers themselves stay in genomics.csv); ``grade`` 2/3/4; ``survival_days`` =
+else 0 (those two columns are never model inputs, see below); ``grade`` 2/3/4; ``survival_days`` =
 survival_months x 30.44; ``event`` = 1 - censorship. WHO 2021 classes are not written: the labels
 module derives them; ``cohort.json`` counts them with the same rule.
+
+Genomic inputs (``--genomics KINDS``, a comma-separated list of ``rna``, ``cnv``, ``mut``; default
+``rna``, as the reference model): which column kinds go into genomics.csv and geneset.csv. ``rna``
+is required (the microenvironment subspace is RNA only). Why RNA only by default: the labels are
+defined by IDH mutation, 1p/19q codeletion and CDKN2A/B deletion, and the table's CNV and mutation
+columns include IDH1_mut and CDKN2A_cnv/CDKN2B_cnv (``cdkn2ab`` is computed from them) besides
+correlated markers (CIC_mut, FUBP1_mut, the 9p21 and chr7 neighbourhoods). With ``cnv`` or
+``mut`` asked for, the columns that measure a label fact directly (``smm_model.label_facts``:
+IDH1_mut, CDKN2A_cnv, CDKN2B_cnv in this table; it has no IDH2 or 1p/19q arm-level column) are
+still left out; the correlated markers stay, and cohort.json's ``genomics`` entry lists the
+inputs used, every column left out with the fact it measures, and that caveat.
 
 Sites: TSS code -> FLamby region (Midwest, South, ...), as FLamby does for Fed-TCGA-BRCA. The numeric
 TSS codes 02, 06, 08, 12, 14, 15, 19, 26, 27, 41 (the original TCGA-GBM tissue-source sites; PORPOISE
@@ -37,11 +49,14 @@ carved from each site's training patients by patient, stratified by WHO class, s
 
 Gene set (method.md A.5): microenvironment = Cytokines and Growth Factors + Cell Differentiation
 Markers; tumour = Oncogenes + Tumor Suppressor Genes + Protein Kinases + Transcription Factors, plus
-every CNV and mutation feature; an RNA gene in both goes to tumour if it is an oncogene or tumour
-suppressor, else to the microenvironment. On the 1,544 RNA genes, group membership is 739 micro and
-841 tumour with 36 in both (the numbers quoted in method.md count membership before the overlap is
-resolved); after resolving, 27 of the 36 go to tumour and 9 to micro: 712 micro and 832 tumour RNA
-genes, 878 tumour features with the 30 CNV and 16 mutation columns. cohort.json records the counts.
+every selected CNV and mutation feature; an RNA gene in both goes to tumour if it is an oncogene or
+tumour suppressor, else to the microenvironment. On the 1,544 RNA genes, group membership is 739
+micro and 841 tumour with 36 in both (the numbers quoted in method.md count membership before the
+overlap is resolved); after resolving, 27 of the 36 go to tumour and 9 to micro: 712 micro and 832
+tumour RNA genes. So the default (``--genomics rna``) gives 832 tumour and 712 micro features
+(``model.genes_tumour`` / ``model.genes_micro``); ``--genomics rna,cnv,mut`` adds the 28 CNV and 15
+mutation columns that remain after the label columns are left out: 875 tumour, 712 micro.
+cohort.json records the counts.
 
 ``--features DIR`` optionally brings real feature files named ``<slide_id>.h5`` (slide_id = the
 PORPOISE slide file name without ``.svs``) into each site's ``features/`` (hard link when possible,
@@ -56,6 +71,8 @@ import shutil
 import sys
 import time
 import zlib
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,14 +80,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from smm_model.label_facts import fact, label_feature_hits
+
 from .cohort import (CLASS_NAMES, CLINICAL_COLUMNS, LABEL_ENCODING, CohortError, class_counts, prepare_out,
                      stratified_pick, who2021, write_json, write_site_tables)
 from .sitefs import FeatureFileError, SiteLayout, atomic_path, file_sha256, read_features
 
 __all__ = ["PORPOISE", "GRADES", "SIGNATURES", "TSS_CENTERS", "SPLITS", "LEGACY_GBM_TSS", "LEGACY_SITE", "OTHER_SITE",
-           "MICRO_GROUPS", "TUMOUR_GROUPS", "TUMOUR_PRIORITY", "DAYS_PER_MONTH", "TcgaCohort",
-           "load_porpoise", "load_grades", "load_split", "derive_geneset", "assign_sites", "build_cohort",
-           "write_cohort", "main"]
+           "MICRO_GROUPS", "TUMOUR_GROUPS", "TUMOUR_PRIORITY", "DAYS_PER_MONTH", "GENOMIC_KINDS",
+           "DEFAULT_GENOMICS", "TcgaCohort", "load_porpoise", "load_grades", "load_split", "deal_iid", "select_genomics",
+           "derive_geneset", "assign_sites", "build_cohort", "write_cohort", "main"]
 
 PORPOISE = "porpoise_tcga_gbmlgg_all_clean_mutsig.csv.zip"
 GRADES = "pathomicfusion_grade_data.csv"
@@ -86,7 +105,11 @@ TUMOUR_GROUPS = ("Oncogenes", "Tumor Suppressor Genes", "Protein Kinases", "Tran
 #: Tumour groups that win when a gene is in both subspaces.
 TUMOUR_PRIORITY = ("Oncogenes", "Tumor Suppressor Genes")
 DAYS_PER_MONTH = 30.44
-GENOMIC_SUFFIXES = ("_rnaseq", "_cnv", "_mut")
+#: ``--genomics`` kinds -> the column-name suffix that marks them in the PORPOISE table.
+GENOMIC_KINDS = {"rna": "_rnaseq", "cnv": "_cnv", "mut": "_mut"}
+GENOMIC_SUFFIXES = tuple(GENOMIC_KINDS.values())
+#: The reference model's genomic input: bulk RNA only (see the module docstring for why).
+DEFAULT_GENOMICS = ("rna",)
 SUBTYPES = {"IDHwt": (0, 0), "IDHmut-non-codel": (1, 0), "IDHmut-codel": (1, 1)}
 
 
@@ -101,6 +124,7 @@ class TcgaCohort:
     geneset_stats: dict[str, int]
     groups: dict[str, dict[str, list[str]]]  # site -> {"regions": [...], "tss": [...]}
     info: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)  # select_genomics's record of the inputs
 
 
 def _read_csv(path: Path, **kw: Any) -> pd.DataFrame:
@@ -183,6 +207,43 @@ def load_grades(path: Path) -> pd.DataFrame:
     codel = sub.map(lambda s: SUBTYPES[s][1] if isinstance(s, str) else pd.NA)
     return pd.DataFrame({"patient_id": ids, "grade": grade.astype("Int64"), "idh": idh.astype("Int64"),
                          "codel_1p19q": codel.astype("Int64")})
+
+
+def select_genomics(features: list[str], kinds: Sequence[str] = DEFAULT_GENOMICS
+                    ) -> tuple[list[str], dict[str, Any]]:
+    """The model's genomic input columns for ``kinds`` (``--genomics``), and a record of the choice.
+
+    Keeps the columns of the asked-for kinds, then leaves out every column that measures a label
+    fact directly (``smm_model.label_facts``), whatever the kinds: an input the label is computed
+    from lets the model read its answer. The record (cohort.json's ``genomics``) says which kinds
+    were used, how many columns of each, which kinds were not asked for, and each column left out
+    with the fact it measures.
+    """
+    kinds = tuple(dict.fromkeys(k.strip().lower() for k in kinds))
+    unknown = [k for k in kinds if k not in GENOMIC_KINDS]
+    if unknown or "rna" not in kinds:
+        raise CohortError(f"--genomics {','.join(kinds)}: expected a comma-separated list of "
+                          f"{', '.join(GENOMIC_KINDS)} that includes rna (the microenvironment subspace is RNA only)"
+                          + (f"; unknown: {unknown}" if unknown else ""))
+    kind_of = {f: next(k for k, suf in GENOMIC_KINDS.items() if f.endswith(suf)) for f in features}
+    asked = [f for f in features if kind_of[f] in kinds]
+    hits = dict(label_feature_hits(asked))
+    kept = [f for f in asked if f not in hits]
+    available, used = Counter(kind_of.values()), Counter(kind_of[f] for f in kept)
+    record = {
+        "inputs": list(kinds),
+        "columns": {k: used[k] for k in kinds},
+        "not_selected": {"columns": {k: available[k] for k in GENOMIC_KINDS if k not in kinds and available[k]},
+                         "why": "kind not in --genomics (default rna, the reference model's input: the CNV and "
+                                "mutation columns hold the labels' own markers and correlates)"},
+        "left_out": [{"feature": f, "fact": name,
+                      "why": f"measures {fact(name).what}, which the label rules read (smm_model.label_facts)"}
+                     for f, name in hits.items()],
+        "caveat": ("correlated markers are kept (e.g. CIC_mut and FUBP1_mut for 1p/19q, the 9p21 neighbours of "
+                   "CDKN2A/B, chr7 genes): they may still carry label information"
+                   if set(kinds) - {"rna"} else None),
+    }
+    return kept, record
 
 
 def derive_geneset(features: list[str], signatures: pd.DataFrame, source: str = SIGNATURES
@@ -274,15 +335,39 @@ def load_split(path: Path, patients: pd.Series) -> pd.Series:
     return patients.map(lambda p: "test" if p in test else "train")
 
 
+def deal_iid(site: pd.Series, seed: int) -> tuple[pd.Series, dict[str, str]]:
+    """The IID control: the same patients dealt at random into sites of the real sites' sizes.
+
+    Why: a federation over hospitals loses to pooled training for two reasons, the protocol
+    (averaging, local steps, selection) and the heterogeneity of the hospitals (case mix, batch
+    effects). Dealing the same patients at random into sites of the same sizes keeps the first and
+    removes the second, so the gap it leaves is the protocol's alone. Returns the new site of every
+    patient (``iid_<real site>`` holds as many patients as that real site) and that name mapping.
+    """
+    names = sorted(site.unique())
+    sizes = [int((site == n).sum()) for n in names]
+    order = np.random.default_rng([seed, zlib.crc32(b"iid")]).permutation(len(site))
+    dealt = np.empty(len(site), dtype=object)
+    dealt[order] = np.repeat([f"iid_{n}" for n in names], sizes)
+    return pd.Series(dealt, index=site.index), {f"iid_{n}": n for n in names}
+
+
 def build_cohort(tables: Path, fold: int = 0, seed: int = 0, val_fraction: float = 0.15,
-                 min_site_patients: int = 20) -> TcgaCohort:
-    """Read and join the tables in ``tables``; everything ``write_cohort`` needs, nothing written."""
+                 min_site_patients: int = 20, genomics: Sequence[str] = DEFAULT_GENOMICS,
+                 iid_seed: int | None = None) -> TcgaCohort:
+    """Read and join the tables in ``tables``; everything ``write_cohort`` needs, nothing written.
+
+    ``genomics``: the column kinds that become model inputs (``select_genomics``). ``iid_seed``:
+    deal the patients, after the real sites' splits are drawn (so every patient keeps its split),
+    into IID sites of the real sites' sizes (``deal_iid``).
+    """
     tables = Path(tables)
     if not tables.is_dir():
         raise CohortError(f"{tables}: tables folder not found")
     if not 0 <= val_fraction < 1:
         raise CohortError(f"--val-fraction {val_fraction}: expected 0 <= f < 1")
-    patients, slides, feats = load_porpoise(tables / PORPOISE)
+    patients, slides, all_feats = load_porpoise(tables / PORPOISE)
+    feats, inputs = select_genomics(all_feats, genomics)
     grades = load_grades(tables / GRADES)
     geneset, gstats = derive_geneset(feats, _read_csv(tables / SIGNATURES), str(tables / SIGNATURES))
     site, groups = assign_sites(patients["tss"], _read_csv(tables / TSS_CENTERS, dtype=str), min_site_patients)
@@ -312,15 +397,20 @@ def build_cohort(tables: Path, fold: int = 0, seed: int = 0, val_fraction: float
         pick = stratified_pick(cls[idx], val_fraction, rng)
         clinical.loc[idx[pick], "split"] = "val"
 
+    if iid_seed is not None:
+        clinical["site"], real_of = deal_iid(clinical["site"], iid_seed)
+        groups = {name: {"regions": [f"IID control: random patients, as many as {real}"], "tss": []}
+                  for name, real in real_of.items()}
     genomics = patients[["case_id", *feats]].rename(columns={"case_id": "patient_id"})
     info = {
         "patients": len(patients), "slides": len(slides),
         "patients_without_grade_table_row": int(joined["patient_id"].isna().sum()),
         "grade_table_patients_without_genomics": int((~grades["patient_id"].isin(patients["case_id"])).sum()),
         "split_file": SPLITS.format(fold=fold),
+        "iid_control_seed": iid_seed,
     }
     return TcgaCohort(clinical=clinical, slides=slides, genomics=genomics, geneset=geneset,
-                      geneset_stats=gstats, groups=groups, info=info)
+                      geneset_stats=gstats, groups=groups, info=info, inputs=inputs)
 
 
 def _n_patches(path: Path) -> int:
@@ -434,10 +524,11 @@ def write_cohort(out: Path, cohort: TcgaCohort, force: bool = False, features_di
         "gene_set": {**cohort.geneset_stats,
                      "rule": "micro = Cytokines and Growth Factors + Cell Differentiation Markers; tumour = "
                              "Oncogenes + Tumor Suppressor Genes + Protein Kinases + Transcription Factors + all "
-                             "CNV and mutation features; in both -> tumour if oncogene or tumour suppressor, "
-                             "else micro",
+                             "selected CNV and mutation features; in both -> tumour if oncogene or tumour "
+                             "suppressor, else micro",
                      "note": "rna_in_*_groups count group membership before the overlap is resolved (the "
                              "739 / 841 / 36 of method.md A.5); rna_micro / rna_tumour after"},
+        "genomics": cohort.inputs,
         "cohort": cohort.info,
         "feature_files": ({"dir": str(features_dir), "linked": len(found), "absent": len(cohort.slides) - len(found)
                            - len(problems), "invalid": problems} if features_dir is not None else None),
@@ -461,11 +552,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-fraction", type=float, default=0.15, help="validation share of training patients")
     ap.add_argument("--min-site-patients", type=int, default=20,
                     help="regions with fewer patients are merged into tcga_other (default 20)")
+    ap.add_argument("--genomics", default=",".join(DEFAULT_GENOMICS), metavar="KINDS",
+                    help="genomic input kinds, comma-separated from rna, cnv, mut; rna required (default: rna, as "
+                         "the reference model). Columns that measure a label fact (IDH1_mut, CDKN2A_cnv, "
+                         "CDKN2B_cnv) are left out whatever is asked for")
+    ap.add_argument("--iid", type=int, default=None, metavar="SEED",
+                    help="IID control: deal the same patients (each keeping its split) at random into sites of the "
+                         "real sites' sizes, named iid_<site>, with this seed")
     ap.add_argument("--force", action="store_true", help="overwrite a cohort in a non-empty --out")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        cohort = build_cohort(args.tables, args.fold, args.seed, args.val_fraction, args.min_site_patients)
+        cohort = build_cohort(args.tables, args.fold, args.seed, args.val_fraction, args.min_site_patients,
+                              genomics=args.genomics.split(","), iid_seed=args.iid)
         summary = write_cohort(args.out, cohort, args.force, args.features, args.tables, args.fold, args.seed,
                                args.val_fraction, args.min_site_patients)
     except CohortError as e:
@@ -475,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {len(summary['sites'])} sites, {summary['totals']['patients']} patients, "
           f"{summary['totals']['slides']} slides to {args.out} in {time.perf_counter() - t0:.1f} s; gene set: "
           f"{gs['tumour_features']} tumour ({gs['rna_tumour']} RNA), {gs['micro_features']} micro features")
+    left_out = [f"{x['feature']} ({x['fact']})" for x in summary["genomics"]["left_out"]]
+    print(f"genomic inputs: {', '.join(summary['genomics']['inputs'])}"
+          + (f"; left out as label facts: {', '.join(left_out)}" if left_out else ""))
     ff = summary["feature_files"]
     if ff is not None:
         print(f"feature files: {ff['linked']} linked, {ff['absent']} absent, {len(ff['invalid'])} invalid")

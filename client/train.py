@@ -23,8 +23,8 @@ from smm_model.coordination import coordinate_gradients
 from smm_model.losses import multitask_loss
 from smm_model.metrics import MetricReport, classification_report, risk_from_hazard_logits, survival_report
 
-__all__ = ["resolve_device", "make_optimizer", "make_scheduler", "EpochLog", "train_epochs",
-           "Predictions", "predict", "evaluate"]
+__all__ = ["resolve_device", "make_optimizer", "make_scheduler", "step_batches", "optimizer_state_arrays",
+           "load_optimizer_state", "EpochLog", "train_epochs", "Predictions", "predict", "evaluate"]
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -38,15 +38,73 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """Adam with coupled L2 (the reference) or AdamW with decoupled weight decay."""
+    """Adam with coupled L2 (the reference), AdamW with decoupled weight decay, or SGD with momentum.
+
+    Why SGD is offered: Adam scales every step to about ``lr`` whatever the gradient's size, so in a
+    federation a site whose loss is nearly satisfied (logit adjustment's point at a skewed site)
+    still moves the shared weights as far as any other; SGD's steps keep the gradients' sizes, which
+    is what the averaging of the sites' updates assumes.
+    """
+    lr = cfg.lr if lr is None else lr
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(model.parameters(), lr=cfg.lr if lr is None else lr, weight_decay=cfg.weight_decay)
+    return cls(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int | None = None):
     """Cosine annealing over the epochs, stepped once per epoch (as the reference)."""
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs or cfg.epochs,
                                                       eta_min=cfg.min_lr)
+
+
+def step_batches(n: int, steps: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """``steps`` batches of ``batch_size`` indices into ``range(n)``, from reshuffled passes.
+
+    Why: local work counted in optimizer steps is the same at every site, whatever its size (epochs
+    give a 20-patient site one step per round and a 200-patient site ten). Indices run through one
+    random permutation after another, so every patient is seen before any is seen again; a site
+    with fewer patients than one batch repeats patients within a batch (sampling with replacement).
+    """
+    if n < 1 or steps < 1 or batch_size < 1:
+        raise ValueError(f"step_batches: need n, steps and batch_size >= 1, got {n}, {steps}, {batch_size}")
+    need = steps * batch_size
+    order: list[int] = []
+    while len(order) < need:
+        order.extend(torch.randperm(n, generator=generator).tolist())
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+def optimizer_state_arrays(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """The optimizer's per-parameter state (Adam's step count and moments) as a flat
+    ``"<param index>.<name>" -> tensor`` mapping on the CPU: what a site keeps between rounds
+    (Flower's ``Context.state``; it never leaves the site). Hyper-parameters are not kept: every
+    round sets them from the run's config and the server's learning rate."""
+    out: dict[str, Tensor] = {}
+    for idx, st in optimizer.state_dict()["state"].items():
+        for name, v in st.items():
+            out[f"{idx}.{name}"] = torch.as_tensor(v).detach().cpu().clone()
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, arrays: Mapping[str, Tensor]) -> None:
+    """Put ``optimizer_state_arrays`` back into a freshly built optimizer of the same model; a state
+    of another shape (another model) raises ValueError."""
+    current = optimizer.state_dict()
+    n_params = sum(len(g["params"]) for g in current["param_groups"])
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, v in arrays.items():
+        idx, _, name = key.partition(".")
+        if not idx.isdigit() or not name or int(idx) >= n_params:
+            raise ValueError(f"optimizer state: unexpected entry {key!r} for a model with {n_params} parameters")
+        state.setdefault(int(idx), {})[name] = v.detach().clone()  # the optimizer steps its state in place
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, st in state.items():
+        for name, v in st.items():
+            if v.ndim > 0 and v.shape != params[idx].shape:
+                raise ValueError(f"optimizer state: {idx}.{name} has shape {tuple(v.shape)}, the parameter "
+                                 f"{tuple(params[idx].shape)}")
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 @dataclass
@@ -77,13 +135,20 @@ def train_epochs(model: nn.Module, loader: Iterable[Batch], cfg: ExperimentConfi
                  optimizer: torch.optim.Optimizer | None = None, scheduler=None,
                  class_weights: Mapping[str, Tensor] | None = None,
                  global_params: list[Tensor] | None = None,
+                 logit_offsets: Mapping[str, Tensor] | None = None,
+                 grad_correction: Mapping[str, Tensor] | None = None,
+                 grad_mean: dict[str, Tensor] | None = None,
                  val_loader: Iterable[Batch] | None = None, progress: bool = False) -> list[EpochLog]:
     """Train ``model`` in place and return one ``EpochLog`` per epoch.
 
     ``optimizer``/``scheduler`` default to ``make_optimizer``/``make_scheduler`` from ``cfg.train``;
     pass them to keep their state across calls (a site across federated rounds).
     ``global_params`` with ``cfg.train.proximal_mu > 0`` adds the FedProx term.
-    ``val_loader``, when given, is evaluated after each epoch.
+    ``logit_offsets`` (task -> (C,)) enter the classification losses only (logit adjustment).
+    ``grad_correction`` (parameter name -> tensor) is added to every step's gradient, after gradient
+    coordination and before clipping (SCAFFOLD's c - c_i); ``grad_mean``, an empty dict when given,
+    receives the mean over all steps of the gradients before that correction (the site's new
+    SCAFFOLD control variate). ``val_loader``, when given, is evaluated after each epoch.
     """
     tc = cfg.train
     epochs = epochs or tc.epochs
@@ -92,10 +157,17 @@ def train_epochs(model: nn.Module, loader: Iterable[Batch], cfg: ExperimentConfi
     optimizer = optimizer or make_optimizer(model, tc)
     scheduler = scheduler if scheduler is not None else make_scheduler(optimizer, tc, epochs)
     weights = {k: v.to(device) for k, v in (class_weights or {}).items()}
+    offsets = {k: v.to(device) for k, v in (logit_offsets or {}).items()}
     prox = tc.proximal_mu > 0 and global_params is not None
     if prox:
         global_params = [g.detach().to(device) for g in global_params]
     heads = model.split_heads() if tc.coordination != "off" else {}
+    named = dict(model.named_parameters())
+    correction = {k: v.to(device) for k, v in (grad_correction or {}).items()}
+    if set(correction) - set(named):
+        raise ValueError(f"grad_correction names {len(set(correction) - set(named))} tensors the model does not have")
+    sums = {k: torch.zeros_like(p) for k, p in named.items()} if grad_mean is not None else None
+    total_steps = 0
     logs: list[EpochLog] = []
     for epoch in range(epochs):
         model.train()
@@ -111,7 +183,7 @@ def train_epochs(model: nn.Module, loader: Iterable[Batch], cfg: ExperimentConfi
         for batch in it:
             batch = batch.to(device)
             out = model(batch)
-            loss, parts = multitask_loss(out, batch, cfg.loss, weights)
+            loss, parts = multitask_loss(out, batch, cfg.loss, weights, offsets)
             if prox:
                 loss = loss + tc.proximal_mu * _proximal(model, global_params)
             if not torch.isfinite(loss):
@@ -124,9 +196,17 @@ def train_epochs(model: nn.Module, loader: Iterable[Batch], cfg: ExperimentConfi
                     acc = coord.setdefault(task, {})
                     for k, v in rec.items():
                         acc[k] = acc.get(k, 0) + v
+            if sums is not None:
+                for k, p in named.items():
+                    if p.grad is not None:
+                        sums[k] += p.grad
+            for k, c in correction.items():
+                p = named[k]
+                p.grad = c.clone() if p.grad is None else p.grad + c
             if tc.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
+            total_steps += 1
             b = batch.size
             tot += float(loss.detach()) * b
             for k, v in parts.items():
@@ -142,6 +222,8 @@ def train_epochs(model: nn.Module, loader: Iterable[Batch], cfg: ExperimentConfi
         if val_loader is not None:
             log.val = {t: r.to_dict() for t, r in evaluate(model, val_loader, device).items()}
         logs.append(log)
+    if sums is not None and grad_mean is not None:
+        grad_mean.update({k: (v / max(total_steps, 1)).detach().cpu() for k, v in sums.items()})
     return logs
 
 

@@ -35,7 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from smm_model.config import ConfigError, ExperimentConfig
 
 from .loop import run_federation
-from .messages import ARRAYS, CONFIG, METRICS, Instruction, Reply, sanitize_error
+from .messages import ARRAYS, CONFIG, CONTROL, METRICS, Instruction, Reply, sanitize_error
 
 __all__ = ["app", "main", "RunSettings", "read_run_settings", "parse_overrides", "load_experiment",
            "FlowerTransport", "instruction_message", "reply_from_message", "APP_DIR",
@@ -123,12 +123,15 @@ def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def instruction_message(ins: Instruction, arrays: ArrayRecord | None, ttl: float | None = None) -> Message:
+def instruction_message(ins: Instruction, arrays: ArrayRecord | None, ttl: float | None = None,
+                        control: ArrayRecord | None = None) -> Message:
     """A Flower instruction ``Message`` for ``ins`` (only inside a running ServerApp: Flower needs
     the task identity it sets up)."""
     content = RecordDict({CONFIG: ConfigRecord(dict(ins.config))})
     if arrays is not None:
         content[ARRAYS] = arrays
+    if control is not None:
+        content[CONTROL] = control
     group = ins.config.get("server-round")  # Flower's group id is conventionally the round
     return Message(content=content, dst_node_id=int(ins.node_id), message_type=ins.message_type, ttl=ttl,
                    group_id=None if group is None else str(group))
@@ -142,16 +145,18 @@ def reply_from_message(msg: Message) -> Reply:
         return Reply(nid, error=sanitize_error(int(msg.error.code), msg.error.reason))
     try:
         content = msg.content
-        arrays = None
+        arrays = control = None
         received = content_bytes(content)
         for name, rec in content.array_records.items():
             if name == ARRAYS:
                 arrays = {k: a.numpy() for k, a in rec.items()}
+            elif name == CONTROL:
+                control = {k: a.numpy() for k, a in rec.items()}
         metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else None
         records = {name: dict(rec) for name, rec in content.config_records.items()}
     except Exception:  # an undecodable array or record: a bad reply, not a crashed server
         return Reply(nid, error="E_BAD_REPLY")
-    return Reply(nid, arrays=arrays, metrics=metrics, records=records, bytes_received=received)
+    return Reply(nid, arrays=arrays, control=control, metrics=metrics, records=records, bytes_received=received)
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -179,13 +184,16 @@ class FlowerTransport:
     def send(self, instructions: Sequence[Instruction]) -> list[Reply]:
         records: dict[int, ArrayRecord] = {}
         messages, sent = [], {}
+        def record(arrays: Mapping[str, np.ndarray] | None) -> ArrayRecord | None:
+            if arrays is None:
+                return None
+            if id(arrays) not in records:
+                records[id(arrays)] = _array_record(arrays)
+            return records[id(arrays)]
+
         for ins in instructions:
-            rec = None
-            if ins.arrays is not None:
-                rec = records.get(id(ins.arrays))
-                if rec is None:
-                    rec = records[id(ins.arrays)] = _array_record(ins.arrays)
-            messages.append(instruction_message(ins, rec, ttl=self.timeout_s))
+            messages.append(instruction_message(ins, record(ins.arrays), ttl=self.timeout_s,
+                                                control=record(ins.control)))
             sent[int(ins.node_id)] = content_bytes(messages[-1].content)
         replies: Iterable[Message] = self.grid.send_and_receive(messages, timeout=self.timeout_s)
         by_node: dict[int, Reply] = {}

@@ -34,7 +34,7 @@ __all__ = ["TRAIN_METRIC_KEY", "guard_replies", "clean_train_metrics", "update_n
 log = logging.getLogger("fedsmm.server.guard")
 
 #: Train-reply metric names the server accepts (and logs); anything else is ignored.
-TRAIN_METRIC_KEY = re.compile(r"^(num-examples|train-loss|seconds|coord-[a-z]+-(?:tumour|micro|conflicts))$")
+TRAIN_METRIC_KEY = re.compile(r"^(num-examples|train-loss|steps|seconds|coord-[a-z]+-(?:tumour|micro|conflicts))$")
 
 
 def _scalar(v: Any) -> float | None:
@@ -76,7 +76,8 @@ def _check_arrays(arrays: Mapping[str, Any], reference: Mapping[str, np.ndarray]
     return None
 
 
-def guard_replies(replies: Sequence[Reply], reference_arrays: Mapping[str, np.ndarray], cfg: FederationConfig
+def guard_replies(replies: Sequence[Reply], reference_arrays: Mapping[str, np.ndarray], cfg: FederationConfig,
+                  control_reference: Mapping[str, np.ndarray] | None = None
                   ) -> tuple[list[Reply], list[tuple[int, str]]]:
     """Split train replies into those safe to aggregate and those dropped, with reason codes.
 
@@ -85,7 +86,9 @@ def guard_replies(replies: Sequence[Reply], reference_arrays: Mapping[str, np.nd
     (``E_MISSING_METRICS``), no usable ``num-examples`` (``E_MISSING_NUM_EXAMPLES``,
     ``E_BAD_NUM_EXAMPLES``), arrays whose keys, types, shapes or dtypes differ from the current
     global arrays (``E_ARRAY_KEYS``, ``E_ARRAY_TYPE``, ``E_ARRAY_SHAPE``, ``E_ARRAY_DTYPE``), or
-    non-finite values (``E_NONFINITE``).
+    non-finite values (``E_NONFINITE``). With ``control_reference`` (SCAFFOLD) a reply must also
+    carry a control variate of the same keys, shapes and dtypes, finite (``E_MISSING_CONTROL``,
+    ``E_CONTROL_`` + the array code).
 
     Kept replies are copies whose metrics are whitelisted (``TRAIN_METRIC_KEY``) and whose
     ``num-examples`` is clamped to ``[1, cfg.max_examples_per_site]``, so no site can claim zero
@@ -111,6 +114,12 @@ def guard_replies(replies: Sequence[Reply], reference_arrays: Mapping[str, np.nd
             code = "E_BAD_NUM_EXAMPLES"
         else:
             code = _check_arrays(r.arrays, reference_arrays)
+        if code is None and control_reference is not None:
+            if r.control is None:
+                code = "E_MISSING_CONTROL"
+            else:
+                bad = _check_arrays(r.control, control_reference)
+                code = None if bad is None else "E_CONTROL_" + bad[len("E_"):]
         seen.add(nid)
         if code is not None:
             dropped.append((nid, code))

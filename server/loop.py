@@ -12,7 +12,8 @@
 2. round 0: the initial model (``build_model`` under ``torch.manual_seed(federation.seed)``) is
    evaluated on the sites' validation splits, so learning can be shown against it;
 3. rounds 1..R: cosine learning rate over the rounds, train on the sampled sites (seeded sampler),
-   guard + aggregate (``server.strategy.GuardedStrategy``), evaluate on "val", append a line to
+   guard + aggregate (``server.strategy.GuardedStrategy``), evaluate on "val" (every
+   ``federation.eval_every``-th round and the last), append a line to
    ``rounds.jsonl``, checkpoint, track the best round by ``federation.selection_metric``;
 4. final: the best round's model is evaluated on every site's "test" split; ``final_metrics.json``
    and ``model.pt`` are written.
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,7 +44,8 @@ import yaml
 from smm_model.config import TASK_CLASSES, ConfigError, ExperimentConfig, to_dict
 from smm_model.metrics import MetricReport
 from smm_model.model import build_model
-from smm_model.protocol import config_text as resolved_config_text, round_lr, selection_lower_is_better
+from smm_model.protocol import (config_text as resolved_config_text, evaluation_round, round_lr,
+                                selection_lower_is_better, selection_value)
 from smm_model.protocol import (HISTOLOGY_FIELDS, PROTOCOL_VERSION, SCHEMA_FIELDS, SURVIVAL_HIST_EDGES, EvalStats,
                                 SchemaMismatch, SharedStats, SiteSummary, check_schemas, derive_shared,
                                 metrics_from_eval)
@@ -54,10 +55,10 @@ from .atomic import atomic_write_bytes, sha256_bytes
 from .checkpoint import (CHECKPOINT_DIR, INDEX_FILE, ServerState, capture_rng, library_versions, load_checkpoint,
                          load_latest, restore_rng, save_checkpoint)
 from .guard import guard_eval_replies
-from .messages import (EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LR, KEY_PROXIMAL_MU, KEY_ROUND, KEY_SHARED,
+from .messages import (EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LOCAL_STEPS, KEY_LR, KEY_PROXIMAL_MU, KEY_ROUND, KEY_SHARED,
                        KEY_SPLIT, PREFLIGHT, SUMMARY, SUMMARY_JSON, TRAIN, Instruction, Reply, Transport)
 from .runlog import RunLog
-from .strategy import AggregateOutcome, GuardedStrategy, build_strategy
+from .strategy import AggregateOutcome, ControlVariates, GuardedStrategy, build_strategy
 from .wait import NodeWaitTimeout, wait_for_nodes
 
 __all__ = ["run_federation", "RunDirInUse", "resolved_config_text", "round_lr", "sample_nodes", "initial_weights",
@@ -98,6 +99,13 @@ def initial_weights(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
     torch.manual_seed(cfg.federation.seed)
     model = build_model(cfg.model)
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def model_parameters(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
+    """The model's trainable parameters (names and shapes as the initial model's), the arrays a
+    SCAFFOLD control variate has."""
+    torch.manual_seed(cfg.federation.seed)
+    return {k: p.detach().cpu().numpy().copy() for k, p in build_model(cfg.model).named_parameters()}
 
 
 def _report_dict(report: MetricReport) -> dict[str, Any]:
@@ -417,10 +425,7 @@ class FederationRun:
         return summarise_eval(replies, self.cfg, self.km_len, split, nodes, self.km_grid)
 
     def _selection_value(self, ev: EvalOutcome | None) -> float | None:
-        if ev is None:
-            return None
-        v = ev.global_report.values.get(self.fed.selection_metric)
-        return float(v) if v is not None and math.isfinite(v) else None
+        return None if ev is None else selection_value(ev.global_report.values, self.cfg)
 
     def _is_better(self, v: float, best: float | None) -> bool:
         return best is None or (v < best if self.lower_is_better else v > best)
@@ -459,8 +464,9 @@ class FederationRun:
         train_nodes = sample_nodes(self.sampler, available, fed.fraction_train, fed.min_nodes)
         lr = round_lr(self.cfg.train, fed.rounds, r)
         config = {**self._base_config(r), KEY_LR: lr, KEY_LOCAL_EPOCHS: int(fed.local_epochs),
-                  KEY_PROXIMAL_MU: float(self.cfg.train.proximal_mu)}
-        replies = self._send([Instruction(n, TRAIN, config, p.weights) for n in train_nodes])
+                  KEY_LOCAL_STEPS: int(fed.local_steps), KEY_PROXIMAL_MU: float(self.cfg.train.proximal_mu)}
+        control = None if self.guarded.control is None else self.guarded.control.server_control(train_nodes)
+        replies = self._send([Instruction(n, TRAIN, config, p.weights, control) for n in train_nodes])
         timings["train"] = self.clock() - t
         t = self.clock()
         out: AggregateOutcome = self.guarded.aggregate(r, replies, p.weights)
@@ -468,11 +474,12 @@ class FederationRun:
         ev = None
         if out.arrays is not None:
             p.weights = out.arrays
+        if out.arrays is not None and evaluation_round(r, fed.rounds, fed.eval_every):
             t = self.clock()
             eval_nodes = sample_nodes(self.sampler, available, fed.fraction_evaluate, fed.min_nodes)
             ev = self._evaluate(r, "val", p.weights, eval_nodes)
             timings["evaluate"] = self.clock() - t
-        else:
+        if out.arrays is None:
             p.skipped.append(r)
         p.round = r
         value = self._selection_value(ev)
@@ -540,8 +547,7 @@ class FederationRun:
         }
         self.runlog.write_final(final)
         log.info("final: round %d selected by val %s = %s; test %s = %s", best_round, self.fed.selection_metric,
-                 _fmt(best_value), self.fed.selection_metric,
-                 _fmt(test.global_report.values.get(self.fed.selection_metric)))
+                 _fmt(best_value), self.fed.selection_metric, _fmt(selection_value(test.global_report.values, self.cfg)))
         return final
 
     def _write_model(self, weights: Mapping[str, np.ndarray], best_round: int, best_value: float | None) -> str:
@@ -577,8 +583,9 @@ class FederationRun:
         self.shared_json = shared.to_json()
         self.km_len = len(shared.km_grid)
         self.km_grid = list(shared.km_grid)
+        control = ControlVariates(model_parameters(self.cfg)) if self.fed.strategy == "scaffold" else None
         self._guarded = GuardedStrategy(build_strategy(self.fed, self.cfg.train, n_sites=len(self.accepted)),
-                                        self.fed)
+                                        self.fed, control=control)
         if state is None:
             p = _Progress(weights=initial_weights(self.cfg))
             self._round_zero(p)

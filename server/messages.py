@@ -13,9 +13,11 @@ Message contract (the ClientApp implements the other end; ``Instruction.config``
 message_type        config keys -> reply content
 ==================  =======================================================================
 ``query.preflight`` ``experiment`` -> ConfigRecord ``"summary"`` = {``json``: SiteSummary JSON}
-``train``           ``experiment, shared, server-round, lr, local-epochs, proximal-mu`` + arrays
-                    -> ArrayRecord ``"arrays"`` + MetricRecord ``"metrics"`` (``num-examples``,
-                    ``train-loss``, ``seconds``, ``coord-<task>-{tumour,micro,conflicts}``)
+``train``           ``experiment, shared, server-round, lr, local-epochs, local-steps, proximal-mu``
+                    + arrays [+ ArrayRecord ``"control"``: SCAFFOLD's server control variate]
+                    -> ArrayRecord ``"arrays"`` [+ ``"control"``: the site's new control
+                    variate] + MetricRecord ``"metrics"`` (``num-examples``, ``train-loss``,
+                    ``steps``, ``seconds``, ``coord-<task>-{tumour,micro,conflicts}``)
 ``evaluate``        ``experiment, shared, server-round, split`` + arrays
                     -> MetricRecord ``"metrics"`` = ``EvalStats.to_record()``
 ==================  =======================================================================
@@ -34,8 +36,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["PREFLIGHT", "TRAIN", "EVALUATE", "ARRAYS", "METRICS", "CONFIG", "SUMMARY", "SUMMARY_JSON",
-           "KEY_EXPERIMENT", "KEY_SHARED", "KEY_ROUND", "KEY_LR", "KEY_LOCAL_EPOCHS", "KEY_PROXIMAL_MU",
+__all__ = ["PREFLIGHT", "TRAIN", "EVALUATE", "ARRAYS", "CONTROL", "METRICS", "CONFIG", "SUMMARY", "SUMMARY_JSON",
+           "KEY_EXPERIMENT", "KEY_SHARED", "KEY_ROUND", "KEY_LR", "KEY_LOCAL_EPOCHS", "KEY_LOCAL_STEPS", "KEY_PROXIMAL_MU",
            "KEY_SPLIT", "NUM_EXAMPLES", "ConfigValue", "MetricValue", "Instruction", "Reply", "Transport",
            "sanitize_error", "arrays_nbytes", "FLOWER_ERROR_CODES"]
 
@@ -46,6 +48,7 @@ EVALUATE = "evaluate"
 
 # Record names in a message's RecordDict.
 ARRAYS = "arrays"
+CONTROL = "control"  # SCAFFOLD: the server's control variate (train) / the site's new one (reply)
 METRICS = "metrics"
 CONFIG = "config"
 SUMMARY = "summary"
@@ -57,6 +60,7 @@ KEY_SHARED = "shared"  # SharedStats.to_json()
 KEY_ROUND = "server-round"
 KEY_LR = "lr"
 KEY_LOCAL_EPOCHS = "local-epochs"
+KEY_LOCAL_STEPS = "local-steps"  # optimizer steps per round (0: local-epochs passes instead)
 KEY_PROXIMAL_MU = "proximal-mu"
 KEY_SPLIT = "split"  # "val" | "test"
 
@@ -80,6 +84,7 @@ class Instruction:
     message_type: str
     config: Mapping[str, ConfigValue]
     arrays: Mapping[str, np.ndarray] | None = None
+    control: Mapping[str, np.ndarray] | None = None  # SCAFFOLD's server control variate (shared, like arrays)
 
 
 @dataclass
@@ -95,6 +100,7 @@ class Reply:
 
     node_id: int
     arrays: dict[str, np.ndarray] | None = None
+    control: dict[str, np.ndarray] | None = None  # SCAFFOLD: the site's new control variate
     metrics: dict[str, Any] | None = None
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None

@@ -48,6 +48,7 @@ import yaml
 
 from smm_model.config import TASK_CLASSES, TASKS
 from smm_model.federated import SCORE_BINS
+from smm_model.label_facts import LABEL_FACTS
 
 from .atomic import atomic_write_bytes, atomic_write_text, dumps
 
@@ -681,7 +682,9 @@ class _Builder:
             rounds = f"{last if last is not None else 0} recorded of {conf if conf is not None else '?'} configured"
             if run.skipped:
                 rounds += f"; skipped: {', '.join(map(str, run.skipped))}"
-            if fed.get("local_epochs"):
+            if run.mode == "federated" and fed.get("local_steps"):
+                rounds += f"; {fed['local_steps']} local optimizer steps per site and round"
+            elif fed.get("local_epochs"):
                 rounds += f"; {fed['local_epochs']} local epoch(s) per round"
         sel = NOT_RECORDED
         if final:
@@ -1205,6 +1208,13 @@ class _Builder:
         final = main.final or {}
         fed = main.section("federation")
         min_p = fed.get("min_site_patients")
+        opted_in = [r.name for r in (main, *self.others) if r.section("data").get("allow_label_features") is True]
+        if opted_in:
+            facts = ", ".join(f.what for f in LABEL_FACTS)
+            items.append(f"INPUTS MAY ENCODE THE LABELS: {', '.join(opted_in)} ran with data.allow_label_features: "
+                         f"true, so sites could feed genomic features that measure a fact the labels are defined by "
+                         f"({facts}). Diagnosis and grade numbers may then show the model reading the label off its "
+                         "input, not what slides or expression tell it.")
         suppressed = [str(s) for s in (final.get("suppressed_sites") or (main.test or {}).get("suppressed") or [])]
         if suppressed:
             items.append(f"Small sites suppressed on the test split: {_fmt_sites(main, suppressed)}. A site with "

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum,
-                                     MultiKrum, Strategy)
+from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
+                                     Krum, MultiKrum, Strategy)
 
 from smm_model.config import ConfigError, FederationConfig, TrainConfig
 
@@ -31,7 +31,7 @@ from .guard import flag_outliers, guard_replies, update_norms
 from .messages import ARRAYS, METRICS, NUM_EXAMPLES, Reply
 
 __all__ = ["build_strategy", "GuardedStrategy", "AggregateOutcome", "strategy_state", "restore_strategy_state",
-           "OPTIMIZER_STATE_ATTRS"]
+           "set_current_arrays", "ControlVariates", "OPTIMIZER_STATE_ATTRS", "MOMENTUM_STATE_ATTRS", "DEFAULT_SERVER_LR"]
 
 log = logging.getLogger("fedsmm.server.strategy")
 
@@ -39,6 +39,51 @@ log = logging.getLogger("fedsmm.server.strategy")
 #: (``flwr/serverapp/strategy/fedopt.py``): the arrays sent this round and the first and second
 #: moments, each a ``dict[str, ndarray]`` or None before the first aggregation.
 OPTIMIZER_STATE_ATTRS = ("current_arrays", "m_t", "v_t")
+#: What FedAvgM keeps (``flwr/serverapp/strategy/fedavgm.py``): the arrays sent this round (an
+#: ``ArrayRecord``) and the momentum buffer (a list of ndarrays in the arrays' order), or None.
+MOMENTUM_STATE_ATTRS = ("current_arrays", "momentum_vector")
+#: Server learning rates when ``federation.server_lr`` is null: FedOpt's customary eta, and plain
+#: averaging for FedAvgM.
+DEFAULT_SERVER_LR = {"fedopt": 0.01, "fedavgm": 1.0}
+
+
+class ControlVariates:
+    """SCAFFOLD's server side (Karimireddy et al. 2020): each site's latest control variate c_i and
+    the server's c, their example-weighted mean, one array per model parameter.
+
+    Flower has no SCAFFOLD; the weights are still aggregated by Flower's FedAvg, and this adds the
+    control variates that correct each site's local steps towards the federation's gradient (the
+    drift that makes sites with disjoint case mixes, such as an all-GBM hospital, pull the shared
+    head apart). A site sends its new c_i with its weights; the server keeps the latest one per
+    node, so a site that skipped a round or restarted without its own c_i counts with its last
+    known one, and c covers the sites in the round.
+    """
+
+    def __init__(self, parameters: Mapping[str, np.ndarray]) -> None:
+        self.zeros = {k: np.zeros_like(v) for k, v in parameters.items()}
+        self.sites: dict[int, tuple[float, dict[str, np.ndarray]]] = {}
+
+    def server_control(self, nodes: Sequence[int]) -> dict[str, np.ndarray]:
+        """c over ``nodes``: the example-weighted mean of their known c_i (zeros before any)."""
+        known = [self.sites[int(n)] for n in nodes if int(n) in self.sites]
+        if not known:
+            return {k: v.copy() for k, v in self.zeros.items()}
+        total = sum(w for w, _ in known)
+        return {k: (sum(w * c[k].astype(np.float64) for w, c in known) / total).astype(ref.dtype)
+                for k, ref in self.zeros.items()}
+
+    def update(self, kept: Sequence[Reply]) -> None:
+        for r in kept:
+            assert r.control is not None and r.metrics is not None
+            self.sites[int(r.node_id)] = (float(r.metrics[NUM_EXAMPLES]),
+                                          {k: np.array(r.control[k], copy=True) for k in self.zeros})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sites": {n: {"weight": w, "control": dict(c)} for n, (w, c) in self.sites.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sites = {int(n): (float(v["weight"]), {k: np.array(v["control"][k], copy=True) for k in self.zeros})
+                      for n, v in (state.get("sites") or {}).items()}
 
 
 def build_strategy(fed: FederationConfig, train: TrainConfig | None = None, n_sites: int | None = None) -> Strategy:
@@ -55,10 +100,14 @@ def build_strategy(fed: FederationConfig, train: TrainConfig | None = None, n_si
     common: dict[str, Any] = dict(fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                                   min_train_nodes=fed.min_nodes, min_evaluate_nodes=fed.min_nodes,
                                   min_available_nodes=fed.min_nodes)
-    opt = dict(eta=fed.server_lr, eta_l=train.lr, tau=fed.server_tau)
+    opt = dict(eta=fed.server_lr if fed.server_lr is not None else DEFAULT_SERVER_LR["fedopt"], eta_l=train.lr,
+               tau=fed.server_tau)
     name = fed.strategy
-    if name == "fedavg":
+    if name in ("fedavg", "scaffold"):  # SCAFFOLD: FedAvg of the weights + ControlVariates
         return FedAvg(**common)
+    if name == "fedavgm":
+        return FedAvgM(**common, server_momentum=fed.server_momentum,
+                       server_learning_rate=fed.server_lr if fed.server_lr is not None else DEFAULT_SERVER_LR["fedavgm"])
     if name == "fedprox":
         return FedProx(**common, proximal_mu=train.proximal_mu)
     if name == "fedadam":
@@ -89,11 +138,24 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     a captured state.
     """
     out: dict[str, Any] = {"class": type(strategy).__name__}
-    if all(hasattr(strategy, a) for a in OPTIMIZER_STATE_ATTRS):
+    if isinstance(strategy, FedAvgM):
+        arrays, momentum = strategy.current_arrays, strategy.momentum_vector
+        out["current_arrays"] = None if arrays is None else {k: np.array(a.numpy(), copy=True) for k, a in arrays.items()}
+        out["momentum_vector"] = None if momentum is None else [np.array(x, copy=True) for x in momentum]
+    elif all(hasattr(strategy, a) for a in OPTIMIZER_STATE_ATTRS):
         for a in OPTIMIZER_STATE_ATTRS:
             v = getattr(strategy, a)
             out[a] = None if v is None else {k: np.array(x, copy=True) for k, x in v.items()}
     return out
+
+
+def set_current_arrays(strategy: Strategy, arrays: Mapping[str, np.ndarray]) -> None:
+    """Tell a stateful strategy which arrays this round sent (Flower's ``configure_train`` records
+    them; the loop sends them itself): FedOpt keeps a dict of ndarrays, FedAvgM an ArrayRecord."""
+    if isinstance(strategy, FedAvgM):
+        strategy.current_arrays = ArrayRecord({k: Array(np.array(v, copy=True)) for k, v in arrays.items()})
+    elif hasattr(strategy, "current_arrays"):
+        strategy.current_arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
 
 
 def restore_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
@@ -102,6 +164,12 @@ def restore_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None
     if cls != type(strategy).__name__:
         raise ValueError(f"strategy state was saved by {cls}, cannot restore it into {type(strategy).__name__} "
                          f"(federation.strategy changed since the checkpoint?)")
+    if isinstance(strategy, FedAvgM):
+        arrays, momentum = state.get("current_arrays"), state.get("momentum_vector")
+        strategy.current_arrays = None if arrays is None else ArrayRecord(
+            {k: Array(np.array(x, copy=True)) for k, x in arrays.items()})
+        strategy.momentum_vector = None if momentum is None else [np.array(x, copy=True) for x in momentum]
+        return
     for a in OPTIMIZER_STATE_ATTRS:
         if a in state:
             v = state[a]
@@ -154,21 +222,29 @@ class GuardedStrategy:
     (``E_NONFINITE_AGGREGATE``; the optimiser state is rolled back). A NaN model is never returned.
     """
 
-    def __init__(self, strategy: Strategy, cfg: FederationConfig, outlier_k: float = 3.0) -> None:
+    def __init__(self, strategy: Strategy, cfg: FederationConfig, outlier_k: float = 3.0,
+                 control: ControlVariates | None = None) -> None:
         self.strategy = strategy
         self.cfg = cfg
         self.outlier_k = outlier_k
+        self.control = control  # SCAFFOLD (federation.strategy: scaffold)
 
     def state_dict(self) -> dict[str, Any]:
-        return strategy_state(self.strategy)
+        out = strategy_state(self.strategy)
+        if self.control is not None:
+            out["scaffold"] = self.control.state_dict()
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         restore_strategy_state(self.strategy, state)
+        if self.control is not None:
+            self.control.load_state_dict(state.get("scaffold") or {})
 
     def aggregate(self, server_round: int, replies: Sequence[Reply], global_arrays: Mapping[str, np.ndarray]
                   ) -> AggregateOutcome:
         """Guard ``replies`` against ``global_arrays`` and aggregate the survivors."""
-        kept, dropped = guard_replies(replies, global_arrays, self.cfg)
+        kept, dropped = guard_replies(replies, global_arrays, self.cfg,
+                                      control_reference=None if self.control is None else self.control.zeros)
         clamped = [(int(r.node_id), float(r.clamped_from), int(r.metrics[NUM_EXAMPLES]))  # type: ignore[index]
                    for r in kept if r.clamped_from is not None]
         norms = update_norms(kept, global_arrays)
@@ -189,9 +265,7 @@ class GuardedStrategy:
         keys = sorted(set.intersection(*(set(r.metrics or {}) for r in kept)))
         messages = [_reply_message(r, keys, server_round) for r in kept]
         snapshot = strategy_state(self.strategy)
-        if hasattr(self.strategy, "current_arrays"):
-            # FedOpt's configure_train records the arrays it sends; we send them ourselves.
-            self.strategy.current_arrays = {k: np.array(v, copy=True) for k, v in global_arrays.items()}
+        set_current_arrays(self.strategy, global_arrays)
         try:
             arrays, metrics = self.strategy.aggregate_train(server_round, messages)
         except Exception as e:  # Flower's AggregationError, InconsistentMessageReplies, numeric errors
@@ -213,6 +287,8 @@ class GuardedStrategy:
                       "the global model is unchanged", server_round)
             return out
         out.arrays = new
+        if self.control is not None:
+            self.control.update(kept)
         out.metrics = {k: float(v) for k, v in (metrics or {}).items()
                        if not isinstance(v, list) and math.isfinite(float(v))}
         return out

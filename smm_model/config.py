@@ -45,10 +45,11 @@ ARCHS = ("smm", "snn", "abmil", "concat")
 LAYOUTS = ("seed", "spatial")
 POSITION_BIAS = ("table", "exact")
 COORDINATION = ("pcgrad", "seed", "off")
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 GENOMICS_POLICIES = ("error", "impute_mean", "impute_zero")
 PATCH_NORMS = ("standardize", "none")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum",
+SITE_OPTIMIZERS = ("fresh", "persist")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum",
               "multikrum")
 
 
@@ -183,13 +184,19 @@ class TrainConfig:
 
     epochs: int = 20
     batch_size: int = 8
-    optimizer: str = "adam"
+    optimizer: str = "adam"  # adam (coupled L2, the reference), adamw, or sgd (with momentum)
+    momentum: float = 0.9  # sgd's momentum
     lr: float = 1e-3
     weight_decay: float = 0.1
     min_lr: float = 0.0  # eta_min of the cosine schedule
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     coordination: str = "pcgrad"
     proximal_mu: float = 0.0  # FedProx proximal term; 0 = off
+    # Label-skew-aware local loss (logit adjustment, Menon et al. 2021, in its federated form): a
+    # site trains on logits + tau * (log prior_site - log prior_pooled), so the shared model learns
+    # the pooled posterior whatever a site's case mix. 0 = off; centralized training is unaffected
+    # (its prior is the pooled one).
+    logit_adjustment: float = 0.0
     drop_last: bool = True
     num_workers: int = 0
     device: str = "auto"  # auto (GPU when present) | cpu | cuda | cuda:N
@@ -203,7 +210,8 @@ class TrainConfig:
         _require(self.optimizer in OPTIMIZERS, f"{p}.optimizer",
                  f"unknown {self.optimizer!r}; expected one of {OPTIMIZERS}")
         _require(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
-        for name in ("weight_decay", "min_lr", "grad_clip", "proximal_mu"):
+        _require(0.0 <= self.momentum < 1.0, f"{p}.momentum", f"must be in [0, 1), got {self.momentum}")
+        for name in ("weight_decay", "min_lr", "grad_clip", "proximal_mu", "logit_adjustment"):
             v = getattr(self, name)
             _require(v >= 0, f"{p}.{name}", f"must be >= 0, got {v}")
         _require(self.coordination in COORDINATION, f"{p}.coordination",
@@ -233,6 +241,10 @@ class DataConfig:
     val_fraction: float = 0.15  # patient-level splits when clinical.csv has no split column
     test_fraction: float = 0.15
     split_seed: int = 42
+    # Genomic features that measure a fact a label rule reads (IDH mutation, 1p/19q, CDKN2A/B copy
+    # number, grade: smm_model.label_facts) are refused by `smm site check` and the server's
+    # preflight unless this is true; a run that opts in says so among its report's caveats.
+    allow_label_features: bool = False
 
     def __post_init__(self) -> None:
         p = "data"
@@ -255,6 +267,15 @@ class FederationConfig:
 
     rounds: int = 10
     local_epochs: int = 1
+    # Local work per round in optimizer steps, the same at every site whatever its size (batches
+    # drawn from reshuffled passes over the site's training patients, so a site smaller than
+    # steps x batch sees its patients more than once). 0 = local_epochs passes instead, which give
+    # a 20-patient site one step and a 200-patient site ten.
+    local_steps: int = 0
+    # "persist": each site keeps its optimizer state (Adam's moments) from round to round, on the
+    # site (Flower's Context.state; it never leaves the site); "fresh": a new optimizer every round.
+    site_optimizer: str = "fresh"
+    eval_every: int = 1  # validation (and so model selection) every k-th round, and always the last
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
@@ -262,7 +283,10 @@ class FederationConfig:
     wait_for_nodes_s: float = 300.0  # bounded wait for min_nodes (Flower's own wait is unbounded)
     round_timeout_s: float = 3600.0  # per send-and-receive
     max_examples_per_site: int = 100_000  # a site's claimed example count is clamped to this
-    server_lr: float = 0.01  # FedAdam / FedYogi / FedAdagrad server learning rate (eta)
+    # Server learning rate: FedAdam / FedYogi / FedAdagrad's eta (default 0.01) or FedAvgM's
+    # (default 1.0, plain averaging); None = the strategy's default.
+    server_lr: float | None = None
+    server_momentum: float = 0.0  # FedAvgM's server momentum
     server_beta_1: float = 0.9
     server_beta_2: float = 0.99
     server_tau: float = 1e-3
@@ -270,22 +294,33 @@ class FederationConfig:
     krum_byzantine: int = 0  # (Multi)Krum: number of malicious nodes assumed
     multikrum_keep: int = 0  # MultiKrum: nodes kept (0 = n - krum_byzantine)
     min_site_patients: int = 5  # sites with fewer evaluated patients send no metrics
-    selection_metric: str = "loss"  # best round by this federated validation metric ("loss" or task.metric)
+    # Best round by this federated validation metric: "loss", "<task>.<metric>", or the mean of
+    # several higher-is-better ones joined by "+" (e.g. "diagnosis.macro_f1+grade.macro_f1+survival.c_index").
+    selection_metric: str = "loss"
     seed: int = 42
     client_cpus: float = 1.0  # simulation: CPUs reserved per simulated site
     client_gpus: float = 0.0  # simulation: GPU fraction per simulated site
 
     def __post_init__(self) -> None:
         p = "federation"
-        for name in ("rounds", "local_epochs", "min_nodes", "max_examples_per_site"):
+        for name in ("rounds", "local_epochs", "min_nodes", "max_examples_per_site", "eval_every"):
             v = getattr(self, name)
             _require(v > 0, f"{p}.{name}", f"must be a positive integer, got {v}")
+        _require(self.local_steps >= 0, f"{p}.local_steps", f"must be >= 0 (0 = local_epochs), got {self.local_steps}")
+        _require(self.site_optimizer in SITE_OPTIMIZERS, f"{p}.site_optimizer",
+                 f"unknown {self.site_optimizer!r}; expected one of {SITE_OPTIMIZERS}")
+        _require(self.server_lr is None or self.server_lr > 0, f"{p}.server_lr",
+                 f"must be > 0 (or null for the strategy's default), got {self.server_lr}")
+        _require(0.0 <= self.server_momentum < 1.0, f"{p}.server_momentum",
+                 f"must be in [0, 1), got {self.server_momentum}")
+        _require(self.server_momentum == 0.0 or self.strategy == "fedavgm", f"{p}.server_momentum",
+                 f"is FedAvgM's; federation.strategy is {self.strategy!r}")
         _require(self.strategy in STRATEGIES, f"{p}.strategy",
                  f"unknown {self.strategy!r}; expected one of {STRATEGIES}")
         for name in ("fraction_train", "fraction_evaluate"):
             v = getattr(self, name)
             _require(0.0 < v <= 1.0, f"{p}.{name}", f"must be in (0, 1], got {v}")
-        for name in ("wait_for_nodes_s", "round_timeout_s", "server_lr", "server_tau", "client_cpus"):
+        for name in ("wait_for_nodes_s", "round_timeout_s", "server_tau", "client_cpus"):
             v = getattr(self, name)
             _require(v > 0, f"{p}.{name}", f"must be > 0, got {v}")
         for name in ("server_beta_1", "server_beta_2"):
@@ -296,8 +331,9 @@ class FederationConfig:
             v = getattr(self, name)
             _require(v >= 0, f"{p}.{name}", f"must be >= 0, got {v}")
         _require(self.client_gpus >= 0, f"{p}.client_gpus", f"must be >= 0, got {self.client_gpus}")
-        _require(self.selection_metric == "loss" or "." in self.selection_metric, f"{p}.selection_metric",
-                 f"expected 'loss' or '<task>.<metric>' (e.g. diagnosis.auc), got {self.selection_metric!r}")
+        _require(self.selection_metric == "loss" or all("." in t for t in self.selection_metric.split("+")),
+                 f"{p}.selection_metric", "expected 'loss', '<task>.<metric>' (e.g. diagnosis.auc) or several joined "
+                 f"by '+', got {self.selection_metric!r}")
 
     def check_sites(self, n_sites: int) -> None:
         """Strategy constraints that depend on the number of sites (reliability D5)."""

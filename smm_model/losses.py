@@ -7,7 +7,7 @@ still keeps the graph connected).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from .batch import Batch
 from .config import LossConfig
 from .model import ModelOutput
 
-__all__ = ["weighted_cross_entropy", "nll_survival_loss", "relation_map", "consistency_loss",
+__all__ = ["logit_adjustment_offsets", "weighted_cross_entropy", "nll_survival_loss", "relation_map", "consistency_loss",
            "multitask_loss"]
 
 
@@ -83,12 +83,16 @@ def consistency_loss(gene: Tensor, grid: Tensor) -> Tensor:
 
 
 def multitask_loss(out: ModelOutput, batch: Batch, cfg: LossConfig,
-                   class_weights: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, float]]:
+                   class_weights: Mapping[str, Tensor] | None = None,
+                   logit_offsets: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, float]]:
     """Weighted sum of the enabled tasks' losses plus the consistency terms (SMM only).
 
-    Returns the total and its parts as floats for logging.
+    ``logit_offsets``: per classification task a (C,) vector added to the logits inside the loss
+    only (logit adjustment for a site's label skew, ``logit_adjustment_offsets``); predictions use
+    the raw logits. Returns the total and its parts as floats for logging.
     """
     class_weights = class_weights or {}
+    logit_offsets = logit_offsets or {}
     parts: dict[str, Tensor] = {}
     for task, logits in out.logits.items():
         mask = batch.task_mask(task)
@@ -96,6 +100,8 @@ def multitask_loss(out: ModelOutput, batch: Batch, cfg: LossConfig,
             parts[task] = nll_survival_loss(logits, batch.labels["survival_bin"], batch.labels["event"],
                                             mask, cfg.survival_alpha)
         else:
+            if task in logit_offsets:
+                logits = logits + logit_offsets[task]  # (B, C) + (C,)
             parts[task] = weighted_cross_entropy(logits, batch.labels[task], mask, class_weights.get(task))
     total = sum(cfg.task_weight(t) * v for t, v in parts.items())
     if out.genes is not None and out.grids is not None and cfg.consistency_weight > 0:
@@ -103,3 +109,24 @@ def multitask_loss(out: ModelOutput, batch: Batch, cfg: LossConfig,
             parts[name] = consistency_loss(gene, grid)
             total = total + cfg.consistency_weight * parts[name]
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def logit_adjustment_offsets(site_counts: Sequence[float], pooled_counts: Sequence[float], tau: float) -> Tensor:
+    """(C,) offsets ``tau * (log prior_site - log prior_pooled)`` for one classification task.
+
+    Why: a site whose case mix differs from the federation's (an all-GBM hospital) otherwise pulls
+    the shared head towards its own prior. Training on logits + log prior_site models the site's
+    posterior while the raw logits keep log p(x|y) + log prior_pooled, i.e. the pooled posterior,
+    the same at every site (logit adjustment, Menon et al. 2021; its federated form, FedLC, Zhang
+    et al. 2022). Both priors are add-one smoothed, so a class a site lacks gets a finite, strongly
+    negative offset (the site's data then rarely push that class down) instead of -inf.
+    """
+    site = torch.as_tensor(site_counts, dtype=torch.float64)
+    pooled = torch.as_tensor(pooled_counts, dtype=torch.float64)
+    if site.ndim != 1 or site.shape != pooled.shape or bool((site < 0).any()) or bool((pooled < 0).any()):
+        raise ValueError(f"logit adjustment: class counts must be two non-negative vectors of one length, got "
+                         f"{tuple(site.shape)} and {tuple(pooled.shape)}")
+    c = site.numel()
+    p_site = (site + 1.0) / (site.sum() + c)
+    p_pooled = (pooled + 1.0) / (pooled.sum() + c)
+    return (tau * (p_site.log() - p_pooled.log())).float()

@@ -61,19 +61,53 @@ def config_text(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def selection_lower_is_better(cfg: ExperimentConfig) -> bool:
-    """Validate ``federation.selection_metric`` against the enabled tasks; True for loss-like ones."""
+def selection_terms(cfg: ExperimentConfig) -> list[str]:
+    """The metrics ``federation.selection_metric`` names (one, or several joined by ``+``),
+    validated against the enabled tasks."""
     name = cfg.federation.selection_metric
     if name == "loss":
-        return True
-    task, _, metric = name.partition(".")
+        return ["loss"]
     field_ = "federation.selection_metric"
-    if task not in TASKS or task not in cfg.model.tasks:
-        raise ConfigError(f"{field_}: {name!r} names task {task!r}, but the run's tasks are {list(cfg.model.tasks)}")
-    allowed = _SURVIVAL_METRICS if task == "survival" else _CLASSIFICATION_METRICS
-    if metric not in allowed:
-        raise ConfigError(f"{field_}: unknown metric {metric!r} for {task}; expected one of {list(allowed)}")
-    return name in _LOWER_IS_BETTER
+    terms = name.split("+")
+    for term in terms:
+        task, _, metric = term.partition(".")
+        if task not in TASKS or task not in cfg.model.tasks:
+            raise ConfigError(f"{field_}: {term!r} names task {task!r}, but the run's tasks are "
+                              f"{list(cfg.model.tasks)}")
+        allowed = _SURVIVAL_METRICS if task == "survival" else _CLASSIFICATION_METRICS
+        if metric not in allowed:
+            raise ConfigError(f"{field_}: unknown metric {metric!r} for {task}; expected one of {list(allowed)}")
+        if len(terms) > 1 and term in _LOWER_IS_BETTER:
+            raise ConfigError(f"{field_}: a mean of metrics takes higher-is-better ones only; {term!r} is not")
+    if len(set(terms)) != len(terms):
+        raise ConfigError(f"{field_}: {name!r} lists a metric twice")
+    return terms
+
+
+def selection_lower_is_better(cfg: ExperimentConfig) -> bool:
+    """Validate ``federation.selection_metric`` against the enabled tasks; True for loss-like ones."""
+    terms = selection_terms(cfg)
+    return len(terms) == 1 and terms[0] in _LOWER_IS_BETTER
+
+
+def selection_value(values: Mapping[str, float], cfg: ExperimentConfig) -> float | None:
+    """The selection metric of one evaluation (``values``: ``<task>.<metric>`` -> value): the named
+    metric, or the mean of the named ones; None when any of them is missing or not finite (that
+    round cannot be compared)."""
+    out = []
+    for term in selection_terms(cfg):
+        v = values.get(term)
+        if v is None or not math.isfinite(float(v)):
+            return None
+        out.append(float(v))
+    return float(np.mean(out))
+
+
+def evaluation_round(server_round: int, rounds: int, every: int) -> bool:
+    """Whether round ``server_round`` of ``rounds`` is validated (``federation.eval_every``): every
+    ``every``-th round and always the last, so the final model can be selected. Fewer evaluations
+    cost fewer message phases; selection then chooses among the evaluated rounds."""
+    return server_round == rounds or server_round % every == 0
 
 
 def round_lr(train: TrainConfig, rounds: int, server_round: int) -> float:
@@ -134,7 +168,11 @@ class SiteSummary:
 
 
 def check_schemas(summaries: Mapping[str, SiteSummary], cfg: ExperimentConfig) -> None:
-    """Refuse sites whose schema differs from the run's or from the others', naming site and field."""
+    """Refuse sites whose schema differs from the run's or from the others', naming site and field,
+    and sites whose genomic features measure a label fact (``smm_model.label_facts``) unless the
+    run sets ``data.allow_label_features``."""
+    from .label_facts import OPT_IN_HINT, describe_hits, label_feature_hits
+
     m = cfg.model
     expected = {"genes_tumour": m.genes_tumour, "genes_micro": m.genes_micro,
                 "genomics_policy": cfg.data.genomics_policy}
@@ -156,6 +194,15 @@ def check_schemas(summaries: Mapping[str, SiteSummary], cfg: ExperimentConfig) -
                 if s.schema.get(key) != ref.schema.get(key):
                     problems.append(f"site {site}: {key} is {s.schema.get(key)!r}, site {ref_site} has "
                                     f"{ref.schema.get(key)!r}")
+    if not cfg.data.allow_label_features:
+        # An input that measures a fact the label rules read (IDH1_mut, CDKN2A_cnv...) lets the
+        # model read its labels off its input. `smm site check` refuses it too; this catches a site
+        # that joined without running it (smm_model.label_facts holds the rule for both).
+        for site, s in summaries.items():
+            hits = label_feature_hits((s.genomics or {}).get("features") or [])
+            if hits:
+                problems.append(f"site {site}: genomic feature(s) {describe_hits(hits)} measure a fact the label "
+                                f"rules read, so the model could read its labels off its input; {OPT_IN_HINT}")
     if problems:
         raise SchemaMismatch("; ".join(problems))
 
@@ -183,6 +230,9 @@ class SharedStats:
     n_sites: int
     patch_mean: list[float] | None = None  # shared patch standardisation (None: raw features)
     patch_std: list[float] | None = None
+    # Pooled training class counts per classification task (the reference prior of the sites'
+    # logit adjustment, train.logit_adjustment).
+    class_counts: dict[str, list[float]] | None = None
     version: int = PROTOCOL_VERSION
 
     def to_json(self) -> str:
@@ -262,10 +312,11 @@ def derive_shared(summaries: Sequence[SiteSummary], cfg: ExperimentConfig) -> Sh
     edges = _quantile_edges(ev, SURVIVAL_HIST_EDGES, n_bins) or _quantile_edges(allh, SURVIVAL_HIST_EDGES, n_bins)
     if "survival" in cfg.model.tasks and len(edges) != n_bins - 1:
         raise ValueError("derive_shared: no site has survival times in its training split")
-    weights = {}
+    weights, class_counts = {}, {}
     for task, n in TASK_CLASSES.items():
         counts = np.sum([np.asarray(s.splits["train"][task], dtype=float) for s in summaries], axis=0)
         weights[task] = [float(counts.max() / c) if c > 0 else 0.0 for c in counts] if counts.max() > 0 else [1.0] * n
+        class_counts[task] = [float(c) for c in counts]
     nz = np.flatnonzero(allh)
     t_max = float(SURVIVAL_HIST_EDGES[nz[-1] + 1]) if nz.size else KM_GRID_STEP_DAYS
     km_grid = np.arange(0.0, t_max + KM_GRID_STEP_DAYS, KM_GRID_STEP_DAYS).tolist()
@@ -276,7 +327,8 @@ def derive_shared(summaries: Sequence[SiteSummary], cfg: ExperimentConfig) -> Sh
             raise ValueError("derive_shared: data.patch_norm is 'standardize' but no site sent patch statistics")
         patch_mean, patch_std = merge_patch_stats(parts)
     return SharedStats(list(merged.features), merged.mean().tolist(), merged.std().tolist(), edges, weights,
-                       km_grid, n_sites=len(summaries), patch_mean=patch_mean, patch_std=patch_std)
+                       km_grid, n_sites=len(summaries), patch_mean=patch_mean, patch_std=patch_std,
+                       class_counts=class_counts)
 
 
 @dataclass

@@ -56,6 +56,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("data", "genomics_policy"): C.GENOMICS_POLICIES,
     ("data", "patch_norm"): C.PATCH_NORMS,
     ("federation", "strategy"): C.STRATEGIES,
+    ("federation", "site_optimizer"): C.SITE_OPTIMIZERS,
 }
 
 

@@ -87,7 +87,7 @@ def test_masks_for_missing_labels(tmp_path):
     clin = pd.read_csv(root / "clinical.csv", dtype=str, keep_default_na=False)
     clin.loc[0, "grade"] = ""
     clin.loc[0, "cdkn2ab"] = ""
-    clin.loc[1, "survival_days"] = "0"
+    clin.loc[1, "survival_days"] = ""  # missing (0 days would be an error, not a mask)
     clin.loc[2, "idh"] = "NA"
     clin.to_csv(root / "clinical.csv", index=False)
     clin["split"] = "train"

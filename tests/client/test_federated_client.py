@@ -191,22 +191,24 @@ def test_preflight_holds_aggregates_only(sites, cfg, summaries, cohort):
 # train
 # ---------------------------------------------------------------------------------------------------------
 def test_train_round_changes_weights_and_reports_finite_metrics(sites, cfg, shared, init_state, summaries, trained):
-    state, m = trained
+    state, m, *_ = trained
     assert list(state) == list(init_state)
     assert all(state[k].shape == init_state[k].shape and torch.isfinite(state[k].float()).all() for k in state)
     assert any(not torch.equal(state[k], init_state[k]) for k in state)
-    assert m["num-examples"] == summaries["site_1"].splits["train"]["patients"]
-    expected = {"num-examples", "train-loss", "seconds"} | {f"coord-{t}-{p}" for t in cfg.model.tasks
+    n_train = summaries["site_1"].splits["train"]["patients"]
+    assert m["num-examples"] == n_train and n_train >= cfg.train.batch_size
+    assert m["steps"] == 2 * (n_train // cfg.train.batch_size)  # local_steps=0: 2 epochs of full batches
+    expected = {"num-examples", "train-loss", "steps", "seconds"} | {f"coord-{t}-{p}" for t in cfg.model.tasks
                                                              for p in ("tumour", "micro", "conflicts")}
     assert set(m) == expected
     assert all(np.isfinite(v) for v in m.values()) and m["seconds"] > 0
     assert all(isinstance(m[k], int) for k in m if k.startswith("coord-"))
     MetricRecord(m)  # Flower accepts it as it is
     # Same inputs, same round -> the same weights (seeded from train.seed and the round).
-    again, _ = train_round(sites[0], cfg, shared, init_state, lr=2e-3, local_epochs=2, server_round=1)
+    again, *_ = train_round(sites[0], cfg, shared, init_state, lr=2e-3, local_epochs=2, server_round=1)
     assert all(torch.equal(again[k], state[k]) for k in state)
-    prox, mp = train_round(sites[0], cfg, shared, init_state, lr=2e-3, local_epochs=1, proximal_mu=0.5,
-                           server_round=1)
+    prox, mp, *_ = train_round(sites[0], cfg, shared, init_state, lr=2e-3, local_epochs=1, proximal_mu=0.5,
+                               server_round=1)
     assert np.isfinite(mp["train-loss"]) and any(not torch.equal(prox[k], init_state[k]) for k in prox)
 
 
@@ -251,7 +253,7 @@ def _pooled_reference(sites, cfg, shared, state, split):
 
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_site_statistics_add_up_to_the_pooled_ones(sites, cfg, shared, trained, split):
-    state, _ = trained
+    state, *_ = trained
     per_site = [evaluate_round(d, cfg, shared, state, split) for d in sites]
     total = EvalStats.merge([EvalStats.from_record(MetricRecord(s.to_record())) for s in per_site])
     ref = _pooled_reference(sites, cfg, shared, state, split)
@@ -359,9 +361,9 @@ def test_handler_errors_carry_no_path_or_patient(broken_cohort, tmp_path, monkey
 # the handlers, end to end in-process
 # ---------------------------------------------------------------------------------------------------------
 def test_handlers_follow_the_message_contract(cfg, sites, init_state, tmp_path, monkeypatch):
-    from server.messages import (ARRAYS, CONFIG, EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LR,
-                                 KEY_PROXIMAL_MU, KEY_ROUND, KEY_SHARED, KEY_SPLIT, METRICS, PREFLIGHT, SUMMARY,
-                                 SUMMARY_JSON, TRAIN)
+    from server.messages import (ARRAYS, CONFIG, EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LOCAL_STEPS,
+                                 KEY_LR, KEY_PROXIMAL_MU, KEY_ROUND, KEY_SHARED, KEY_SPLIT, METRICS, PREFLIGHT,
+                                 SUMMARY, SUMMARY_JSON, TRAIN)
     monkeypatch.setenv(client_app.LOG_DIR_ENV, str(tmp_path))
     text = yaml_text(cfg)
     ctx = _context({"partition-id": 2, "num-partitions": 3})
@@ -372,8 +374,11 @@ def test_handlers_follow_the_message_contract(cfg, sites, init_state, tmp_path, 
     base = {KEY_EXPERIMENT: text, KEY_SHARED: shared.to_json(), KEY_ROUND: 1}
     reply = client_app.app(_message(TRAIN, RecordDict({
         ARRAYS: ArrayRecord(init_state),
-        CONFIG: ConfigRecord({**base, KEY_LR: 0.001, KEY_LOCAL_EPOCHS: 1, KEY_PROXIMAL_MU: 0.0})})), ctx)
+        CONFIG: ConfigRecord({**base, KEY_LR: 0.001, KEY_LOCAL_EPOCHS: 1, KEY_LOCAL_STEPS: 3,
+                              KEY_PROXIMAL_MU: 0.0})})), ctx)
     assert set(reply.content.array_records) == {ARRAYS} and set(reply.content.metric_records) == {METRICS}
+    assert reply.content[METRICS]["steps"] == 3  # local-steps wins over local-epochs
+    assert client_app.OPTIMIZER_STATE_KEY not in ctx.state  # site_optimizer: fresh keeps nothing
     new = reply.content[ARRAYS].to_torch_state_dict()
     assert list(new) == list(init_state)
     assert reply.content[METRICS]["num-examples"] == summary.splits["train"]["patients"]

@@ -147,7 +147,7 @@ def test_nan_inf_error_by_default_named(tmp_path):
 def test_imputation_with_missingness_indicator(tmp_path, policy):
     df = frame()
     df.loc[1, "d"] = np.nan
-    df.loc[1, "c"] = np.inf
+    df.loc[1, "c"] = np.nan
     df.loc[2, "a"] = np.nan
     g = load_genomics(table(tmp_path, df), GS, policy=policy)
     stats = g.stats()
@@ -164,6 +164,18 @@ def test_imputation_with_missingness_indicator(tmp_path, policy):
     # the width does not depend on the data: a complete table gets the columns too (all 0)
     t2, _ = load_genomics(table(tmp_path, frame()), GS, policy=policy).encode(["P0"], stats)
     assert t2.shape == (1, 3) and t2[0, -1] == 0
+
+
+@pytest.mark.parametrize("policy", ["impute_mean", "impute_zero"])
+def test_inf_is_an_error_under_imputation_too(tmp_path, policy):
+    # Inf is outside the domain of a measurement (log of 0 upstream), not a missing value to impute.
+    df = frame()
+    df.loc[3, "c"] = -np.inf
+    df.loc[1, "d"] = np.nan  # a real missing value stays imputable
+    with pytest.raises(SiteDataError) as e:
+        load_genomics(table(tmp_path, df), GS, policy=policy)
+    msg = str(e.value)
+    assert "column 'c', row patient 'P3': infinite value" in msg and "'d'" not in msg
 
 
 # --- statistics and transforms ---------------------------------------------------------------

@@ -100,15 +100,44 @@ def test_bad_values_name_column_and_patient():
 
 
 def test_survival_masks_with_counted_reasons():
-    lab = parse_clinical(frame(survival_days=["100", "0", "-5", "", "200", "300.5"],
-                               event=["1", "1", "0", "1", "", "false"]))
-    assert lab.survival_known.tolist() == [True, False, False, False, False, True]
-    assert lab.masked["survival"] == {"survival_days <= 0": 2, "survival_days missing": 1, "event missing": 1}
-    assert lab.survival_time[5] == 300.5 and lab.event.tolist()[5] == 0.0
+    lab = parse_clinical(frame(survival_days=["100", "", "200", "300.5", "0.9"],
+                               event=["1", "1", "", "false", "1"]))
+    assert lab.survival_known.tolist() == [True, False, False, True, True]
+    assert lab.masked["survival"] == {"survival_days missing": 1, "event missing": 1}
+    assert lab.survival_time[3] == 300.5 and lab.event.tolist()[3] == 0.0
     assert np.isnan(lab.survival_time[1]) and np.isnan(lab.event[1])
     # a missing label masks only its own task
     m = lab.masks()
     assert m["diagnosis"].all() and m["grade"].all()
+
+
+@pytest.mark.parametrize("bad", ["-5", "0", "-0.0"])
+def test_survival_time_not_above_zero_is_an_error_not_a_mask(bad):
+    # A time <= 0 is out of the domain (the discrete-time loss needs > 0): naming file, column and
+    # patient, never masking it (the TCGA tables have no such time, so 0 is not a real value here).
+    with pytest.raises(SiteDataError) as e:
+        parse_clinical(frame(survival_days=["100", bad, "-3"], event=["1", "0", "1"]), "site/clinical.csv")
+    msg = str(e.value)
+    assert "site/clinical.csv: column 'survival_days', row patient 'P1': value out of range" in msg
+    assert "> 0" in msg and "(2 rows are invalid)" in msg and len(e.value.problems) == 1
+
+
+def test_the_diagnosis_rule_reads_exactly_the_declared_facts():
+    import inspect
+
+    from client.labels import DIAGNOSIS_READS, GRADE_READS, LABEL_COLUMNS
+    from smm_model.label_facts import FACT_NAMES
+
+    assert DIAGNOSIS_READS == FACT_NAMES and set(GRADE_READS) <= set(FACT_NAMES)
+    assert LABEL_COLUMNS[: len(FACT_NAMES)] == FACT_NAMES  # clinical.csv's columns come from the declaration
+    assert len(inspect.signature(who2021_diagnosis).parameters) == len(FACT_NAMES)
+    # every declared fact changes the diagnosis of some patient when only it changes
+    arr = np.array(BRANCHES, dtype=float)[:, :4]
+    base = who2021_diagnosis(*arr.T)
+    for k, name in enumerate(FACT_NAMES):
+        flipped = arr.copy()
+        flipped[:, k] = np.where(np.isnan(arr[:, k]), 0, np.nan)  # known <-> unknown
+        assert (who2021_diagnosis(*flipped.T) != base).any(), name
 
 
 def test_missing_label_masks_only_that_task():

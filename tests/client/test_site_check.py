@@ -136,3 +136,32 @@ def test_unreadable_manifest(site, capsys):
     (site / "manifest.json").write_text("{not json")
     rc, out, _ = run(capsys, site, "--no-checksums")
     assert rc == 1 and "manifest.json: not valid JSON" in out
+
+
+def test_a_gene_set_holding_a_label_fact_is_refused_unless_the_config_opts_in(site, capsys):
+    g = pd.read_csv(site / "genomics.csv")
+    g["IDH1_mut"] = (np.arange(len(g)) % 2).astype(float)
+    g["CDKN2C_cnv"] = 0.0  # a neighbouring gene: not a label fact
+    g.to_csv(site / "genomics.csv", index=False)
+    gs = pd.read_csv(site / "geneset.csv")
+    pd.concat([gs, pd.DataFrame({"feature": ["IDH1_mut", "CDKN2C_cnv"], "subspace": ["tumour", "tumour"]})]) \
+        .to_csv(site / "geneset.csv", index=False)
+    rc, out, _ = run(capsys, site, "--no-checksums")
+    assert rc == 1 and "FAILED: 1 error(s)" in out
+    line = next(ln for ln in out.splitlines() if "IDH1_mut" in ln)
+    assert f"{site / 'geneset.csv'}: feature(s) 'IDH1_mut' (IDH mutation) measure a fact the label rules read" in line
+    assert str(site / "genomics.csv") in line and "data.allow_label_features" in line
+    assert "CDKN2C_cnv" not in out
+    rc, out, _ = run(capsys, site, "--no-checksums", "--set", "data.allow_label_features=true")
+    assert rc == 0, out
+    assert "'IDH1_mut' (IDH mutation)" in out and "accepted because data.allow_label_features is true" in out
+
+
+def test_a_label_column_the_gene_set_does_not_list_is_only_warned_about(site, capsys):
+    g = pd.read_csv(site / "genomics.csv")
+    g["CDKN2A_cnv"] = -1.0  # in the table, not an input
+    g.to_csv(site / "genomics.csv", index=False)
+    rc, out, _ = run(capsys, site, "--no-checksums")
+    assert rc == 0, out
+    assert f"{site / 'genomics.csv'}: column(s) 'CDKN2A_cnv' (CDKN2A/B homozygous deletion)" in out
+    assert "not model inputs" in out

@@ -153,18 +153,26 @@ def test_splits_follow_the_fold_file(cohort, raw):
     assert seen == test_ids | train_ids
 
 
-def test_genomics_and_gene_set(cohort, raw):
+@pytest.fixture(scope="module")
+def cohort_all(tmp_path_factory) -> Path:
+    """`smm tcga --genomics rna,cnv,mut`: the option mode, run once."""
+    out = tmp_path_factory.mktemp("tcga_all") / "out"
+    assert main(["--tables", str(TABLES), "--out", str(out), "--genomics", "rna,cnv,mut"]) == 0
+    return out
+
+
+def _gene_set_checks(out: Path, raw: dict[str, pd.DataFrame], feats: list[str]) -> pd.Series:
+    """Every site's genomics.csv and geneset.csv hold exactly ``feats`` with the source's values; the
+    RNA genes sit in the subspace method.md A.5 gives them. Returns the gene set (feature -> subspace)."""
     por, sig = raw["porpoise"], raw["signatures"]
-    feats = [c for c in por.columns if c.endswith(("_rnaseq", "_cnv", "_mut"))]
     pat = por.drop_duplicates("case_id").set_index("case_id")
-    summary = json.loads((cohort / "cohort.json").read_text())
-    for name, s in read_sites(cohort).items():
+    for name, s in read_sites(out).items():
         g = s["genomics"]
         assert list(g.columns) == ["patient_id", *feats] and not g.isna().any().any()
         assert np.array_equal(g.set_index("patient_id")[feats].to_numpy(), pat.loc[g["patient_id"], feats].to_numpy())
         assert list(s["geneset"]["feature"]) == feats
-        m = Manifest.load(cohort / name / "manifest.json")
-        assert m.schema["gene_set"] == file_sha256(cohort / name / "geneset.csv")[:16]
+        m = Manifest.load(out / name / "manifest.json")
+        assert m.schema["gene_set"] == file_sha256(out / name / "geneset.csv")[:16]
     gs = s["geneset"].set_index("feature")["subspace"]
     group = {c: set(sig[c].dropna()) for c in sig.columns}
     micro = group["Cytokines and Growth Factors"] | group["Cell Differentiation Markers"]
@@ -173,16 +181,64 @@ def test_genomics_and_gene_set(cohort, raw):
     genes = {f[:-7] for f in feats if f.endswith("_rnaseq")}
     assert len(genes) == 1544 and genes <= micro | tumour
     assert (len(genes & micro), len(genes & tumour), len(genes & micro & tumour)) == (739, 841, 36)
-    both = genes & micro & tumour
-    to_tumour = both & (group["Oncogenes"] | group["Tumor Suppressor Genes"])
+    to_tumour = genes & micro & tumour & (group["Oncogenes"] | group["Tumor Suppressor Genes"])
+    assert len(to_tumour) == 27
     for gene in genes:
-        want = "tumour" if gene in to_tumour or gene not in micro else "micro"
-        assert gs[f"{gene}_rnaseq"] == want
+        assert gs[f"{gene}_rnaseq"] == ("tumour" if gene in to_tumour or gene not in micro else "micro")
     assert (gs[[f for f in feats if not f.endswith("_rnaseq")]] == "tumour").all()
-    assert (len(to_tumour), (gs == "micro").sum(), (gs == "tumour").sum()) == (27, 712, 878)
+    return gs
+
+
+def test_default_genomics_are_rna_only_and_hold_no_label_fact(cohort, raw):
+    from smm_model.label_facts import label_feature_hits
+
+    rna = [c for c in raw["porpoise"].columns if c.endswith("_rnaseq")]
+    gs = _gene_set_checks(cohort, raw, rna)
+    assert label_feature_hits(gs.index) == [] and all(f.endswith("_rnaseq") for f in gs.index)
+    assert ((gs == "tumour").sum(), (gs == "micro").sum()) == (832, 712)
+    summary = json.loads((cohort / "cohort.json").read_text())
     stats = summary["gene_set"]
     assert (stats["rna_in_micro_groups"], stats["rna_in_tumour_groups"], stats["rna_in_both"]) == (739, 841, 36)
-    assert (stats["rna_micro"], stats["rna_tumour"], stats["cnv"], stats["mut"]) == (712, 832, 30, 16)
+    assert (stats["rna_micro"], stats["rna_tumour"], stats["cnv"], stats["mut"]) == (712, 832, 0, 0)
+    assert (stats["tumour_features"], stats["micro_features"]) == (832, 712)
+    rec = summary["genomics"]
+    n_cnv = sum(c.endswith("_cnv") for c in raw["porpoise"].columns)
+    n_mut = sum(c.endswith("_mut") for c in raw["porpoise"].columns)
+    assert rec["inputs"] == ["rna"] and rec["columns"] == {"rna": 1544} and rec["left_out"] == []
+    assert rec["not_selected"]["columns"] == {"cnv": n_cnv, "mut": n_mut} == {"cnv": 30, "mut": 16}
+    assert "--genomics" in rec["not_selected"]["why"]
+
+
+def test_option_mode_adds_cnv_and_mutations_but_never_the_label_columns(cohort_all, raw):
+    from smm_model.label_facts import label_feature_hits
+
+    label_cols = {"IDH1_mut", "CDKN2A_cnv", "CDKN2B_cnv"}
+    assert label_cols <= set(raw["porpoise"].columns)  # the table has them: leaving them out is a choice
+    feats = [c for c in raw["porpoise"].columns if c.endswith(("_rnaseq", "_cnv", "_mut")) and c not in label_cols]
+    gs = _gene_set_checks(cohort_all, raw, feats)
+    assert not label_cols & set(gs.index) and not {"IDH2_mut"} & set(gs.index)
+    assert label_feature_hits(gs.index) == []
+    assert {"CIC_mut", "FUBP1_mut", "MTAP_cnv", "EGFR_cnv", "TP53_mut"} <= set(gs.index)  # correlates stay
+    assert ((gs == "tumour").sum(), (gs == "micro").sum()) == (875, 712)
+    for s in read_sites(cohort_all).values():
+        assert not label_cols & set(s["genomics"].columns)
+        assert "cdkn2ab" in s["clinical"]  # the label is still computed from the left-out columns
+    summary = json.loads((cohort_all / "cohort.json").read_text())
+    rec = summary["genomics"]
+    assert rec["inputs"] == ["rna", "cnv", "mut"] and rec["columns"] == {"rna": 1544, "cnv": 28, "mut": 15}
+    assert {(x["feature"], x["fact"]) for x in rec["left_out"]} == {
+        ("IDH1_mut", "idh"), ("CDKN2A_cnv", "cdkn2ab"), ("CDKN2B_cnv", "cdkn2ab")}
+    assert all("label" in x["why"] for x in rec["left_out"]) and "CIC_mut" in rec["caveat"]
+    stats = summary["gene_set"]
+    assert (stats["cnv"], stats["mut"], stats["tumour_features"], stats["micro_features"]) == (28, 15, 875, 712)
+
+
+def test_genomics_option_is_validated(tmp_path, capsys):
+    for bad in ("cnv,mut", "rna,methylation"):
+        assert main(["--tables", str(TABLES), "--out", str(tmp_path / "o"), "--genomics", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--genomics" in err and "rna" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_feature_files_are_linked_and_recorded(cohort, raw):
@@ -250,3 +306,29 @@ def test_table_errors_name_the_file_and_column(tmp_path):
         derive_geneset(["XYZ_rnaseq"], sig)
     with pytest.raises(CohortError, match="Oncogenes"):
         derive_geneset(["TP53_rnaseq"], sig.drop(columns="Oncogenes"))
+
+
+def test_iid_control_deals_the_same_patients_into_sites_of_the_real_sizes(cohort, tmp_path):
+    """`smm tcga --iid SEED`: every patient keeps its split, each `iid_<site>` holds as many patients
+    as the real site, and the deal mixes the regions (the real `tcga_gbm_legacy` is all grade 4)."""
+    out = tmp_path / "iid"
+    assert main(["--tables", str(TABLES), "--out", str(out), "--iid", "0"]) == 0
+    real, iid = read_sites(cohort), read_sites(out)
+    assert sorted(iid) == sorted(f"iid_{name}" for name in real)
+    for name, tables in real.items():
+        assert len(iid[f"iid_{name}"]["clinical"]) == len(tables["clinical"])
+    split = {}
+    for tables in real.values():
+        split.update(dict(zip(tables["clinical"]["patient_id"], tables["clinical"]["split"])))
+    dealt = pd.concat([t["clinical"] for t in iid.values()])
+    assert len(dealt) == len(split) and dict(zip(dealt["patient_id"], dealt["split"])) == split
+    assert iid["iid_tcga_gbm_legacy"]["clinical"]["grade"].nunique() > 1  # mixed, unlike the real site
+    region = {pid: name for name, t in real.items() for pid in t["clinical"]["patient_id"]}
+    for tables in iid.values():  # each site's other tables follow its patients
+        pids = set(tables["clinical"]["patient_id"])
+        assert set(tables["genomics"]["patient_id"]) == pids and set(tables["slides"]["patient_id"]) <= pids
+        assert len({region[p] for p in pids}) > 1
+    again = tmp_path / "again"
+    assert main(["--tables", str(TABLES), "--out", str(again), "--iid", "0"]) == 0  # the deal is seeded
+    assert all(read_sites(again)[n]["clinical"]["patient_id"].tolist() == t["clinical"]["patient_id"].tolist()
+               for n, t in iid.items())

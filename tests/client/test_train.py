@@ -9,8 +9,10 @@ from torch.utils.data import DataLoader
 
 from client.collate import collate_patients
 from client.synthetic import SynthSpec, synthetic_patients
-from client.train import evaluate, resolve_device, train_epochs
+from client.train import (evaluate, load_optimizer_state, make_optimizer, optimizer_state_arrays, resolve_device,
+                          train_epochs)
 from smm_model.config import ExperimentConfig
+from smm_model.losses import multitask_loss
 from smm_model.model import build_model
 
 SPEC = SynthSpec(feature_dim=24, genes_tumour=10, genes_micro=14, min_patches=20, max_patches=60)
@@ -135,3 +137,83 @@ def test_device_auto_is_cpu_without_gpu():
     assert resolve_device("auto").type == "cpu"
     with pytest.raises(RuntimeError, match="no CUDA"):
         resolve_device("cuda")
+
+
+# --- the optimizer state a site keeps between rounds (federation.site_optimizer: persist) -------------------
+
+def _step(model, optimizer, batch, cfg) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    multitask_loss(model(batch), batch, cfg.loss)[0].backward()
+    optimizer.step()
+
+
+def _trained_optimizer(data, cfg, steps: int = 3):
+    """A model and its optimizer after ``steps`` steps, and the next batch."""
+    tr, _ = loaders(*data)
+    batches = iter(tr)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = make_optimizer(model, cfg.train)
+    for _ in range(steps):
+        _step(model, optimizer, next(batches), cfg)
+    return model, optimizer, next(batches)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_optimizer_state_round_trip_continues_like_an_uninterrupted_optimizer(data, optimizer):
+    cfg = config("model.arch=snn", "model.tasks=[diagnosis, grade]", "model.dropout=0.0",
+                 f"train.optimizer={optimizer}")
+    model, opt, batch = _trained_optimizer(data, cfg)
+    arrays = optimizer_state_arrays(opt)
+    kept = {k: v.clone() for k, v in arrays.items()}
+    n_params = len(list(model.parameters()))
+    names = {"adam": {"step", "exp_avg", "exp_avg_sq"}, "adamw": {"step", "exp_avg", "exp_avg_sq"},
+             "sgd": {"momentum_buffer"}}[optimizer]
+    assert set(arrays) == {f"{i}.{name}" for i in range(n_params) for name in names}
+    assert all(v.device.type == "cpu" for v in arrays.values())
+    if optimizer != "sgd":
+        assert {float(v) for k, v in arrays.items() if k.endswith(".step")} == {3.0}
+    # Next round the site builds a new model and optimizer from the weights it has, and loads the state.
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    clone = build_model(cfg.model)
+    clone.load_state_dict(saved)
+    opt2 = make_optimizer(clone, cfg.train)
+    load_optimizer_state(opt2, arrays)
+    st1, st2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert set(st1) == set(st2)
+    assert all(torch.equal(st1[i][k], st2[i][k]) for i in st1 for k in st1[i])
+    _step(model, opt, batch, cfg)
+    _step(clone, opt2, batch, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), clone.parameters()))
+    # Without the state the same step lands elsewhere: the comparison above can fail.
+    fresh = build_model(cfg.model)
+    fresh.load_state_dict(saved)
+    _step(fresh, make_optimizer(fresh, cfg.train), batch, cfg)
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    # Neither optimizer stepped the arrays in place (the source's state, nor the one that loaded
+    # them): a round rerun from the same kept state is the same round.
+    assert all(torch.equal(arrays[k], kept[k]) for k in kept)
+
+
+def test_an_optimizer_state_of_another_shape_is_refused(data):
+    cfg = config("model.arch=snn", "model.tasks=[diagnosis]", "model.dropout=0.0")
+    model, opt, _ = _trained_optimizer(data, cfg, steps=1)
+    arrays = optimizer_state_arrays(opt)
+    n_params = len(list(model.parameters()))
+
+    def target():
+        return make_optimizer(build_model(cfg.model), cfg.train)
+
+    with pytest.raises(ValueError, match=f"unexpected entry '{n_params}.exp_avg'"):
+        load_optimizer_state(target(), {**arrays, f"{n_params}.exp_avg": torch.zeros(3)})
+    for bad in ("x.exp_avg", "0", "0."):
+        with pytest.raises(ValueError, match="unexpected entry"):
+            load_optimizer_state(target(), {**arrays, bad: torch.zeros(1)})
+    wrong = dict(arrays)
+    wrong["0.exp_avg"] = torch.zeros(*arrays["0.exp_avg"].shape, 2)
+    with pytest.raises(ValueError, match=r"0.exp_avg has shape"):
+        load_optimizer_state(target(), wrong)
+    other = config("model.arch=snn", "model.tasks=[diagnosis]", "model.snn_hidden=[12]", "model.hidden_dim=20")
+    with pytest.raises(ValueError, match="has shape"):
+        load_optimizer_state(make_optimizer(build_model(other.model), other.train), arrays)
+    load_optimizer_state(target(), arrays)  # the right model takes it

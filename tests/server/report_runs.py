@@ -90,18 +90,19 @@ def _site_info(keys, sizes) -> dict[str, Any]:
 def write_run(run_dir: Path, *, mode: str = "federated", rounds: int = 3, configured: int | None = None,
               skip: tuple[int, ...] = (), final: bool = True, new_fields: bool = True, seed: int = 0,
               sizes: tuple[int, ...] = (9, 7, 2), quality: float = 0.6, torn_last_line: bool = False,
-              keys: tuple[str, ...] | None = None) -> dict[str, Any] | None:
+              keys: tuple[str, ...] | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """Write config.yaml, rounds.jsonl and (``final``) final_metrics.json; returns the final metrics.
 
     ``mode``: "federated" (sites keyed by node id, train.per_site with coordination counts) or
     "centralized"/"local-only" (keyed by site name, train.epoch_losses). The last site of ``sizes``
-    is below ``federation.min_site_patients`` (3) and so suppressed.
+    is below ``federation.min_site_patients`` (3) and so suppressed. ``overrides``: extra config
+    ``key=value`` settings of the run.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     configured = rounds if configured is None else configured
-    cfg = ExperimentConfig.from_yaml_text("", [*OVERRIDES, f"federation.rounds={configured}"])
+    cfg = ExperimentConfig.from_yaml_text("", [*OVERRIDES, f"federation.rounds={configured}", *overrides])
     text = config_text(cfg)
     (run_dir / "config.yaml").write_text(text)
     federated = mode == "federated"

@@ -147,6 +147,15 @@ def test_report_names_what_the_numbers_cannot_say(fed):
     assert "all sites pooled" in test and "site_1" in test and "suppressed" in test
 
 
+def test_a_run_that_allowed_label_features_says_its_inputs_may_encode_the_labels(fed, tmp_path):
+    assert "INPUTS MAY ENCODE THE LABELS" not in fed[2].read_text()  # the default run has no such caveat
+    run = tmp_path / "run"  # no rounds: the caveat needs only the config, and the report stays fast
+    write_run(run, rounds=0, configured=1, seed=7, overrides=("data.allow_label_features=true",))
+    limits = _text(_sections(write_report([run]).read_text())["limits"])
+    assert "INPUTS MAY ENCODE THE LABELS" in limits and "data.allow_label_features: true" in limits
+    assert "IDH mutation" in limits and "CDKN2A/B homozygous deletion" in limits
+
+
 # --- comparisons ----------------------------------------------------------------------------------------
 
 def test_comparing_run_folders(compared):

@@ -78,10 +78,12 @@ def test_a_run_writes_its_folder_and_follows_the_message_contract(tmp_path):
     # The contract the ClientApp implements.
     kinds = [(i.message_type, frozenset(i.config)) for i in transport.sent]
     assert kinds[0] == (PREFLIGHT, frozenset({"experiment"}))
-    assert (TRAIN, frozenset({"experiment", "shared", "server-round", "lr", "local-epochs", "proximal-mu"})) in kinds
+    assert (TRAIN, frozenset({"experiment", "shared", "server-round", "lr", "local-epochs", "local-steps",
+                              "proximal-mu"})) in kinds
     assert (EVALUATE, frozenset({"experiment", "shared", "server-round", "split"})) in kinds
     train = [i for i in transport.sent if i.message_type == TRAIN]
     assert {i.config["local-epochs"] for i in train} == {2} and {i.config["proximal-mu"] for i in train} == {0.01}
+    assert {i.config["local-steps"] for i in train} == {0}  # federation.local_steps: 0 = local_epochs
     assert [i.config["server-round"] for i in train] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     tests = [i for i in transport.sent if i.message_type == EVALUATE and i.config["split"] == "test"]
     assert [i.node_id for i in tests] == [11, 12, 13] and {i.config["server-round"] for i in tests} == {3}
@@ -157,6 +159,51 @@ def test_resume_after_a_crash_between_log_line_and_checkpoint(tmp_path, uninterr
     run_federation(FakeTransport(sites(3)), cfg, run, resume=True)
     assert [r["round"] for r in read_rounds(run)] == [0, 1, 2, 3, 4]
     assert_same_run(uninterrupted[0], run)
+
+
+def test_resume_continues_fedavgm_momentum_bit_exactly(tmp_path):
+    """FedAvgM keeps an ArrayRecord and a list of momentum arrays: both go through the checkpoint."""
+    cfg = config("federation.rounds=4", "federation.strategy=fedavgm", "federation.server_momentum=0.9",
+                 "federation.server_lr=0.8")
+    whole = tmp_path / "whole"
+    run_federation(FakeTransport(sites(3)), cfg, whole)
+    run = tmp_path / "run"
+    crash = FakeTransport(sites(3), crash=lambda i: i.message_type == TRAIN and i.config["server-round"] == 3)
+    with pytest.raises(Crash):
+        run_federation(crash, cfg, run)
+    saved = load_latest(run)
+    assert saved.round == 2 and saved.strategy_state["class"] == "FedAvgM"
+    assert [m.shape for m in saved.strategy_state["momentum_vector"]] == [w.shape for w in saved.weights.values()]
+    run_federation(FakeTransport(sites(3)), cfg, run, resume=True)
+    assert_same_run(whole, run)
+
+
+def test_eval_every_selects_among_the_validated_rounds_only(tmp_path):
+    """Sites that overshoot their targets (step 2.5) make every round worse than the one before.
+    Validated every round, round 1 is selected; validated every 2nd round and the last, round 2
+    is: round 1 has no validation to be compared by."""
+    overshoot = {str(n): {"step": 2.5} for n in (11, 12, 13)}
+    every = run_federation(FakeTransport(sites(3, **overshoot)), config("federation.rounds=3"), tmp_path / "every")
+    assert every["best_round"] == 1
+    transport = FakeTransport(sites(3, **overshoot))
+    run = tmp_path / "k2"
+    final = run_federation(transport, config("federation.rounds=3", "federation.eval_every=2"), run)
+    rounds = read_rounds(run)
+    assert [r["val"] is not None for r in rounds] == [True, False, True, True]
+    assert rounds[1]["selection"] == {"metric": "loss", "value": None, "best_round": None, "best_value": None}
+    assert "evaluate" not in rounds[1]["timings"]
+    nbytes = arrays_nbytes(initial_weights(config()))
+    assert rounds[1]["bytes"]["sent"] == 3 * nbytes and rounds[2]["bytes"]["sent"] == 6 * nbytes
+    losses = {r["round"]: r["val"]["global"]["values"]["loss"] for r in rounds[2:]}
+    assert losses[2] < losses[3] and final["best_round"] == 2 and final["selection_value"] == losses[2]
+    evals = [i for i in transport.sent if i.message_type == EVALUATE]
+    assert [i.config["server-round"] for i in evals if i.config["split"] == "val"] == [0] * 3 + [2] * 3 + [3] * 3
+    tests = [i for i in evals if i.config["split"] == "test"]
+    assert {i.config["server-round"] for i in tests} == {2}
+    assert all(np.array_equal(tests[0].arrays[k], load_checkpoint(run, 2).weights[k]) for k in tests[0].arrays)
+    # Validating less often changes what is measured, not what is trained.
+    a, b = load_checkpoint(run, 3).weights, load_checkpoint(tmp_path / "every", 3).weights
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_a_finished_run_resumed_only_redoes_the_final_evaluation(tmp_path):

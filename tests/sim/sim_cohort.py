@@ -17,10 +17,16 @@ SMALL = ["model.feature_dim=32", "model.genes_tumour=20", "model.genes_micro=30"
          "federation.wait_for_nodes_s=120"]
 
 
+#: ``CohortSpec`` settings that make the sites identically distributed: the same class prior (a
+#: Dirichlet this concentrated draws the cohort's prior at every site) and no site batch effects.
+IID = {"class_concentration": 1e6, "site_gene_shift": 0.0, "site_patch_shift": 0.0}
+
+
 def write_features_cohort(out: Path, sites: int = 3, patients: int = 24, feature_dim: int = 32,
-                          seed: int = 5) -> Path:
-    """``smm synth --features-only`` into ``out`` (site_1..site_K); returns ``out``."""
+                          seed: int = 5, **spec) -> Path:
+    """``smm synth --features-only`` into ``out`` (site_1..site_K); returns ``out``. ``spec``: other
+    ``CohortSpec`` fields (e.g. ``**IID``)."""
     d = CohortSpec()
     write_cohort(out, replace(d, sites=sites, patients_per_site=patients, features_only=True, seed=seed,
-                              features=replace(d.features, feature_dim=feature_dim)), log=lambda *_: None)
+                              features=replace(d.features, feature_dim=feature_dim), **spec), log=lambda *_: None)
     return out

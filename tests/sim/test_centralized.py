@@ -142,6 +142,23 @@ def test_centralized_training_lowers_the_loss(central):
     assert final["epochs"] == 4 and final["best_round"] in (1, 2) and final["test"]["patients"] > 0
 
 
+def test_centralized_validates_every_kth_round_and_selects_by_a_metric_mean(cohort, tmp_path):
+    metric = "diagnosis.macro_f1+grade.macro_f1"
+    cfg = cfg_for(cohort, "federation.rounds=3", "federation.local_epochs=1", "federation.eval_every=2",
+                  f"federation.selection_metric={metric}")
+    final = run_centralized(cfg, sites_of(cfg), tmp_path / "run", say=lambda _m: None)
+    rounds = rounds_of(tmp_path / "run")
+    assert [r["val"] is not None for r in rounds] == [True, False, True, True]
+    assert rounds[1]["selection"] == {"metric": metric, "value": None, "best_round": None, "best_value": None}
+    value = {r["round"]: (r["val"]["global"]["values"]["diagnosis.macro_f1"]
+                          + r["val"]["global"]["values"]["grade.macro_f1"]) / 2 for r in rounds[2:]}
+    for r in rounds[2:]:
+        assert r["selection"]["value"] == pytest.approx(value[r["round"]])
+    best = max(value, key=value.get)  # higher is better; the first of equals is kept
+    assert final["best_round"] == best and final["selection_value"] == pytest.approx(value[best])
+    assert not final["lower_is_better"]
+
+
 def test_evaluate_reproduces_the_runs_test_metrics(cohort, central, tmp_path, capsys):
     final = json.loads((central / rf.FINAL_FILE).read_text())
     sites = [str(p) for p in sites_of(cfg_for(cohort)).values()]

@@ -10,7 +10,10 @@ calls the ClientApp, and turns the reply -- or the exception, as an error reply 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -19,16 +22,26 @@ from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Mes
 
 import client.app as client_app
 from server.app import reply_from_message
+from server.checkpoint import load_checkpoint, load_latest
 from server.loop import run_federation
-from server.messages import ARRAYS, CONFIG, Reply, sanitize_error
+from server.messages import ARRAYS, CONFIG, CONTROL, TRAIN, Instruction, Reply, sanitize_error
 from sim_cohort import SMALL, write_features_cohort
 from smm_model.config import ExperimentConfig
 
 
-class InProcessFlower:
-    """A transport that runs ``client.app.app`` for each node, as Flower's simulation would."""
+class Crash(BaseException):
+    """Simulates the server process dying (not an Exception: nothing may catch it)."""
 
-    def __init__(self, n_sites: int) -> None:
+
+class InProcessFlower:
+    """A transport that runs ``client.app.app`` for each node, as Flower's simulation would.
+
+    The nodes' ``Context`` objects live as long as the transport, as a SuperNode's do across a
+    restart of the server. ``crash``: ``Instruction -> bool``; when true the "server" dies before
+    sending it."""
+
+    def __init__(self, n_sites: int, crash: Callable[[Instruction], bool] | None = None) -> None:
+        self.crash = crash
         self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(), run_config={},
                                           node_config={"partition-id": k, "num-partitions": n_sites})
                          for k in range(n_sites)}
@@ -40,9 +53,12 @@ class InProcessFlower:
     def send(self, instructions):
         out = []
         for i, ins in enumerate(instructions):
+            if self.crash is not None and self.crash(ins):
+                raise Crash(f"server killed before sending {ins.message_type} to node {ins.node_id}")
             content = RecordDict({CONFIG: ConfigRecord(dict(ins.config))})
-            if ins.arrays is not None:
-                content[ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in ins.arrays.items()})
+            for name, arrays in ((ARRAYS, ins.arrays), (CONTROL, ins.control)):  # as server.app.instruction_message
+                if arrays is not None:
+                    content[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
             msg = Message(content=content, metadata=Metadata(
                 run_id=1, message_id=f"m{i}", src_node_id=1, dst_node_id=ins.node_id, reply_to_message_id="",
                 group_id="", created_at=time.time(), ttl=DEFAULT_TTL, message_type=ins.message_type))
@@ -102,3 +118,218 @@ def test_a_failing_site_reaches_the_server_as_a_code_only(tmp_path, monkeypatch)
     # One process served all three sites (as a Ray actor does): each log holds its own site only.
     assert sentinel not in logs["site_1.log"] and sentinel not in logs["site_2.log"]
     assert [text.count("preflight:") for _, text in sorted(logs.items())] == [1, 1, 0]
+
+
+# --- federation.site_optimizer, local_steps and eval_every through the real ClientApp ----------------------
+
+STEPS = 2  # federation.local_steps of the runs below
+
+
+@dataclass
+class TrainSeen:
+    """One train message as a node saw it: the round, the node, the message's and the reply's
+    content, and the array records of the node's ``Context.state`` after it (as numpy)."""
+
+    round: int
+    node: int
+    sent: RecordDict
+    reply: RecordDict
+    state: dict[str, dict[str, np.ndarray]]
+
+
+def _record_runs(tmp, cohort, variants: dict[str, list[str]]) -> dict[str, dict]:
+    """Run each variant (name -> config overrides on top of 3 rounds of ``STEPS`` local steps) over
+    an ``InProcessFlower`` whose ClientApp calls are recorded (``TrainSeen`` per train message)."""
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        app = client_app.app
+
+        def recording(msg, context):
+            reply = app(msg, context)
+            if msg.metadata.message_type == TRAIN:
+                seen.append(TrainSeen(int(msg.content[CONFIG]["server-round"]), context.node_id, msg.content,
+                                      reply.content, {name: {k: a.numpy().copy() for k, a in rec.items()}
+                                                      for name, rec in context.state.array_records.items()}))
+            return reply
+
+        mp.setattr(client_app, "app", recording)
+        for name, overrides in variants.items():
+            seen: list[TrainSeen] = []
+            cfg = ExperimentConfig.from_yaml_text("", [*SMALL, f"data.sites_root={cohort}", "federation.rounds=3",
+                                                       f"federation.local_steps={STEPS}", *overrides])
+            mp.setenv(client_app.LOG_DIR_ENV, str(tmp / f"logs-{name}"))
+            transport = InProcessFlower(3)
+            final = run_federation(transport, cfg, tmp / name, poll_s=0.01)
+            logs = {f.name: f.read_text() for f in sorted((tmp / f"logs-{name}").iterdir())}
+            runs[name] = {"cfg": cfg, "transport": transport, "seen": seen, "final": final, "run": tmp / name,
+                          "logs": logs}
+    return runs
+
+
+@pytest.fixture(scope="module")
+def site_optimizer_runs(tmp_path_factory):
+    """The same 3-round federation (local_steps, eval_every=2) with ``persist`` and ``fresh`` site
+    optimizers."""
+    tmp = tmp_path_factory.mktemp("site_optimizer")
+    cohort = write_features_cohort(tmp / "cohort", patients=12)
+    return _record_runs(tmp, cohort, {mode: ["federation.eval_every=2", f"federation.site_optimizer={mode}"]
+                                      for mode in ("persist", "fresh")})
+
+
+def _rounds(run_dir):
+    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def _assert_reply_is_the_model_only(content, model_keys):
+    """A train reply: the model's arrays under "arrays" and the metrics, nothing of the optimizer."""
+    assert set(content.array_records) == {ARRAYS} and set(content.metric_records) == {"metrics"}
+    assert not content.config_records
+    assert list(content[ARRAYS].keys()) == model_keys  # exactly the state_dict's keys, in order
+    metrics = content["metrics"]
+    assert not [k for k in metrics if "optimizer" in k or k.split(".")[0].isdigit()], list(metrics)
+
+
+def test_a_persisting_site_keeps_its_optimizer_at_the_site_only(site_optimizer_runs):
+    from smm_model.model import build_model
+
+    run = site_optimizer_runs["persist"]
+    model_keys = list(build_model(run["cfg"].model).state_dict())
+    seen = run["seen"]
+    assert sorted((t.round, t.node) for t in seen) == [(r, n) for r in (1, 2, 3) for n in (100, 101, 102)]
+    for t in seen:
+        r, node, content, kept = t.round, t.node, t.reply, t.state.get(client_app.OPTIMIZER_STATE_KEY)
+        _assert_reply_is_the_model_only(content, model_keys)
+        assert content["metrics"]["steps"] == STEPS
+        # After round r the node holds Adam's state, continued: every step count is r x local_steps.
+        assert kept is not None, (r, node)
+        steps = {k: float(v) for k, v in kept.items() if k.endswith(".step")}
+        assert steps and set(steps.values()) == {float(r * STEPS)}, (r, node)
+        assert {k.split(".", 1)[1] for k in kept} == {"step", "exp_avg", "exp_avg_sq"}  # train.optimizer=adamw
+        assert not set(kept) & set(content[ARRAYS].keys())
+    for ctx in run["transport"].contexts.values():
+        assert client_app.OPTIMIZER_STATE_KEY in ctx.state
+    for name, text in run["logs"].items():
+        lines = {r: next(ln for ln in text.splitlines() if f"train round {r}:" in ln) for r in (1, 2, 3)}
+        assert "new optimizer state kept at the site" in lines[1], name
+        assert f"{STEPS} steps" in lines[1], name
+        for r in (2, 3):
+            assert "optimizer state continued from the previous round" in lines[r], name
+
+
+def test_a_fresh_site_optimizer_keeps_nothing_and_round_one_is_the_same(site_optimizer_runs):
+    from smm_model.model import build_model
+
+    run = site_optimizer_runs["fresh"]
+    model_keys = list(build_model(run["cfg"].model).state_dict())
+    assert len(run["seen"]) == 9
+    for t in run["seen"]:
+        _assert_reply_is_the_model_only(t.reply, model_keys)
+        assert not t.state and t.reply["metrics"]["steps"] == STEPS
+    for ctx in run["transport"].contexts.values():
+        assert client_app.OPTIMIZER_STATE_KEY not in ctx.state and not ctx.state.array_records
+    assert all("optimizer state" not in text for text in run["logs"].values())
+    # Round 1 starts from no state either way: bit-identical; from round 2 on the kept moments count.
+    persist = site_optimizer_runs["persist"]["run"]
+    w = {r: (load_checkpoint(run["run"], r).weights, load_checkpoint(persist, r).weights) for r in (1, 2)}
+    assert all(np.array_equal(w[1][0][k], w[1][1][k]) for k in w[1][0])
+    assert not all(np.array_equal(w[2][0][k], w[2][1][k]) for k in w[2][0])
+
+
+@pytest.mark.parametrize("mode", ["persist", "fresh"])
+def test_eval_every_validates_every_kth_round_and_the_last_and_selects_among_them(site_optimizer_runs, mode):
+    run = site_optimizer_runs[mode]
+    rounds = _rounds(run["run"])
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert [r["val"] is not None for r in rounds] == [True, False, True, True]
+    assert rounds[1]["selection"]["value"] is None and rounds[1]["selection"]["best_round"] is None
+    assert "evaluate" not in rounds[1]["timings"]
+    vals = {r["round"]: r["val"]["global"]["values"]["loss"] for r in rounds[2:]}
+    best = min(vals, key=vals.get)
+    assert run["final"]["best_round"] == best and run["final"]["selection_value"] == vals[best]
+    assert rounds[3]["selection"]["best_round"] == best
+
+
+
+# --- federation.strategy: scaffold through the real ClientApp -------------------------------------------
+
+@pytest.fixture(scope="module")
+def scaffold_run(tmp_path_factory):
+    """A 3-round SCAFFOLD federation of three sites (``STEPS`` local steps), recorded."""
+    tmp = tmp_path_factory.mktemp("scaffold")
+    cohort = write_features_cohort(tmp / "cohort", patients=12)
+    return _record_runs(tmp, cohort, {"scaffold": ["federation.strategy=scaffold"]})["scaffold"]
+
+
+def _numpy(record) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def test_scaffold_control_variates_travel_and_stay_where_they_belong(scaffold_run):
+    from server.loop import model_parameters
+    from smm_model.model import build_model
+
+    run = scaffold_run
+    params = model_parameters(run["cfg"])
+    model = build_model(run["cfg"].model)
+    model_keys = list(model.state_dict())
+    assert list(params) == [k for k, _ in model.named_parameters()]
+    assert all(r["status"] == "aggregated" and len(r["train"]["kept"]) == 3 for r in _rounds(run["run"])[1:])
+    seen = {(t.round, t.node): t for t in run["seen"]}
+    assert sorted(seen) == [(r, n) for r in (1, 2, 3) for n in (100, 101, 102)]
+    for (r, node), t in seen.items():
+        assert set(t.sent.array_records) == set(t.reply.array_records) == {ARRAYS, CONTROL}
+        assert list(t.reply[ARRAYS].keys()) == model_keys
+        control = _numpy(t.reply[CONTROL])
+        assert list(control) == list(params), (r, node)  # exactly the model's parameters, in order
+        assert all(control[k].shape == p.shape and control[k].dtype == p.dtype for k, p in params.items())
+        assert all(np.isfinite(v).all() for v in control.values()) and any(v.any() for v in control.values())
+        # From round 1 on the node keeps the c_i it sent in its Context.state.
+        kept = t.state[client_app.CONTROL_STATE_KEY]
+        assert all(np.array_equal(kept[k], control[k]) for k in params), (r, node)
+    # The c a round sends: zeros in round 1, then the example-weighted mean of the previous round's c_i.
+    assert all(not v.any() for n in (100, 101, 102) for v in _numpy(seen[1, n].sent[CONTROL]).values())
+    for r in (2, 3):
+        prev = {n: seen[r - 1, n].reply for n in (100, 101, 102)}
+        weights = {n: rep["metrics"]["num-examples"] for n, rep in prev.items()}
+        for k in params:
+            want = sum(w * prev[n][CONTROL][k].numpy().astype(np.float64) for n, w in weights.items())
+            want /= sum(weights.values())
+            for n in (100, 101, 102):
+                np.testing.assert_allclose(seen[r, n].sent[CONTROL][k].numpy(), want, rtol=1e-5, atol=1e-9)
+    for text in run["logs"].values():
+        lines = [ln for ln in text.splitlines() if "SCAFFOLD correction" in ln]
+        assert len(lines) == 3 and "train round 1:" in lines[0] and "with a zero site control" in lines[0]
+        for r, line in zip((2, 3), lines[1:]):
+            assert f"train round {r}:" in line and "with the previous round's site control variate" in line
+    # The server keeps one c_i per site, the last one it aggregated, with the site's example count.
+    saved = load_latest(run["run"])
+    assert saved.round == 3
+    sites = saved.strategy_state["scaffold"]["sites"]
+    assert sorted(sites) == [100, 101, 102]
+    for n, entry in sites.items():
+        last = seen[3, n].reply
+        assert entry["weight"] == last["metrics"]["num-examples"]
+        assert all(np.array_equal(entry["control"][k], last[CONTROL][k].numpy()) for k in params)
+
+
+def test_a_resumed_scaffold_run_ends_with_the_uninterrupted_weights(scaffold_run, tmp_path, monkeypatch):
+    """Killed before round 3; the server's c_i come back from the checkpoint, the sites' own c_i
+    from the contexts they kept, and round 3 is the uninterrupted run's, bit for bit."""
+    monkeypatch.setenv(client_app.LOG_DIR_ENV, str(tmp_path / "site-logs"))
+    cfg, whole = scaffold_run["cfg"], load_checkpoint(scaffold_run["run"], 3).weights
+    transport = InProcessFlower(3, crash=lambda i: i.message_type == TRAIN and i.config["server-round"] == 3)
+    run, lost = tmp_path / "run", tmp_path / "lost"
+    with pytest.raises(Crash):
+        run_federation(transport, cfg, run, poll_s=0.01)
+    saved = load_latest(run)
+    assert saved.round == 2 and sorted(saved.strategy_state["scaffold"]["sites"]) == [100, 101, 102]
+    shutil.copytree(run, lost)
+    transport.crash = None
+    run_federation(transport, cfg, run, resume=True, poll_s=0.01)
+    assert [r["round"] for r in _rounds(run)] == [0, 1, 2, 3]
+    resumed = load_checkpoint(run, 3).weights
+    assert list(resumed) == list(whole) and all(np.array_equal(whole[k], resumed[k]) for k in whole)
+    # The sites' c_i count: sites that lost their Context.state (c_i back to zero) end elsewhere.
+    run_federation(InProcessFlower(3), cfg, lost, resume=True, poll_s=0.01)
+    elsewhere = load_checkpoint(lost, 3).weights
+    assert not all(np.array_equal(whole[k], elsewhere[k]) for k in whole)

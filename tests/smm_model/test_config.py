@@ -167,7 +167,7 @@ def test_unknown_coordination_mode():
 def test_other_enumerations_checked():
     assert_fails("model:\n  arch: transmil\n", "model.arch")
     assert_fails("model:\n  layout: random\n", "model.layout")
-    assert_fails("train:\n  optimizer: sgd\n", "train.optimizer")
+    assert_fails("train:\n  optimizer: rmsprop\n", "train.optimizer")
     assert_fails("train:\n  device: tpu\n", "train.device")
 
 
@@ -210,6 +210,35 @@ def test_override_creates_missing_sections_and_parses_yaml_values():
 def test_override_values_are_validated():
     assert_fails("", "model.hidden_dim", overrides=("model.hidden_dim=-4",))
     assert_fails("", "hiden_dim", overrides=("model.hiden_dim=64",))
+
+
+@pytest.mark.parametrize("override, field, fragment", [
+    ("federation.local_steps=-1", "federation.local_steps", ">= 0"),
+    ("federation.site_optimizer=keep", "federation.site_optimizer", "'keep'"),
+    ("federation.eval_every=0", "federation.eval_every", "positive"),
+    ("federation.server_lr=0", "federation.server_lr", "> 0"),
+    ("federation.server_momentum=-0.1", "federation.server_momentum", "[0, 1)"),
+    ("federation.server_momentum=1.0", "federation.server_momentum", "[0, 1)"),
+    ("federation.server_momentum=0.9", "federation.server_momentum", "FedAvgM's; federation.strategy is 'fedavg'"),
+    ("train.logit_adjustment=-0.5", "train.logit_adjustment", ">= 0"),
+    ("federation.selection_metric=loss+diagnosis.auc", "federation.selection_metric", "joined by '+'"),
+])
+def test_federation_protocol_settings_are_validated(override, field, fragment):
+    assert_fails("", field, fragment, overrides=(override,))
+
+
+def test_federation_protocol_defaults_and_accepted_values():
+    f, t = ExperimentConfig().federation, ExperimentConfig().train
+    assert (f.local_steps, f.site_optimizer, f.eval_every, f.server_lr, f.server_momentum) == (0, "fresh", 1, None, 0.0)
+    assert t.logit_adjustment == 0.0
+    cfg = load("federation:\n  strategy: fedavgm\n  server_momentum: 0.9\n  server_lr: null\n  local_steps: 12\n"
+               "  site_optimizer: persist\n  eval_every: 5\n"
+               "  selection_metric: diagnosis.macro_f1+survival.c_index\ntrain:\n  logit_adjustment: 1\n")
+    f = cfg.federation
+    assert (f.strategy, f.server_momentum, f.server_lr, f.local_steps, f.site_optimizer, f.eval_every) == (
+        "fedavgm", 0.9, None, 12, "persist", 5)
+    assert cfg.train.logit_adjustment == 1.0 and isinstance(cfg.train.logit_adjustment, float)
+    assert load(yaml.safe_dump(to_dict(cfg))) == cfg  # null server_lr survives the round trip
 
 
 @pytest.mark.parametrize("bad", ["model.hidden_dim", "=64", "model..hidden_dim=64", "model.hidden_dim=[1,",

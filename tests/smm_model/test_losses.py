@@ -11,6 +11,7 @@ from smm_model.batch import Batch
 from smm_model.config import LossConfig
 from smm_model.losses import (
     consistency_loss,
+    logit_adjustment_offsets,
     multitask_loss,
     nll_survival_loss,
     relation_map,
@@ -357,3 +358,65 @@ def test_multitask_loss_only_enabled_tasks():
     total, parts = multitask_loss(out, batch, LossConfig(task_weights={"grade": 2.0}))
     assert set(parts) == {"grade"}
     assert _f(total) == pytest.approx(2.0 * parts["grade"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- logit adjustment
+
+
+def hand_offsets(site: list[float], pooled: list[float], tau: float) -> list[float]:
+    """tau * (log((s + 1) / (S + C)) - log((p + 1) / (P + C))): add-one smoothed priors."""
+    c, s_tot, p_tot = len(site), sum(site), sum(pooled)
+    return [tau * (math.log((s + 1) / (s_tot + c)) - math.log((p + 1) / (p_tot + c))) for s, p in zip(site, pooled)]
+
+
+def test_logit_adjustment_offsets_match_hand_computation():
+    site, pooled, tau = [5, 0, 3, 12], [40, 10, 25, 25], 0.7
+    got = logit_adjustment_offsets(site, pooled, tau)
+    assert got.shape == (4,) and got.dtype == torch.float32
+    assert got.tolist() == pytest.approx(hand_offsets(site, pooled, tau), rel=1e-6)
+    # A class the site lacks: finite and the most negative offset, not -inf.
+    assert math.isfinite(got[1]) and int(got.argmin()) == 1
+    assert logit_adjustment_offsets(site, pooled, 2 * tau).tolist() == pytest.approx((2 * got).tolist(), rel=1e-6)
+    assert logit_adjustment_offsets(site, pooled, 0.0).tolist() == [0.0] * 4
+
+
+def test_a_site_with_the_pooled_prior_gets_no_offsets():
+    assert logit_adjustment_offsets([7, 2, 5], [7, 2, 5], 1.3).tolist() == [0.0, 0.0, 0.0]  # a one-site federation
+    assert logit_adjustment_offsets([4, 4, 4], [30, 30, 30], 1.0).tolist() == pytest.approx([0.0] * 3, abs=1e-7)
+    # The priors compared are the smoothed ones: a small site with the pooled proportions is pulled
+    # towards uniform by its +1s, so it gets small offsets of that sign (exactly as by hand).
+    small = logit_adjustment_offsets([2, 4, 6], [20, 40, 60], 1.0)
+    assert small.tolist() == pytest.approx(hand_offsets([2, 4, 6], [20, 40, 60], 1.0), rel=1e-6)
+    assert small[0] > 0 > small[2]
+
+
+@pytest.mark.parametrize("site, pooled", [([1, 2], [1, 2, 3]), ([1, -1, 2], [3, 3, 3]), ([[1, 2]], [[1, 2]])])
+def test_logit_adjustment_offsets_refuse_bad_counts(site, pooled):
+    with pytest.raises(ValueError, match="logit adjustment"):
+        logit_adjustment_offsets(site, pooled, 1.0)
+
+
+def test_multitask_loss_with_logit_offsets_is_cross_entropy_on_shifted_logits():
+    B = 6
+    mask = {"diagnosis": torch.tensor([True, True, True, True, False, True])}
+    batch, out = _batch(B, mask), _output(B, with_consistency=False)
+    raw = {k: v.detach().clone() for k, v in out.logits.items()}
+    offsets = {"diagnosis": torch.tensor([0.5, -1.0, 0.0, 2.0]), "grade": torch.tensor([-0.3, 0.0, 0.3])}
+    cw = {"diagnosis": torch.tensor(CE_WEIGHT)}
+    total, parts = multitask_loss(out, batch, LossConfig(), cw, offsets)
+    _, plain = multitask_loss(out, batch, LossConfig(), cw)
+
+    def shifted(task, rows):
+        return [[v + o for v, o in zip(raw[task][i].tolist(), offsets[task].tolist())] for i in rows]
+
+    rows = [i for i in range(B) if mask["diagnosis"][i]]
+    labels = {t: batch.labels[t].tolist() for t in ("diagnosis", "grade")}
+    assert parts["diagnosis"] == pytest.approx(
+        hand_weighted_ce(shifted("diagnosis", rows), [labels["diagnosis"][i] for i in rows], CE_WEIGHT), rel=1e-5)
+    assert parts["grade"] == pytest.approx(hand_weighted_ce(shifted("grade", range(B)), labels["grade"], [1.0] * 3),
+                                           rel=1e-5)
+    assert parts["diagnosis"] != pytest.approx(plain["diagnosis"], rel=1e-3)  # the offsets were used
+    assert parts["survival"] == plain["survival"]  # survival has no classes to adjust
+    assert _f(total) == pytest.approx(sum(parts.values()), rel=1e-6)
+    # Inside the loss only: the model's logits (its predictions) are untouched.
+    assert all(torch.equal(out.logits[k].detach(), raw[k]) for k in raw)

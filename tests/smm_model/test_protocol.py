@@ -1,12 +1,15 @@
 """Preflight summaries -> shared statistics, and evaluation statistics -> global metrics."""
 
+import re
+
 import numpy as np
 import pytest
 
-from smm_model.config import ExperimentConfig
+from smm_model.config import ConfigError, ExperimentConfig
 from smm_model.federated import c_index_counts, confusion_counts, km_counts, score_histograms
 from smm_model.protocol import (SURVIVAL_HIST_EDGES, EvalStats, SchemaMismatch, SharedStats, SiteSummary,
-                                check_schemas, derive_shared, metrics_from_eval)
+                                check_schemas, derive_shared, evaluation_round, metrics_from_eval,
+                                selection_lower_is_better, selection_terms, selection_value)
 from smm_model.stats import GenomicsStats
 
 CFG = ExperimentConfig.from_yaml_text("", ["model.genes_tumour=2", "model.genes_micro=1", "model.feature_dim=8"])
@@ -40,6 +43,8 @@ def test_shared_stats_equal_pooled_statistics():
     # Quantile edges from the summed 10-day histograms: within one bin of the pooled quantiles.
     np.testing.assert_allclose(shared.survival_bin_edges, np.quantile(t, [0.25, 0.5, 0.75]), atol=10.0)
     assert shared.class_weights["diagnosis"] == [1.0, 4.0, 20 / 15, 2.0]
+    # The pooled training class counts (the reference prior of the sites' logit adjustment).
+    assert shared.class_counts == {"diagnosis": [60.0, 15.0, 45.0, 30.0], "grade": [30.0, 30.0, 90.0]}
     assert shared.km_grid[0] == 0.0 and shared.km_grid[-1] >= max(t)
     patches = np.concatenate([p for *_, p in sites])  # every site's training patches, pooled
     np.testing.assert_allclose(shared.patch_mean, patches.mean(0), rtol=1e-10, atol=1e-10)
@@ -111,3 +116,64 @@ def test_a_constant_feature_dimension_is_centred_not_blown_up():
     assert std[2] >= PATCH_STD_FLOOR * np.median(p.std(0, ddof=1)) * 0.99
     with pytest.raises(ValueError, match="fewer than 2"):
         merge_patch_stats([{"n": 1, "sum": [0.0], "sum_sq": [0.0]}])
+
+
+# --- model selection and evaluation rounds ----------------------------------------------------------------
+
+def selecting(metric: str, *extra: str) -> ExperimentConfig:
+    return ExperimentConfig.from_yaml_text("", [f"federation.selection_metric={metric}", *extra])
+
+
+VALUES = {"loss": 3.0, "diagnosis.macro_f1": 0.5, "grade.macro_f1": 0.25, "survival.c_index": 0.75,
+          "survival.logrank_p": 0.01}
+
+
+def test_a_selection_mean_is_the_mean_of_its_terms():
+    cfg = selecting("diagnosis.macro_f1+grade.macro_f1+survival.c_index")
+    assert selection_terms(cfg) == ["diagnosis.macro_f1", "grade.macro_f1", "survival.c_index"]
+    assert not selection_lower_is_better(cfg)
+    assert selection_value(VALUES, cfg) == pytest.approx((0.5 + 0.25 + 0.75) / 3)
+    assert selection_value(VALUES, selecting("grade.macro_f1+diagnosis.macro_f1")) == pytest.approx(0.375)
+    # One metric alone is itself; loss-like ones stay lower-is-better.
+    for metric, lower in (("loss", True), ("survival.logrank_p", True), ("survival.c_index", False)):
+        assert selection_terms(selecting(metric)) == [metric]
+        assert selection_value(VALUES, selecting(metric)) == VALUES[metric]
+        assert selection_lower_is_better(selecting(metric)) is lower
+
+
+@pytest.mark.parametrize("broken", [None, float("nan"), float("inf"), "missing"])
+def test_a_round_missing_any_term_cannot_be_compared(broken):
+    cfg = selecting("diagnosis.macro_f1+survival.c_index")
+    values = dict(VALUES)
+    if broken == "missing":
+        del values["survival.c_index"]
+    else:
+        values["survival.c_index"] = broken
+    assert selection_value(values, cfg) is None
+    assert selection_value(values, selecting("diagnosis.macro_f1")) == 0.5  # the other term alone is fine
+
+
+@pytest.mark.parametrize("metric, extra, message", [
+    ("diagnosis.auc+grade.kappa", (), "unknown metric 'kappa' for grade"),
+    ("diagnosis.auc+survival.logrank_p", (), "a mean of metrics takes higher-is-better ones only; "
+                                             "'survival.logrank_p' is not"),
+    ("diagnosis.auc+grade.auc+diagnosis.auc", (), "'diagnosis.auc+grade.auc+diagnosis.auc' lists a metric twice"),
+    ("diagnosis.auc+grade.auc", ("model.tasks=[diagnosis]",), "'grade.auc' names task 'grade'"),
+])
+def test_bad_selection_means_are_config_errors(metric, extra, message):
+    cfg = selecting(metric, *extra)  # parses: the terms are checked against the run's tasks
+    for check in (selection_terms, selection_lower_is_better, lambda c: selection_value(VALUES, c)):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check(cfg)
+
+
+def test_loss_cannot_enter_a_mean():
+    for metric in ("loss+diagnosis.auc", "diagnosis.auc+loss"):
+        with pytest.raises(ConfigError, match="federation.selection_metric"):
+            selecting(metric)
+
+
+@pytest.mark.parametrize("rounds, every, validated", [(7, 3, [3, 6, 7]), (4, 2, [2, 4]), (4, 1, [1, 2, 3, 4]),
+                                                       (3, 10, [3]), (1, 5, [1])])
+def test_evaluation_rounds_are_every_kth_and_the_last(rounds, every, validated):
+    assert [r for r in range(1, rounds + 1) if evaluation_round(r, rounds, every)] == validated
