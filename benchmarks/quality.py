@@ -171,9 +171,18 @@ def run_mode(mode: str, config: Path, run_dir: Path, sets: Sequence[str], log: P
     return mode_result(mode, run_dir, wall)
 
 
-def finished(mode: str, run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a finished run of ``mode`` (its last file, written atomically)."""
-    return (run_dir / ("local_only.json" if mode == "local-only" else "final_metrics.json")).is_file()
+def finished(mode: str, run_dir: Path, config: Path, sets: Sequence[str]) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``mode`` (its last file, written atomically) with
+    the same resolved configuration as ``config`` plus ``sets`` would give (so a work folder kept
+    from a --quick run or an older config is not taken for this one)."""
+    from smm_model.config import ExperimentConfig
+    from smm_model.protocol import config_text
+
+    if not (run_dir / ("local_only.json" if mode == "local-only" else "final_metrics.json")).is_file():
+        return False
+    want = config_text(ExperimentConfig.from_yaml_text(config.read_text(), [str(s) for s in sets], source=str(config)))
+    saved = run_dir / "config.yaml"
+    return saved.is_file() and saved.read_text() == want
 
 
 def mode_result(mode: str, run_dir: Path, wall: float | None) -> dict[str, Any]:

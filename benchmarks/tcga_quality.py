@@ -64,7 +64,8 @@ IID_SEED = 0
 #: mode -> (kind of run, which site folders, extra settings). Every mode runs the committed config;
 #: ``fedavg-epochs`` is the protocol before issue 11 (2 local epochs, a fresh AdamW per round,
 #: selection on validation loss), kept as the reference the new protocol is measured against.
-OLD_PROTOCOL = ["federation.local_steps=0", "federation.local_epochs=2", "federation.site_optimizer=fresh",
+OLD_PROTOCOL = ["federation.strategy=fedavg", "federation.local_steps=0", "federation.local_epochs=2",
+                "federation.site_optimizer=fresh",
                 "train.optimizer=adamw", "train.lr=0.0005", "train.logit_adjustment=0", "federation.selection_metric=loss",
                 "federation.eval_every=1"]
 MODES = {
@@ -135,13 +136,13 @@ def run_fold(fold: int, work: Path, modes: tuple[str, ...], sets: list[str]) -> 
     for mode in modes:
         kind, which, extra = MODES[mode]
         run_dir = work / f"fold{fold}" / mode
-        if quality.finished(kind, run_dir):  # --work keeps finished runs: a stopped benchmark continues
+        run_sets = [f"data.sites_root={roots[which]}", *sets, *extra]
+        if quality.finished(kind, run_dir, CONFIG, run_sets):  # a stopped benchmark continues
             res = quality.mode_result(kind, run_dir, None)
         else:
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # an interrupted run: start it again
-            res = quality.run_mode(kind, CONFIG, run_dir, [f"data.sites_root={roots[which]}", *sets, *extra],
-                                   work / f"fold{fold}" / f"{mode}.log")
+            res = quality.run_mode(kind, CONFIG, run_dir, run_sets, work / f"fold{fold}" / f"{mode}.log")
         if kind == "local-only":
             largest = max(res["per_site"], key=lambda n: res["per_site"][n]["patients"])
             table = json.loads((run_dir / "local_only.json").read_text())["sites"][largest]["all_sites_test"]

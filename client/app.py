@@ -4,8 +4,9 @@ Message contract (the ServerApp sends exactly these):
 
 * ``query.preflight``: config {"experiment": YAML} -> {"summary": ConfigRecord({"json": SiteSummary})}
 * ``train``: arrays + config {"experiment", "shared", "server-round", "lr", "local-epochs",
-  "local-steps", "proximal-mu"} -> arrays + metrics (``num-examples``, ``train-loss``, ``steps``,
-  ``seconds``, ``coord-*``)
+  "local-steps", "proximal-mu"} [+ "control": SCAFFOLD's correction c - c_i] -> arrays + metrics
+  (``num-examples``, ``train-loss``, ``steps``, ``seconds``, ``coord-*``) [+ "control": the
+  site's new c_i]
 * ``evaluate``: arrays + config {"experiment", "shared", "server-round", "split": val|test} ->
   metrics = ``EvalStats.to_record()``
 
@@ -41,14 +42,12 @@ from client.federated import (SITE_DIR_KEY, SiteError, evaluate_round, preflight
 from smm_model.config import ExperimentConfig
 from smm_model.protocol import SharedStats
 
-__all__ = ["app", "LOG_DIR_ENV", "OPTIMIZER_STATE_KEY", "CONTROL_STATE_KEY", "site_log_path"]
+__all__ = ["app", "LOG_DIR_ENV", "OPTIMIZER_STATE_KEY", "site_log_path"]
 
 #: Environment variable naming a folder for the site logs (one file per site folder name).
 LOG_DIR_ENV = "FEDSMM_SITE_LOG_DIR"
 #: Key of the site's optimizer state in its ``Context.state`` (federation.site_optimizer: persist).
 OPTIMIZER_STATE_KEY = "fedsmm-optimizer"
-#: Key of the site's SCAFFOLD control variate c_i in its ``Context.state`` (federation.strategy: scaffold).
-CONTROL_STATE_KEY = "fedsmm-control"
 
 app = ClientApp()
 
@@ -155,29 +154,25 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
         state = msg.content["arrays"].to_torch_state_dict()
         control = msg.content["control"].to_torch_state_dict() if "control" in msg.content.array_records else None
     persist = site_state is not None and cfg.federation.site_optimizer == "persist"
-    previous = site_control = None
+    previous = None
     with stage("E_TRAIN"):
         if persist and OPTIMIZER_STATE_KEY in site_state:
             previous = site_state[OPTIMIZER_STATE_KEY].to_torch_state_dict()
-        if control is not None and site_state is not None and CONTROL_STATE_KEY in site_state:
-            site_control = site_state[CONTROL_STATE_KEY].to_torch_state_dict()
     new_state, metrics, optimizer_state, new_control = train_round(
         site_dir, cfg, shared, state, lr, epochs, mu, server_round=rnd, local_steps=steps, optimizer_state=previous,
-        control=control, site_control=site_control)
+        control=control)
     if persist:
         site_state[OPTIMIZER_STATE_KEY] = ArrayRecord(optimizer_state)
     reply = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
-    if new_control is not None:  # SCAFFOLD: the site keeps its c_i and sends it (the server averages them)
-        if site_state is not None:
-            site_state[CONTROL_STATE_KEY] = ArrayRecord(new_control)
+    if new_control is not None:  # SCAFFOLD: the site's new c_i (its mean gradient), for the server to average
         reply["control"] = ArrayRecord(new_control)
     log.info("train round %d: %d patients, %d steps, loss %.4f, %.1f s%s", rnd, metrics["num-examples"],
              metrics["steps"], metrics["train-loss"], metrics["seconds"],
              "" if not persist else (", optimizer state continued from the previous round" if previous is not None
                                      else ", new optimizer state kept at the site"))
     if control is not None:
-        log.info("train round %d: SCAFFOLD correction with %s site control variate", rnd,
-                 "the previous round's" if site_control is not None else "a zero")
+        log.info("train round %d: SCAFFOLD correction applied (norm %.4g)", rnd,
+                 float(sum(float((v.double() ** 2).sum()) for v in control.values())) ** 0.5)
     return reply
 
 

@@ -342,7 +342,7 @@ def _logit_offsets(cfg: ExperimentConfig, site: SiteData, shared: SharedStats, d
 def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats, state_dict: Mapping[str, Tensor],
                 lr: float, local_epochs: int, proximal_mu: float = 0.0, *, server_round: int = 0,
                 local_steps: int = 0, optimizer_state: Mapping[str, Tensor] | None = None,
-                control: Mapping[str, Tensor] | None = None, site_control: Mapping[str, Tensor] | None = None
+                control: Mapping[str, Tensor] | None = None
                 ) -> tuple[dict[str, Tensor], dict[str, int | float], dict[str, Tensor], dict[str, Tensor] | None]:
     """Train the global model locally; return (new state_dict on the CPU, metrics, optimizer state,
     new SCAFFOLD control variate or None).
@@ -355,12 +355,12 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
     is for the site to keep: it never goes into a reply. ``proximal_mu > 0`` adds FedProx's
     (mu/2)||w - w_global||^2 with the weights received here; ``train.logit_adjustment > 0`` adds the
     site's label-skew offsets to the classification logits inside the loss. ``control`` (SCAFFOLD,
-    Karimireddy et al. 2020: the server's control variate c, one tensor per model parameter) adds
-    c - c_i to every step's gradient, with c_i = ``site_control`` (this site's own, kept at the site;
-    zeros when it has none yet), so that local steps follow the federation's gradient rather than
-    drift to the site's own optimum; the returned control variate is the site's new c_i, the mean of
-    its gradients over the round (SCAFFOLD's option II, which for plain SGD equals
-    c_i - c + (x - y) / (K lr), and stays right under momentum). Seeds derive from
+    Karimireddy et al. 2020: c - c_i, the server's control variate minus this site's own as the
+    server holds it, one tensor per model parameter) is added to every step's gradient, so that
+    local steps follow the federation's gradient rather than drift to the site's own optimum; the
+    returned control variate is the site's new c_i, the mean of its gradients over the round
+    (SCAFFOLD's option II, which for plain SGD without weight decay or clipping equals
+    c_i - c + (x - y) / (K lr), and stays a gradient estimate under momentum). Seeds derive from
     ``train.seed`` and ``server_round``, so a rerun of a round is repeatable.
 
     Metrics (the same keys at every site, as Flower's strategies require): ``num-examples`` (training
@@ -411,7 +411,7 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
             for g in optimizer.param_groups:  # the state keeps moments, never the previous round's lr
                 g["lr"] = float(lr)
         constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
-        correction, new_control = _scaffold_correction(model, control, site_control)
+        correction, new_control = _scaffold_correction(model, control)
         logs = train_epochs(model, loader, cfg, epochs=epochs, device=device, optimizer=optimizer,
                             scheduler=constant, class_weights=weights, global_params=global_params,
                             logit_offsets=offsets, grad_correction=correction, grad_mean=new_control)
@@ -427,22 +427,19 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
     return new_state, metrics, new_optimizer_state, new_control
 
 
-def _scaffold_correction(model: nn.Module, control: Mapping[str, Tensor] | None,
-                         site_control: Mapping[str, Tensor] | None
+def _scaffold_correction(model: nn.Module, control: Mapping[str, Tensor] | None
                          ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
-    """(c - c_i per parameter, an empty dict for the new c_i), or (None, None) without SCAFFOLD;
-    control variates that do not fit the model's parameters are an E_PROTOCOL error."""
+    """(c - c_i per parameter, an empty dict for the new c_i), or (None, None) without SCAFFOLD; a
+    correction that does not fit the model's parameters is an E_PROTOCOL error."""
     if control is None:
         return None, None
     with stage("E_PROTOCOL"):
         shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
-        for name, c in (("control", control), ("site control", site_control or {})):
-            if c and {k: tuple(v.shape) for k, v in c.items()} != shapes:
-                raise ValueError(f"the {name} variate does not match the model's parameters")
-        if not control:
-            raise ValueError("an empty control variate")
-        own = site_control or {}
-        return {k: control[k].float() - (own[k].float() if k in own else 0.0) for k in shapes}, {}
+        got = {k: tuple(v.shape) for k, v in control.items()}
+        if got != shapes:
+            wrong = sorted(set(got) ^ set(shapes)) or sorted(k for k in shapes if got[k] != shapes[k])
+            raise ValueError(f"the SCAFFOLD correction does not match the model's parameters (first: {wrong[0]!r})")
+        return {k: control[k].float() for k in shapes}, {}
 
 
 # --------------------------------------------------------------------------------------------- #

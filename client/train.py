@@ -63,8 +63,9 @@ def step_batches(n: int, steps: int, batch_size: int, generator: torch.Generator
 
     Why: local work counted in optimizer steps is the same at every site, whatever its size (epochs
     give a 20-patient site one step per round and a 200-patient site ten). Indices run through one
-    random permutation after another, so every patient is seen before any is seen again; a site
-    with fewer patients than one batch repeats patients within a batch (sampling with replacement).
+    random permutation after another, so every patient is seen before any is seen again; a batch
+    that spans the end of one pass and the start of the next can hold a patient twice, and a site
+    with fewer patients than one batch repeats patients in every batch (sampling with replacement).
     """
     if n < 1 or steps < 1 or batch_size < 1:
         raise ValueError(f"step_batches: need n, steps and batch_size >= 1, got {n}, {steps}, {batch_size}")

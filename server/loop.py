@@ -465,8 +465,10 @@ class FederationRun:
         lr = round_lr(self.cfg.train, fed.rounds, r)
         config = {**self._base_config(r), KEY_LR: lr, KEY_LOCAL_EPOCHS: int(fed.local_epochs),
                   KEY_LOCAL_STEPS: int(fed.local_steps), KEY_PROXIMAL_MU: float(self.cfg.train.proximal_mu)}
-        control = None if self.guarded.control is None else self.guarded.control.server_control(train_nodes)
-        replies = self._send([Instruction(n, TRAIN, config, p.weights, control) for n in train_nodes])
+        control = self.guarded.control  # SCAFFOLD: each site gets c - c_i (ControlVariates.correction)
+        replies = self._send([Instruction(n, TRAIN, config, p.weights,
+                                          None if control is None else control.correction(n, train_nodes))
+                              for n in train_nodes])
         timings["train"] = self.clock() - t
         t = self.clock()
         out: AggregateOutcome = self.guarded.aggregate(r, replies, p.weights)

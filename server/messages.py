@@ -14,7 +14,7 @@ message_type        config keys -> reply content
 ==================  =======================================================================
 ``query.preflight`` ``experiment`` -> ConfigRecord ``"summary"`` = {``json``: SiteSummary JSON}
 ``train``           ``experiment, shared, server-round, lr, local-epochs, local-steps, proximal-mu``
-                    + arrays [+ ArrayRecord ``"control"``: SCAFFOLD's server control variate]
+                    + arrays [+ ArrayRecord ``"control"``: SCAFFOLD's correction c - c_i]
                     -> ArrayRecord ``"arrays"`` [+ ``"control"``: the site's new control
                     variate] + MetricRecord ``"metrics"`` (``num-examples``, ``train-loss``,
                     ``steps``, ``seconds``, ``coord-<task>-{tumour,micro,conflicts}``)
@@ -48,7 +48,7 @@ EVALUATE = "evaluate"
 
 # Record names in a message's RecordDict.
 ARRAYS = "arrays"
-CONTROL = "control"  # SCAFFOLD: the server's control variate (train) / the site's new one (reply)
+CONTROL = "control"  # SCAFFOLD: the site's correction c - c_i (train) / the site's new c_i (reply)
 METRICS = "metrics"
 CONFIG = "config"
 SUMMARY = "summary"
@@ -84,7 +84,7 @@ class Instruction:
     message_type: str
     config: Mapping[str, ConfigValue]
     arrays: Mapping[str, np.ndarray] | None = None
-    control: Mapping[str, np.ndarray] | None = None  # SCAFFOLD's server control variate (shared, like arrays)
+    control: Mapping[str, np.ndarray] | None = None  # SCAFFOLD: this site's correction c - c_i
 
 
 @dataclass

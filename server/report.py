@@ -49,6 +49,7 @@ import yaml
 from smm_model.config import TASK_CLASSES, TASKS
 from smm_model.federated import SCORE_BINS
 from smm_model.label_facts import LABEL_FACTS
+from smm_model.protocol import evaluation_round
 
 from .atomic import atomic_write_bytes, atomic_write_text, dumps
 
@@ -324,6 +325,7 @@ def _check_run(run: RunData) -> None:
             conf = run.rounds_configured
             if conf is not None and last < conf:
                 p.append(f"only {last} of {conf} configured training rounds were recorded (the run stopped early)")
+            every = int(run.section("federation").get("eval_every") or 1)  # validated every k-th round and the last
             for r in run.rounds:
                 status = r.get("status")
                 if status == "skipped":
@@ -331,7 +333,8 @@ def _check_run(run: RunData) -> None:
                              f"{r.get('skip_reason') or 'no reason recorded'}")
                 elif status not in ("initial", "aggregated", "trained"):
                     p.append(f"round {r['round']} has status {status!r}")
-                elif status != "initial" and not r.get("val"):
+                elif (status != "initial" and not r.get("val")
+                      and evaluation_round(int(r["round"]), conf or last, every)):
                     p.append(f"round {r['round']} has no validation record")
     for r in run.rounds:
         train = r.get("train") or {}

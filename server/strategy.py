@@ -55,8 +55,9 @@ class ControlVariates:
     control variates that correct each site's local steps towards the federation's gradient (the
     drift that makes sites with disjoint case mixes, such as an all-GBM hospital, pull the shared
     head apart). A site sends its new c_i with its weights; the server keeps the latest one per
-    node, so a site that skipped a round or restarted without its own c_i counts with its last
-    known one, and c covers the sites in the round.
+    node (a site's mean gradient over its last round: kept in the server's checkpoints), so a
+    site that skipped a round counts with its last
+    known one, and c covers the sites in the round. Each site gets c - c_i (``correction``).
     """
 
     def __init__(self, parameters: Mapping[str, np.ndarray]) -> None:
@@ -71,6 +72,22 @@ class ControlVariates:
         total = sum(w for w, _ in known)
         return {k: (sum(w * c[k].astype(np.float64) for w, c in known) / total).astype(ref.dtype)
                 for k, ref in self.zeros.items()}
+
+    def correction(self, node: int, nodes: Sequence[int]) -> dict[str, np.ndarray]:
+        """What node ``node`` adds to every local gradient this round: c over ``nodes`` minus the
+        node's own c_i as the server holds it (zeros before its first accepted reply).
+
+        Why the server sends it rather than each site keeping c_i: the server's copy is the one c
+        was averaged from, so a dropped or lost reply, a skipped round, a restarted SuperNode or a
+        resumed run (a new Flower run, whose sites start with an empty Context.state) cannot leave
+        a site correcting with a c_i that c does not contain. The site stays stateless for SCAFFOLD,
+        and what it receives is its own last c_i, already sent, plus the federation's mean.
+        """
+        c = self.server_control(nodes)
+        own = self.sites.get(int(node))
+        if own is None:
+            return c
+        return {k: (v.astype(np.float64) - own[1][k].astype(np.float64)).astype(v.dtype) for k, v in c.items()}
 
     def update(self, kept: Sequence[Reply]) -> None:
         for r in kept:
@@ -196,7 +213,7 @@ class AggregateOutcome:
     skip_reason: str | None = None
 
 
-def _reply_message(reply: Reply, metric_keys: Sequence[str], server_round: int) -> Message:
+def _reply_message(reply: Reply, metric_keys: Sequence[str], server_round: int, order: Sequence[str]) -> Message:
     """A Flower reply Message for ``aggregate_train``, built outside a Flower runtime.
 
     Instruction/reply constructors need a live task identity, so the metadata is given explicitly
@@ -207,7 +224,8 @@ def _reply_message(reply: Reply, metric_keys: Sequence[str], server_round: int) 
     md = Metadata(run_id=0, message_id=f"guarded-{reply.node_id}-{server_round}", src_node_id=int(reply.node_id),
                   dst_node_id=0, reply_to_message_id="", group_id=str(server_round), created_at=time.time(),
                   ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
-    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in reply.arrays.items()})
+    # In the global model's key order: FedAvgM pairs the aggregate with the current arrays by position.
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(reply.arrays[k])) for k in order})
     metrics = MetricRecord({k: reply.metrics[k] for k in metric_keys})
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), metadata=md)
 
@@ -263,7 +281,7 @@ class GuardedStrategy:
         self._per_round_settings(len(kept), server_round)
         # Same metric keys on every reply, or Flower's consistency check ends the run.
         keys = sorted(set.intersection(*(set(r.metrics or {}) for r in kept)))
-        messages = [_reply_message(r, keys, server_round) for r in kept]
+        messages = [_reply_message(r, keys, server_round, list(global_arrays)) for r in kept]
         snapshot = strategy_state(self.strategy)
         set_current_arrays(self.strategy, global_arrays)
         try:

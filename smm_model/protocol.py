@@ -38,7 +38,7 @@ from .stats import GenomicsStats
 __all__ = ["config_text", "selection_lower_is_better", "round_lr", "PROTOCOL_VERSION", "SURVIVAL_HIST_EDGES", "KM_GRID_STEP_DAYS", "SiteSummary", "SharedStats", "merge_patch_stats",
            "SchemaMismatch", "check_schemas", "derive_shared", "EvalStats", "metrics_from_eval"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: SharedStats.class_counts, SCAFFOLD control records, local steps
 #: Fixed survival-time histogram edges (days) every site uses in its preflight summary, so the
 #: server can add histograms and read quantiles off the sum: 10-day bins up to 30 years.
 SURVIVAL_HIST_EDGES = np.arange(0.0, 30 * 365.25 + 10.0, 10.0)
@@ -230,8 +230,9 @@ class SharedStats:
     n_sites: int
     patch_mean: list[float] | None = None  # shared patch standardisation (None: raw features)
     patch_std: list[float] | None = None
-    # Pooled training class counts per classification task (the reference prior of the sites'
-    # logit adjustment, train.logit_adjustment).
+    # Pooled training class counts per classification task: the reference prior of the sites'
+    # logit adjustment, sent only when train.logit_adjustment is on (the class weights already give
+    # their ratios; the counts add the federation's size per class).
     class_counts: dict[str, list[float]] | None = None
     version: int = PROTOCOL_VERSION
 
@@ -328,7 +329,7 @@ def derive_shared(summaries: Sequence[SiteSummary], cfg: ExperimentConfig) -> Sh
         patch_mean, patch_std = merge_patch_stats(parts)
     return SharedStats(list(merged.features), merged.mean().tolist(), merged.std().tolist(), edges, weights,
                        km_grid, n_sites=len(summaries), patch_mean=patch_mean, patch_std=patch_std,
-                       class_counts=class_counts)
+                       class_counts=class_counts if cfg.train.logit_adjustment > 0 else None)
 
 
 @dataclass

@@ -139,3 +139,33 @@ def test_training_rounds_skip_the_initial_evaluation_and_refuse_a_skipped_round(
 def test_median_ignores_missing_measurements() -> None:
     assert quality.median([3.0, None, 1.0, 2.0]) == 2.0
     assert quality.median([None]) is None
+
+
+def test_a_finished_run_counts_only_with_the_same_resolved_config(tmp_path: Path) -> None:
+    """``finished``: the run's last file is there and its config.yaml is the one ``config`` plus
+    ``sets`` resolve to (a work folder from a --quick run or an older config is run again)."""
+    from smm_model.protocol import config_text
+
+    config = tmp_path / "bench.yaml"
+    config.write_text("model: {arch: snn, tasks: [diagnosis, survival]}\nfederation: {rounds: 4}\n")
+    sets = ["data.sites_root=/work/sites/fold0", "train.lr=0.0007"]  # not the default lr
+    run = tmp_path / "fed"
+    run.mkdir()
+    assert not quality.finished("federated", run, config, sets)  # nothing there
+    (run / "config.yaml").write_text(config_text(ExperimentConfig.from_yaml_text(config.read_text(), sets)))
+    assert not quality.finished("federated", run, config, sets)  # no final_metrics.json: interrupted
+    (run / "final_metrics.json").write_text("{}")
+    assert quality.finished("federated", run, config, sets)
+    assert quality.finished("centralized", run, config, sets)
+    assert quality.finished("federated", run, config, sets[::-1])  # the resolved config is compared
+    assert not quality.finished("federated", run, config, [*sets, "federation.rounds=1"])  # a --quick run
+    assert not quality.finished("federated", run, config, sets[:1])
+    assert not quality.finished("local-only", run, config, sets)  # local-only's last file is local_only.json
+    (run / "local_only.json").write_text("{}")
+    assert quality.finished("local-only", run, config, sets)
+    config.write_text("model: {arch: snn, tasks: [diagnosis, survival]}\nfederation: {rounds: 5}\n")
+    assert not quality.finished("federated", run, config, sets)  # the committed config changed
+    config.write_text("model: {arch: snn, tasks: [diagnosis, survival]}\nfederation: {rounds: 4}\n")
+    assert quality.finished("federated", run, config, sets)
+    (run / "config.yaml").unlink()
+    assert not quality.finished("federated", run, config, sets)

@@ -149,8 +149,15 @@ def test_logit_adjustment_enters_the_local_loss_only_when_set(setting, cohort):
                           server_round=1, local_steps=2)
     assert all(torch.equal(plain[k], off[k]) for k in plain)
     tau = make_cfg(cohort, "train.logit_adjustment=1.0")
-    adjusted, m, *_ = train_round(sites[1], tau, shared, init, 2e-3, 1, server_round=1, local_steps=2)
+    # The server sends the pooled class counts only when the run adjusts logits (protocol 2).
+    assert shared.class_counts is None
+    shared_tau = derive_shared([preflight_summary(d, tau) for d in sites], tau)
+    assert shared_tau.class_counts and replace(shared_tau, class_counts=None) == shared
+    adjusted, m, *_ = train_round(sites[1], tau, shared_tau, init, 2e-3, 1, server_round=1, local_steps=2)
     assert _changed(adjusted, plain) and m["steps"] == 2
+    # Counts sent to a run without logit adjustment change nothing.
+    counted, *_ = train_round(sites[1], cfg, shared_tau, init, 2e-3, 1, server_round=1, local_steps=2)
+    assert not _changed(counted, plain)
     # The offsets need the pooled class counts of the shared statistics: refused without them.
     with pytest.raises(SiteError, match="^E_SCHEMA: ValueError$"):
-        train_round(sites[1], tau, replace(shared, class_counts=None), init, 2e-3, 1, local_steps=2)
+        train_round(sites[1], tau, shared, init, 2e-3, 1, local_steps=2)

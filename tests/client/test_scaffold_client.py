@@ -1,12 +1,13 @@
-"""SCAFFOLD's site side (``client.federated.train_round`` with ``control`` / ``site_control``;
-``client.train.train_epochs`` with ``grad_correction`` / ``grad_mean``) on a synthetic site.
+"""SCAFFOLD's site side (``client.federated.train_round`` with ``control``, the correction
+d = c - c_i the server sends; ``client.train.train_epochs`` with ``grad_correction`` / ``grad_mean``)
+on a synthetic site. The site keeps no control variate of its own: d is all it gets.
 
-What must hold: the correction c - c_i is all that SCAFFOLD changes in a step (c = c_i trains
-bit-identically to no SCAFFOLD, c != c_i does not); control variates that do not fit the model are a
-protocol error; the site's new c_i has the model's parameters' names and shapes and is the mean of
-the uncorrected gradients: with one step on one batch of every training patient, the gradient of
-the training loss at the global weights, computed here by hand; with plain SGD and K steps,
-SCAFFOLD's option II identity c_i - c + (x - y) / (K lr).
+What must hold: d is all that SCAFFOLD changes in a step (d = 0 trains bit-identically to no
+SCAFFOLD, d != 0 does not); a correction that does not fit the model's parameters is a protocol
+error; the site's new c_i has the model's parameters' names and shapes and is the mean of the
+uncorrected gradients (not gradient + d): with one step on one batch of every training patient, the
+gradient of the training loss at the global weights, computed here by hand; with plain SGD and K
+steps, SCAFFOLD's option II identity c_i - c + (x - y) / (K lr), i.e. (x - y) / (K lr) - d.
 """
 
 from __future__ import annotations
@@ -44,42 +45,44 @@ def test_the_correction_is_all_scaffold_changes(setting):
     cfg, sites, shared, init = setting
     site = sites[1]
     plain, m_plain, _, none = train_round(site, cfg, shared, init, LR, 1, server_round=1, local_steps=3)
-    assert none is None  # no control sent: no SCAFFOLD, no control variate back
-    c = random_control(cfg, 1)
+    assert none is None  # no correction sent: no SCAFFOLD, no control variate back
+    d = random_control(cfg, 1)
+    # A zero correction (round 1: c = 0 and no c_i yet; or c = c_i) is no correction: bit-identical.
+    zero = {k: torch.zeros_like(v) for k, v in d.items()}
     equal, m_equal, _, control = train_round(site, cfg, shared, init, LR, 1, server_round=1, local_steps=3,
-                                             control=c, site_control={k: v.clone() for k, v in c.items()})
-    assert same(plain, equal) and m_equal["train-loss"] == m_plain["train-loss"]  # c - c_i = 0: bit-identical
-    assert control is not None
-    # A zero c with no site control of its own (the first round) is no correction either.
-    zero = {k: torch.zeros_like(v) for k, v in c.items()}
-    assert same(plain, train_round(site, cfg, shared, init, LR, 1, server_round=1, local_steps=3, control=zero)[0])
-    # c != c_i moves the weights elsewhere; c alone (the site's first round: c_i = 0) too.
-    corrected, *_ = train_round(site, cfg, shared, init, LR, 1, server_round=1, local_steps=3, control=c,
-                                site_control=random_control(cfg, 2))
-    first, *_ = train_round(site, cfg, shared, init, LR, 1, server_round=1, local_steps=3, control=c)
-    for other in (corrected, first):
-        assert not same(plain, other) and list(other) == list(plain)
-    assert not same(corrected, first)
+                                             control=zero)
+    assert same(plain, equal) and m_equal["train-loss"] == m_plain["train-loss"]
+    assert control is not None and list(control) == list(parameter_shapes(cfg))
+    # A non-zero correction moves the weights elsewhere, and another one elsewhere again.
+    kept = {k: v.clone() for k, v in d.items()}
+    corrected, m_corrected, *_ = train_round(site, cfg, shared, init, LR, 1, server_round=1, local_steps=3,
+                                             control=d)
+    assert same(d, kept)  # the received correction is read, not changed in place
+    other, *_ = train_round(site, cfg, shared, init, LR, 1, server_round=1, local_steps=3,
+                            control=random_control(cfg, 2))
+    for moved in (corrected, other):
+        assert not same(plain, moved) and list(moved) == list(plain)
+    assert not same(corrected, other)
+    # The same correction again: the same weights (the site holds nothing between rounds).
+    assert same(corrected, train_round(site, cfg, shared, init, LR, 1, server_round=1, local_steps=3, control=d)[0])
+    assert m_corrected["steps"] == m_plain["steps"] == 3
 
 
-@pytest.mark.parametrize("which, bad", [
-    ("control", "shape"), ("control", "missing"), ("control", "extra"), ("control", "empty"),
-    ("site_control", "shape"), ("site_control", "missing")])
-def test_control_variates_that_do_not_fit_the_model_are_a_protocol_error(setting, which, bad):
+@pytest.mark.parametrize("bad", ["shape", "missing", "extra", "empty"])
+def test_a_correction_that_does_not_fit_the_model_is_a_protocol_error(setting, bad):
     cfg, sites, shared, init = setting
-    c, first = random_control(cfg, 1), next(iter(parameter_shapes(cfg)))
-    broken = dict(c)
+    d, first = random_control(cfg, 1), next(iter(parameter_shapes(cfg)))
+    broken = dict(d)
     if bad == "shape":
         broken[first] = torch.zeros(broken[first].numel() + 1)
     elif bad == "missing":
         del broken[first]
     elif bad == "extra":
         broken["extra.weight"] = torch.zeros(3)
-    else:
+    else:  # an empty record is not "no SCAFFOLD" (that is no "control" record at all): refused too
         broken = {}
-    kw = {"control": broken, "site_control": c} if which == "control" else {"control": c, "site_control": broken}
     with pytest.raises(SiteError, match="^E_PROTOCOL: ValueError$"):
-        train_round(sites[1], cfg, shared, init, LR, 1, server_round=1, local_steps=1, **kw)
+        train_round(sites[1], cfg, shared, init, LR, 1, server_round=1, local_steps=1, control=broken)
 
 
 def test_the_new_control_variate_is_the_gradient_at_the_global_weights(setting, cohort):
@@ -87,9 +90,8 @@ def test_the_new_control_variate_is_the_gradient_at_the_global_weights(setting, 
     site_dir = sites[1]  # 6 training patients: one batch of exactly all of them
     n = 6
     cfg = make_cfg(cohort, *DETERMINISTIC, f"train.batch_size={n}")
-    c, c_i = random_control(cfg, 3), random_control(cfg, 4)
-    _, m, _, control = train_round(site_dir, cfg, shared, init, LR, 1, server_round=5, local_steps=1, control=c,
-                                   site_control=c_i)
+    d = random_control(cfg, 3)
+    _, m, _, control = train_round(site_dir, cfg, shared, init, LR, 1, server_round=5, local_steps=1, control=d)
     assert m["steps"] == 1 and m["num-examples"] == n
     assert {k: tuple(v.shape) for k, v in control.items()} == parameter_shapes(cfg)
     assert list(control) == list(parameter_shapes(cfg))  # parameters only, no buffers, in the model's order
@@ -116,22 +118,31 @@ def test_the_new_control_variate_is_the_gradient_at_the_global_weights(setting, 
         expect = torch.zeros_like(control[k]) if g is None else g
         torch.testing.assert_close(control[k], expect, rtol=1e-4, atol=1e-6, msg=k)
     assert sum(float(g.abs().sum()) for g in grads.values() if g is not None) > 0
-    # Not c or c_i, and not the corrected gradient g + c - c_i.
+    # The raw gradient: not the correction, and not the corrected gradient g + d the step used.
     k = max(grads, key=lambda name: 0.0 if grads[name] is None else float(grads[name].abs().max()))
-    assert not torch.allclose(control[k], grads[k] + c[k] - c_i[k], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(control[k], grads[k] + d[k], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(control[k], d[k], rtol=1e-4, atol=1e-6)
+    # The same with no correction: the gradient at the global weights does not depend on d.
+    _, _, _, uncorrected = train_round(site_dir, cfg, shared, init, LR, 1, server_round=5, local_steps=1,
+                                       control={k: torch.zeros_like(v) for k, v in d.items()})
+    assert same(control, uncorrected)
 
 
 def test_with_plain_sgd_the_new_control_variate_is_scaffolds_option_ii(setting, cohort):
-    """For plain SGD the mean gradient equals c_i - c + (x - y) / (K lr) (Karimireddy et al., eq. 4)."""
+    """Plain SGD, K steps of y -= lr (g_k + d) from x with d = c - c_i: the mean gradient is
+    (x - y) / (K lr) - d, SCAFFOLD's option II c_i - c + (x - y) / (K lr) (Karimireddy et al., eq. 4)."""
     _, sites, shared, init = setting
     cfg = make_cfg(cohort, "train.optimizer=sgd", "train.momentum=0.0", "train.weight_decay=0.0",
                    "train.grad_clip=0.0")
     steps, lr = 4, 0.05
     c, c_i = random_control(cfg, 5), random_control(cfg, 6)
+    d = {k: c[k] - c_i[k] for k in c}  # what the server sends this site
     new, _, _, control = train_round(sites[2], cfg, shared, init, lr, 1, server_round=2, local_steps=steps,
-                                     control=c, site_control=c_i)
+                                     control=d)
     for k in control:
-        option_ii = c_i[k] - c[k] + (init[k] - new[k]) / (steps * lr)
+        option_ii = (init[k] - new[k]) / (steps * lr) - d[k]
         torch.testing.assert_close(control[k], option_ii, rtol=1e-3, atol=2e-5, msg=k)
+        torch.testing.assert_close(control[k], c_i[k] - c[k] + (init[k] - new[k]) / (steps * lr),
+                                   rtol=1e-3, atol=2e-5, msg=k)
     moved = max(float((init[k] - new[k]).abs().max()) for k in control)
     assert moved > 1e-3

@@ -22,7 +22,7 @@ import numpy as np
 
 from smm_model.config import TASK_CLASSES, ExperimentConfig
 from smm_model.federated import c_index_counts, confusion_counts, km_counts, score_histograms
-from smm_model.protocol import EvalStats, config_text, metrics_from_eval
+from smm_model.protocol import EvalStats, config_text, evaluation_round, metrics_from_eval
 from smm_model.records import dumps
 
 NODES = ("6973886229763441519", "9823713738652676939", "11131370818272998597")
@@ -96,7 +96,9 @@ def write_run(run_dir: Path, *, mode: str = "federated", rounds: int = 3, config
     ``mode``: "federated" (sites keyed by node id, train.per_site with coordination counts) or
     "centralized"/"local-only" (keyed by site name, train.epoch_losses). The last site of ``sizes``
     is below ``federation.min_site_patients`` (3) and so suppressed. ``overrides``: extra config
-    ``key=value`` settings of the run.
+    ``key=value`` settings of the run; with ``federation.eval_every=k`` the rounds that are not
+    validated (``evaluation_round``) have no ``val`` and no selection value, as ``server.loop``
+    writes them.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,15 +116,19 @@ def write_run(run_dir: Path, *, mode: str = "federated", rounds: int = 3, config
         q = quality * r / max(rounds, 1)
         val = eval_record("val", {k: site_stats(rng, sizes[i], q) for i, k in enumerate(keys)}, min_p, new_fields)
         status = "initial" if r == 0 else ("skipped" if r in skip else ("aggregated" if federated else "trained"))
+        evaluated = r == 0 or evaluation_round(r, configured, cfg.federation.eval_every)
         if status == "skipped":
             val = None
             skipped.append(r)
+        elif not evaluated:
+            val = None
         value = val["global"]["values"]["loss"] if val else None
         if value is not None and (best_value is None or value < best_value) and r > 0:
             best, best_value = r, value
         rec: dict[str, Any] = {"round": r, "status": status, "lr": None if r == 0 else 0.003,
                                "timings": {"evaluate": 0.5} if r == 0 else {"wait": 0.01, "train": 3.0,
-                                                                           "aggregate": 0.05, "evaluate": 0.5},
+                                                                           "aggregate": 0.05,
+                                                                           **({"evaluate": 0.5} if evaluated else {})},
                                "train": None, "val": val,
                                "selection": {"metric": "loss", "value": value, "best_round": best,
                                              "best_value": best_value}}

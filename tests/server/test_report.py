@@ -208,6 +208,43 @@ def test_a_stopped_run_with_a_skipped_round_says_so(tmp_path, capsys):
     assert _sections(html)["curves"].count("<img ") == 5  # curves still drawn from the rounds there are
 
 
+def _rewrite_val(run: Path, dst: Path, drop: int) -> Path:
+    """A copy of run folder ``run`` whose round ``drop`` lost its validation record."""
+    dst.mkdir()
+    for name in ("config.yaml", "final_metrics.json"):
+        (dst / name).write_text((run / name).read_text())
+    rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[drop]["round"] == drop and rounds[drop]["val"]
+    rounds[drop]["val"] = None
+    (dst / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    return dst
+
+
+def test_rounds_that_eval_every_skips_are_not_missing_validations(tmp_path):
+    run = tmp_path / "every2"
+    final = write_run(run, rounds=5, overrides=("federation.eval_every=2",), seed=8)
+    rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+    # Validated: every 2nd round and the last (and the initial model), as server.loop does.
+    assert [r["round"] for r in rounds if r["val"]] == [0, 2, 4, 5]
+    assert final["best_round"] in (2, 4, 5)
+    loaded = report.load_run(run)
+    assert loaded.problems == [] and loaded.complete
+    assert not [p for p in loaded.problems if "has no validation record" in p]
+    html = write_report([run]).read_text()
+    assert "INCOMPLETE" not in _text(html) and "has no validation record" not in html
+    assert _strict_json(run / METRICS_JSON)["runs"][0]["complete"] is True
+    # A validation missing on a round that eval_every evaluates (4, and the last, 5) is still a problem.
+    for drop in (4, 5):
+        broken = report.load_run(_rewrite_val(run, tmp_path / f"no-val-{drop}", drop))
+        assert broken.problems == [f"round {drop} has no validation record"] and not broken.complete
+    # With eval_every 1 (the default) every round is an evaluation round.
+    every1 = tmp_path / "every1"
+    write_run(every1, rounds=3, seed=9)
+    assert report.load_run(every1).problems == []
+    assert report.load_run(_rewrite_val(every1, tmp_path / "every1-no-val", 1)).problems == [
+        "round 1 has no validation record"]
+
+
 def test_an_older_run_folder_renders_with_not_recorded(tmp_path):
     run = tmp_path / "old"
     final = write_run(run, new_fields=False, seed=5)

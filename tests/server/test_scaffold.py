@@ -7,10 +7,13 @@ The sites' local rule is written here in numpy (SCAFFOLD's option II, Karimiredd
 K steps of y -= lr * (grad f_i(y) - c_i + c) from the global x, the new c_i is the mean of the
 gradients over those steps), so what is tested is the server: the weights are the example-weighted
 mean of the replies, c is the example-weighted mean of the latest c_i, the state survives a
-checkpoint, and bad control variates are dropped without touching c.
+checkpoint, and bad control variates are dropped without touching c. What the server sends each
+site is its correction d_i = c - c_i (``ControlVariates.correction``, with the server's copy of c_i),
+and a site rule that only adds d_i to its gradients (keeping no c_i) is the same SCAFFOLD.
 
 What must hold: rounds 1-2 equal a pure-numpy SCAFFOLD; with the same K local steps SCAFFOLD
-reaches the federation's optimum where FedAvg stays at its own, biased fixed point.
+reaches the federation's optimum where FedAvg stays at its own, biased fixed point; so does the
+correction-driven rule, also across a dropped reply.
 """
 
 from __future__ import annotations
@@ -221,3 +224,99 @@ def test_a_skipped_round_does_not_update_the_control_variates():
     # The two good replies' c_i were not taken: the control variates wait for an aggregated round.
     assert all(np.array_equal(site_controls(g)[nid], before[nid]) for nid in SITES)
     assert not np.array_equal(replies[1].control["w"], before[12])
+
+
+# --- ControlVariates.correction: what each site is sent (the site keeps no c_i) ---------------------------
+
+def corrected_round(g: GuardedStrategy, r: int, x: np.ndarray, nodes=tuple(sorted(SITES)),
+                    fault: dict[int, str] | None = None) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """One round as server.loop runs it now: each node gets ``correction(node, nodes)`` and runs
+    K steps of y -= lr (grad f_i(y) + d_i) (``local_round`` with c = d_i, c_i = 0: the site holds
+    nothing). ``fault``: node -> "nan", that node's reply's control is non-finite (dropped)."""
+    d = {nid: g.control.correction(nid, list(nodes))["w"] for nid in nodes}
+    replies = [site_reply(nid, x, d[nid], None) for nid in nodes]
+    for nid in fault or {}:
+        rep = next(rp for rp in replies if rp.node_id == nid)
+        rep.control = {"w": np.full(3, np.nan, dtype=np.float32)}
+    out = g.aggregate(r, replies, {"w": x})
+    assert out.arrays is not None, out.skip_reason
+    assert out.dropped == [(nid, "E_CONTROL_NONFINITE") for nid in sorted(fault or {})]
+    return out.arrays["w"], d
+
+
+def test_the_correction_is_c_minus_the_servers_own_c_i():
+    nodes = sorted(SITES)
+    g = scaffold()
+    # Before any accepted reply: c = 0 and no c_i, so zeros, in the parameters' dtype, as copies.
+    for nid in nodes:
+        d = g.control.correction(nid, nodes)
+        assert list(d) == ["w"] and d["w"].dtype == np.float32 and not d["w"].any()
+        d["w"][:] = 7.0
+        assert not g.control.correction(nid, nodes)["w"].any() and not g.control.zeros["w"].any()
+    scaffold_round(g, 1, START, {})
+    known = site_controls(g)
+    assert sorted(known) == nodes and all(np.abs(c).max() > 0.1 for c in known.values())
+    c_hand = weighted_mean({nid: c.astype(np.float64) for nid, c in known.items()})
+    c = g.control.server_control(nodes)["w"]
+    np.testing.assert_allclose(c, c_hand, rtol=1e-6, atol=1e-7)
+    for nid in nodes:  # a known node: c - its c_i, as the server holds it
+        d = g.control.correction(nid, nodes)["w"]
+        assert d.dtype == np.float32
+        np.testing.assert_array_equal(d, (c.astype(np.float64) - known[nid].astype(np.float64)).astype(np.float32))
+        np.testing.assert_allclose(d, c_hand - known[nid], rtol=1e-6, atol=1e-6)
+        assert not np.allclose(d, c, atol=1e-3)  # not the plain c any more
+    # With every node known and in the round, the example-weighted corrections cancel: sum n_i d_i = 0.
+    total = sum(SITES[nid][0] * g.control.correction(nid, nodes)["w"].astype(np.float64) for nid in nodes)
+    np.testing.assert_allclose(total, ZERO, atol=1e-5)
+    # A node with no accepted reply yet (99): just c, over the known nodes of the round.
+    np.testing.assert_array_equal(g.control.correction(99, [*nodes, 99])["w"], c)
+    # A round of a subset: c over that subset, minus the node's own c_i.
+    sub = g.control.server_control([12, 13])["w"]
+    np.testing.assert_allclose(sub, (30 * known[12] + 20 * known[13]) / 50, rtol=1e-6)
+    np.testing.assert_array_equal(g.control.correction(12, [12, 13])["w"], (sub.astype(np.float64) - known[12]).astype(np.float32))
+    # Reading it changes nothing: the known c_i are the same objects' values as before.
+    assert all(np.array_equal(site_controls(g)[nid], known[nid]) for nid in nodes)
+
+
+def test_a_site_rule_driven_by_the_correction_is_the_same_scaffold_and_converges():
+    hand = scaffold_by_hand(2)
+    g, x = scaffold(), START
+    previous = {nid: np.zeros(3) for nid in SITES}  # c_i before round 1
+    for r, (c_hand, x_hand, ci_hand) in enumerate(hand, start=1):
+        x, d = corrected_round(g, r, x)
+        for nid in SITES:  # d_i = c - c_i of the pure-numpy run (zeros in round 1)
+            np.testing.assert_allclose(d[nid], c_hand - previous[nid], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(x, x_hand, rtol=1e-6, atol=1e-6)
+        for nid in SITES:
+            np.testing.assert_allclose(site_controls(g)[nid], ci_hand[nid], rtol=1e-6, atol=1e-6)
+        previous = ci_hand
+    assert all(not v.any() for v in corrected_round(scaffold(), 1, START)[1].values())
+    assert np.abs(hand[1][0]).max() > 0.5  # round 2's correction was large
+    # 60 rounds: the same trajectory as the rule with the sites' own c_i, and the federation's optimum.
+    rounds, star = 60, optimum()
+    a, xa, sites_c = scaffold(), START, {}
+    b, xb = scaffold(), START
+    for r in range(1, rounds + 1):
+        xa = scaffold_round(a, r, xa, sites_c)
+        xb, _ = corrected_round(b, r, xb)
+        np.testing.assert_allclose(xb, xa, rtol=1e-5, atol=1e-6)
+    assert float(np.linalg.norm(xb - star)) < 1e-6, np.linalg.norm(xb - star)
+    for nid, (_, h, a_i) in SITES.items():
+        np.testing.assert_allclose(site_controls(b)[nid], h * (star - np.asarray(a_i)), atol=1e-5)
+        np.testing.assert_allclose(b.control.correction(nid, sorted(SITES))["w"], -h * (star - np.asarray(a_i)),
+                                   atol=1e-5)  # at the optimum d_i = -grad f_i: the site's drift cancelled
+    # A dropped reply (node 12's control variate is NaN in round 5, min_nodes 2) leaves the server's
+    # c_12 at round 4's; the site is sent c - that c_12 in round 6, so nothing is out of step.
+    g, x = scaffold(min_nodes=2), START
+    for r in range(1, rounds + 1):
+        if r == 5:
+            c12 = site_controls(g)[12].copy()
+        if r == 6:  # c over the round (node 12 counted with its round-4 c_i), minus that same c_12
+            assert np.array_equal(site_controls(g)[12], c12)
+            c6 = g.control.server_control(sorted(SITES))["w"]
+            want = (c6.astype(np.float64) - c12).astype(np.float32)
+        x, d = corrected_round(g, r, x, fault={12: "nan"} if r == 5 else None)
+        if r == 6:
+            np.testing.assert_array_equal(d[12], want)
+            assert not np.array_equal(site_controls(g)[12], c12)  # round 6's reply was taken
+    assert float(np.linalg.norm(x - star)) < 1e-6, np.linalg.norm(x - star)

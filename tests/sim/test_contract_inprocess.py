@@ -264,7 +264,20 @@ def _numpy(record) -> dict[str, np.ndarray]:
     return {k: a.numpy() for k, a in record.items()}
 
 
-def test_scaffold_control_variates_travel_and_stay_where_they_belong(scaffold_run):
+def _weighted_c(replies: dict[int, RecordDict], params) -> dict[str, np.ndarray]:
+    """c by hand (float64): the example-weighted mean of the replies' c_i."""
+    weights = {n: float(rep["metrics"]["num-examples"]) for n, rep in replies.items()}
+    return {k: sum(w * replies[n][CONTROL][k].numpy().astype(np.float64) for n, w in weights.items())
+            / sum(weights.values()) for k in params}
+
+
+def _assert_no_scaffold_state(state: RecordDict) -> None:
+    """The site keeps nothing for SCAFFOLD (nor anything else, with site_optimizer: fresh)."""
+    assert not list(state.keys()), list(state.keys())
+    assert not state.array_records and not state.config_records and not state.metric_records
+
+
+def test_scaffold_sends_each_site_its_correction_and_the_site_keeps_nothing(scaffold_run):
     from server.loop import model_parameters
     from smm_model.model import build_model
 
@@ -273,63 +286,122 @@ def test_scaffold_control_variates_travel_and_stay_where_they_belong(scaffold_ru
     model = build_model(run["cfg"].model)
     model_keys = list(model.state_dict())
     assert list(params) == [k for k, _ in model.named_parameters()]
+    assert not hasattr(client_app, "CONTROL_STATE_KEY")  # the site-side c_i is gone
     assert all(r["status"] == "aggregated" and len(r["train"]["kept"]) == 3 for r in _rounds(run["run"])[1:])
+    nodes = (100, 101, 102)
     seen = {(t.round, t.node): t for t in run["seen"]}
-    assert sorted(seen) == [(r, n) for r in (1, 2, 3) for n in (100, 101, 102)]
+    assert sorted(seen) == [(r, n) for r in (1, 2, 3) for n in nodes]
     for (r, node), t in seen.items():
         assert set(t.sent.array_records) == set(t.reply.array_records) == {ARRAYS, CONTROL}
         assert list(t.reply[ARRAYS].keys()) == model_keys
-        control = _numpy(t.reply[CONTROL])
-        assert list(control) == list(params), (r, node)  # exactly the model's parameters, in order
-        assert all(control[k].shape == p.shape and control[k].dtype == p.dtype for k, p in params.items())
-        assert all(np.isfinite(v).all() for v in control.values()) and any(v.any() for v in control.values())
-        # From round 1 on the node keeps the c_i it sent in its Context.state.
-        kept = t.state[client_app.CONTROL_STATE_KEY]
-        assert all(np.array_equal(kept[k], control[k]) for k in params), (r, node)
-    # The c a round sends: zeros in round 1, then the example-weighted mean of the previous round's c_i.
-    assert all(not v.any() for n in (100, 101, 102) for v in _numpy(seen[1, n].sent[CONTROL]).values())
+        for record in (t.sent[CONTROL], t.reply[CONTROL]):  # exactly the model's parameters, in order
+            values = _numpy(record)
+            assert list(values) == list(params), (r, node)
+            assert all(values[k].shape == p.shape and values[k].dtype == p.dtype for k, p in params.items())
+            assert all(np.isfinite(v).all() for v in values.values())
+        assert any(v.any() for v in _numpy(t.reply[CONTROL]).values())
+        # Nothing SCAFFOLD-related (nothing at all) in the node's Context.state after its round.
+        assert t.state == {}, (r, node, list(t.state))
+    for ctx in run["transport"].contexts.values():
+        _assert_no_scaffold_state(ctx.state)
+    # What a node is sent: round 1, zeros at every node (c = 0, no c_i yet); then c - c_i, with c the
+    # example-weighted mean of the previous round's c_i and c_i the node's own reply of that round.
+    assert all(not v.any() for n in nodes for v in _numpy(seen[1, n].sent[CONTROL]).values())
     for r in (2, 3):
-        prev = {n: seen[r - 1, n].reply for n in (100, 101, 102)}
-        weights = {n: rep["metrics"]["num-examples"] for n, rep in prev.items()}
+        prev = {n: seen[r - 1, n].reply for n in nodes}
+        c = _weighted_c(prev, params)
+        for n in nodes:
+            sent = _numpy(seen[r, n].sent[CONTROL])
+            for k in params:
+                own = prev[n][CONTROL][k].numpy().astype(np.float64)
+                scale = float(np.abs(c[k]).max() + np.abs(own).max())
+                np.testing.assert_allclose(sent[k], c[k] - own, rtol=1e-5, atol=1e-6 * scale + 1e-12,
+                                           err_msg=f"round {r} node {n} {k}")
+        # Per node, not shared: the nodes' corrections differ, and their example-weighted sum is 0.
+        first = next(iter(params))
+        assert not np.array_equal(seen[r, 100].sent[CONTROL][first].numpy(), seen[r, 101].sent[CONTROL][first].numpy())
+        weights = {n: float(prev[n]["metrics"]["num-examples"]) for n in nodes}
         for k in params:
-            want = sum(w * prev[n][CONTROL][k].numpy().astype(np.float64) for n, w in weights.items())
-            want /= sum(weights.values())
-            for n in (100, 101, 102):
-                np.testing.assert_allclose(seen[r, n].sent[CONTROL][k].numpy(), want, rtol=1e-5, atol=1e-9)
-    for text in run["logs"].values():
+            total = sum(w * seen[r, n].sent[CONTROL][k].numpy().astype(np.float64) for n, w in weights.items())
+            scale = sum(w * np.abs(prev[n][CONTROL][k].numpy()).max() for n, w in weights.items())
+            np.testing.assert_allclose(total, 0.0, atol=1e-5 * scale + 1e-12, err_msg=k)
+    # The site log says a correction was applied, with its norm (0 in round 1).
+    for node, (name, text) in zip(nodes, sorted(run["logs"].items())):
         lines = [ln for ln in text.splitlines() if "SCAFFOLD correction" in ln]
-        assert len(lines) == 3 and "train round 1:" in lines[0] and "with a zero site control" in lines[0]
-        for r, line in zip((2, 3), lines[1:]):
-            assert f"train round {r}:" in line and "with the previous round's site control variate" in line
+        assert len(lines) == 3, (name, lines)
+        for r, line in zip((1, 2, 3), lines):
+            assert f"train round {r}: SCAFFOLD correction applied (norm " in line, line
+            norm = float(line.rsplit("(norm ", 1)[1].rstrip(")"))
+            sent = _numpy(seen[r, node].sent[CONTROL])
+            want = float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in sent.values())))
+            assert norm == pytest.approx(want, rel=1e-3, abs=1e-12), (name, r)
+            assert (norm == 0.0) == (r == 1), (name, r)
+        assert "site control" not in text
     # The server keeps one c_i per site, the last one it aggregated, with the site's example count.
     saved = load_latest(run["run"])
     assert saved.round == 3
     sites = saved.strategy_state["scaffold"]["sites"]
-    assert sorted(sites) == [100, 101, 102]
+    assert sorted(sites) == list(nodes)
     for n, entry in sites.items():
         last = seen[3, n].reply
         assert entry["weight"] == last["metrics"]["num-examples"]
         assert all(np.array_equal(entry["control"][k], last[CONTROL][k].numpy()) for k in params)
 
 
-def test_a_resumed_scaffold_run_ends_with_the_uninterrupted_weights(scaffold_run, tmp_path, monkeypatch):
-    """Killed before round 3; the server's c_i come back from the checkpoint, the sites' own c_i
-    from the contexts they kept, and round 3 is the uninterrupted run's, bit for bit."""
-    monkeypatch.setenv(client_app.LOG_DIR_ENV, str(tmp_path / "site-logs"))
+def _crash_in_round(r: int, after: int) -> tuple[Callable[[Instruction], bool], list[int]]:
+    """A crash predicate: the server dies before sending round ``r``'s train message to its
+    (``after`` + 1)-th node, so ``after`` nodes have trained round ``r`` (0: between rounds)."""
+    trained: list[int] = []
+
+    def crash(ins: Instruction) -> bool:
+        if ins.message_type != TRAIN or ins.config["server-round"] != r:
+            return False
+        if len(trained) == after:
+            return True
+        trained.append(ins.node_id)
+        return False
+
+    return crash, trained
+
+
+@pytest.mark.parametrize("after", [0, 1], ids=["between-rounds", "mid-round"])
+def test_a_resumed_scaffold_run_ends_with_the_uninterrupted_weights(scaffold_run, tmp_path, monkeypatch, after):
+    """Killed in round 3 (before any site trained it, or after one site did and before the server's
+    round-3 checkpoint); the server's c_i come back from the round-2 checkpoint and each site is
+    sent c - c_i again, so round 3 is the uninterrupted run's, bit for bit, whether the sites kept
+    their contexts or lost all state (a new Flower run, a restarted SuperNode)."""
+    logs = tmp_path / "site-logs"
+    monkeypatch.setenv(client_app.LOG_DIR_ENV, str(logs))
     cfg, whole = scaffold_run["cfg"], load_checkpoint(scaffold_run["run"], 3).weights
-    transport = InProcessFlower(3, crash=lambda i: i.message_type == TRAIN and i.config["server-round"] == 3)
-    run, lost = tmp_path / "run", tmp_path / "lost"
+    crash, trained = _crash_in_round(3, after)
+    transport = InProcessFlower(3, crash=crash)
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
     with pytest.raises(Crash):
         run_federation(transport, cfg, run, poll_s=0.01)
+    assert trained == [100, 101, 102][:after]
     saved = load_latest(run)
     assert saved.round == 2 and sorted(saved.strategy_state["scaffold"]["sites"]) == [100, 101, 102]
-    shutil.copytree(run, lost)
+    assert [r["round"] for r in _rounds(run)] == [0, 1, 2]
+    per_site = lambda: {f.name: f.read_text().count("train round 3:") for f in sorted(logs.iterdir())}
+    # A site that trained round 3 logged it (twice: the round and its correction); the others did not.
+    assert per_site() == {"site_1.log": 2 * after, "site_2.log": 0, "site_3.log": 0}
+    for ctx in transport.contexts.values():
+        _assert_no_scaffold_state(ctx.state)
+    shutil.copytree(run, fresh)
     transport.crash = None
     run_federation(transport, cfg, run, resume=True, poll_s=0.01)
     assert [r["round"] for r in _rounds(run)] == [0, 1, 2, 3]
     resumed = load_checkpoint(run, 3).weights
     assert list(resumed) == list(whole) and all(np.array_equal(whole[k], resumed[k]) for k in whole)
-    # The sites' c_i count: sites that lost their Context.state (c_i back to zero) end elsewhere.
-    run_federation(InProcessFlower(3), cfg, lost, resume=True, poll_s=0.01)
-    elsewhere = load_checkpoint(lost, 3).weights
-    assert not all(np.array_equal(whole[k], elsewhere[k]) for k in whole)
+    # Sites with fresh, empty contexts (what a resumed Flower run gives them): the same weights.
+    run_federation(InProcessFlower(3), cfg, fresh, resume=True, poll_s=0.01)
+    assert [r["round"] for r in _rounds(fresh)] == [0, 1, 2, 3]
+    again = load_checkpoint(fresh, 3).weights
+    assert list(again) == list(whole) and all(np.array_equal(whole[k], again[k]) for k in whole)
+    assert per_site() == {"site_1.log": 2 * after + 4, "site_2.log": 4, "site_3.log": 4}
+    final = load_latest(fresh).strategy_state["scaffold"]["sites"]
+    expect = load_latest(scaffold_run["run"]).strategy_state["scaffold"]["sites"]
+    assert sorted(final) == sorted(expect)
+    for n in expect:
+        assert final[n]["weight"] == expect[n]["weight"]
+        assert all(np.array_equal(final[n]["control"][k], expect[n]["control"][k]) for k in expect[n]["control"])

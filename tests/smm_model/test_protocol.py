@@ -1,18 +1,22 @@
 """Preflight summaries -> shared statistics, and evaluation statistics -> global metrics."""
 
+import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from smm_model.config import ConfigError, ExperimentConfig
 from smm_model.federated import c_index_counts, confusion_counts, km_counts, score_histograms
-from smm_model.protocol import (SURVIVAL_HIST_EDGES, EvalStats, SchemaMismatch, SharedStats, SiteSummary,
+from smm_model.protocol import (PROTOCOL_VERSION, SURVIVAL_HIST_EDGES, EvalStats, SchemaMismatch, SharedStats, SiteSummary,
                                 check_schemas, derive_shared, evaluation_round, metrics_from_eval,
                                 selection_lower_is_better, selection_terms, selection_value)
 from smm_model.stats import GenomicsStats
 
 CFG = ExperimentConfig.from_yaml_text("", ["model.genes_tumour=2", "model.genes_micro=1", "model.feature_dim=8"])
+LOGIT_ADJUSTED = ExperimentConfig.from_yaml_text("", ["model.genes_tumour=2", "model.genes_micro=1",
+                                                      "model.feature_dim=8", "train.logit_adjustment=1.0"])
 
 
 def summary(rng, n=50, dim=8, gene_set="abc", train_counts=None):
@@ -43,8 +47,13 @@ def test_shared_stats_equal_pooled_statistics():
     # Quantile edges from the summed 10-day histograms: within one bin of the pooled quantiles.
     np.testing.assert_allclose(shared.survival_bin_edges, np.quantile(t, [0.25, 0.5, 0.75]), atol=10.0)
     assert shared.class_weights["diagnosis"] == [1.0, 4.0, 20 / 15, 2.0]
-    # The pooled training class counts (the reference prior of the sites' logit adjustment).
-    assert shared.class_counts == {"diagnosis": [60.0, 15.0, 45.0, 30.0], "grade": [30.0, 30.0, 90.0]}
+    # The pooled training class counts (the reference prior of the sites' logit adjustment) are
+    # sent only when train.logit_adjustment is on; everything else is the same either way.
+    assert shared.class_counts is None
+    adjusted = derive_shared([s for s, *_ in sites], LOGIT_ADJUSTED)
+    assert adjusted.class_counts == {"diagnosis": [60.0, 15.0, 45.0, 30.0], "grade": [30.0, 30.0, 90.0]}
+    assert replace(adjusted, class_counts=None) == shared
+    assert SharedStats.from_json(adjusted.to_json()) == adjusted
     assert shared.km_grid[0] == 0.0 and shared.km_grid[-1] >= max(t)
     patches = np.concatenate([p for *_, p in sites])  # every site's training patches, pooled
     np.testing.assert_allclose(shared.patch_mean, patches.mean(0), rtol=1e-10, atol=1e-10)
@@ -52,6 +61,23 @@ def test_shared_stats_equal_pooled_statistics():
     assert SharedStats.from_json(shared.to_json()) == shared
     # The same sites in another order give bit-identical statistics.
     assert derive_shared([s for s, *_ in sites[::-1]], CFG) == shared
+
+
+def test_messages_of_another_protocol_version_are_refused():
+    """Protocol 2 (SCAFFOLD corrections, local steps, class counts): a site or server of protocol 1
+    is told so rather than misread."""
+    assert PROTOCOL_VERSION == 2
+    rng = np.random.default_rng(3)
+    site, *_ = summary(rng)
+    shared = derive_shared([site], LOGIT_ADJUSTED)
+    assert site.version == shared.version == PROTOCOL_VERSION
+    for obj, cls, what in ((site, SiteSummary, "site summary"), (shared, SharedStats, "shared stats")):
+        d = json.loads(obj.to_json())
+        assert d["version"] == 2 and cls.from_json(json.dumps(d)) == obj
+        for old in (1, None):
+            d["version"] = old
+            with pytest.raises(ValueError, match=f"^{what} protocol version {old}, expected 2$"):
+                cls.from_json(json.dumps(d))
 
 
 def test_schema_mismatch_names_site_and_field():
