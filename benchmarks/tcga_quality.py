@@ -28,7 +28,7 @@ paired per-fold differences (federated - centralized, iid - centralized-iid, fed
 site alone); the passes over the training data each run made; per run the validation learning
 curves per task and the per-site test metrics.
 
-    python benchmarks/tcga_quality.py --work DIR   # 5 folds x 5 modes (about 55 minutes on 2 CPU cores)
+    python benchmarks/tcga_quality.py --work DIR   # 5 folds x 5 modes (about 45 minutes alone on 2 CPU cores)
     python benchmarks/tcga_quality.py --quick      # fold 0, centralized and federated, 5 rounds (make bench)
 
 Results: ``benchmarks/results/tcga_quality_<device>.json`` (``tcga_quality_quick_...`` for --quick);
