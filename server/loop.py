@@ -476,7 +476,7 @@ class FederationRun:
         ev = None
         if out.arrays is not None:
             p.weights = out.arrays
-        if out.arrays is not None and evaluation_round(r, fed.rounds, fed.eval_every):
+        if out.arrays is not None and evaluation_round(r, fed.rounds, fed.eval_every) or self._unvalidated_end(p, r, out):
             t = self.clock()
             eval_nodes = sample_nodes(self.sampler, available, fed.fraction_evaluate, fed.min_nodes)
             ev = self._evaluate(r, "val", p.weights, eval_nodes)
@@ -509,6 +509,15 @@ class FederationRun:
                  len(out.kept) if out.arrays is not None else 0, len(train_nodes),
                  f", skipped ({out.skip_reason})" if out.skip_reason else "", fed.selection_metric, _fmt(value),
                  p.best_round)
+
+    def _unvalidated_end(self, p: _Progress, r: int, out: AggregateOutcome) -> bool:
+        """The last round was skipped and the newest aggregated weights were never validated
+        (``eval_every`` > 1): validate them now, under this round (whose checkpoint holds them), so
+        that selection can choose the final model, as ``evaluation_round`` promises."""
+        if out.arrays is not None or r != self.fed.rounds:
+            return False
+        aggregated = [k for k in range(1, r) if k not in p.skipped]
+        return bool(aggregated) and not evaluation_round(aggregated[-1], self.fed.rounds, self.fed.eval_every)
 
     def _final(self, p: _Progress) -> dict[str, Any]:
         aggregated = [r for r in range(1, p.round + 1) if r not in p.skipped]

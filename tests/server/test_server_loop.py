@@ -331,3 +331,23 @@ def test_higher_is_better_selection_picks_the_best_round(tmp_path):
     assert final["selection_value"] == max(values) and not final["lower_is_better"]
     assert final["best_round"] == 1 + values.index(max(values))
     assert math.isfinite(final["test"]["global"]["values"]["survival.c_index"])
+
+
+def test_a_skipped_last_round_still_validates_the_newest_weights(tmp_path):
+    """rounds=4, eval_every=2: round 3 is aggregated but not validated; round 4 is skipped (every
+    site fails). The newest weights (round 3's) are then validated under round 4, whose checkpoint
+    holds them, so selection can still choose the final model."""
+    fail_4 = {str(n): {"train_fault": (lambda r: "error" if r == 4 else None)} for n in (11, 12, 13)}
+    run = tmp_path / "run"
+    final = run_federation(FakeTransport(sites(3, **fail_4)), config("federation.rounds=4", "federation.eval_every=2"),
+                           run)
+    rounds = read_rounds(run)
+    assert [r["status"] for r in rounds] == ["initial", "aggregated", "aggregated", "aggregated", "skipped"]
+    assert [r["val"] is not None for r in rounds] == [True, False, True, False, True]
+    w3, w4 = load_checkpoint(run, 3).weights, load_checkpoint(run, 4).weights
+    assert all(np.array_equal(w3[k], w4[k]) for k in w3)  # round 4's checkpoint is round 3's weights
+    assert final["best_round"] in (2, 4) and final["skipped_rounds"] == [4]
+    # With validation every round nothing changes: a skipped round is never validated.
+    every = tmp_path / "every"
+    run_federation(FakeTransport(sites(3, **fail_4)), config("federation.rounds=4"), every)
+    assert [r["val"] is not None for r in read_rounds(every)] == [True, True, True, True, False]
