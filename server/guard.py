@@ -28,7 +28,7 @@ from smm_model.protocol import EvalStats
 
 from .messages import NUM_EXAMPLES, Reply
 
-__all__ = ["TRAIN_METRIC_KEY", "guard_replies", "clean_train_metrics", "update_norms", "flag_outliers",
+__all__ = ["TRAIN_METRIC_KEY", "guard_replies", "clean_train_metrics", "update_norms", "control_norms", "flag_outliers",
            "guard_eval_replies"]
 
 log = logging.getLogger("fedsmm.server.guard")
@@ -150,6 +150,17 @@ def update_norms(replies: Sequence[Reply], reference_arrays: Mapping[str, np.nda
             d = r.arrays[k].astype(np.float64) - ref.astype(np.float64)
             sq += float(np.vdot(d, d).real)
         out[int(r.node_id)] = math.sqrt(sq)
+    return out
+
+
+def control_norms(replies: Sequence[Reply]) -> dict[int, float]:
+    """``||c_i||_2`` of each reply's SCAFFOLD control variate (float64 arithmetic): a site that sends
+    a huge c_i moves every other site's correction, so it is flagged like an outlying update."""
+    out: dict[int, float] = {}
+    for r in replies:
+        if r.control is not None:
+            out[int(r.node_id)] = math.sqrt(sum(float(np.vdot(v.astype(np.float64), v.astype(np.float64)).real)
+                                                for v in r.control.values()))
     return out
 
 

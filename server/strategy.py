@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMe
 
 from smm_model.config import ConfigError, FederationConfig, TrainConfig
 
-from .guard import flag_outliers, guard_replies, update_norms
+from .guard import control_norms, flag_outliers, guard_replies, update_norms
 from .messages import ARRAYS, METRICS, NUM_EXAMPLES, Reply
 
 __all__ = ["build_strategy", "GuardedStrategy", "AggregateOutcome", "strategy_state", "restore_strategy_state",
@@ -209,6 +209,8 @@ class AggregateOutcome:
     clamped: list[tuple[int, float, int]] = field(default_factory=list)
     norms: dict[int, float] = field(default_factory=dict)
     outliers: list[int] = field(default_factory=list)
+    control_norms: dict[int, float] = field(default_factory=dict)  # SCAFFOLD: ||c_i|| per kept reply
+    control_outliers: list[int] = field(default_factory=list)
     site_metrics: dict[int, dict[str, int | float]] = field(default_factory=dict)
     skip_reason: str | None = None
 
@@ -270,9 +272,15 @@ class GuardedStrategy:
         for nid in outliers:
             log.warning("round %d: node %d's update norm %.4g is an outlier (median %.4g); kept, flagged for review",
                         server_round, nid, norms[nid], float(np.median(list(norms.values()))))
+        cnorms = control_norms(kept)
+        control_outliers = flag_outliers(cnorms, self.outlier_k)
+        for nid in control_outliers:
+            log.warning("round %d: node %d's SCAFFOLD control variate norm %.4g is an outlier (median %.4g); kept, "
+                        "flagged for review", server_round, nid, cnorms[nid], float(np.median(list(cnorms.values()))))
         out = AggregateOutcome(arrays=None, metrics={}, kept=[int(r.node_id) for r in kept], dropped=dropped,
                                clamped=clamped, norms=norms, outliers=outliers,
-                               site_metrics={int(r.node_id): dict(r.metrics or {}) for r in kept})
+                               site_metrics={int(r.node_id): dict(r.metrics or {}) for r in kept},
+                               control_norms=cnorms, control_outliers=control_outliers)
         if len(kept) < self.cfg.min_nodes:
             out.skip_reason = "E_TOO_FEW_REPLIES"
             log.error("round %d skipped: %d usable replies, federation.min_nodes is %d; the global model is unchanged",

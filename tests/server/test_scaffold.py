@@ -320,3 +320,23 @@ def test_a_site_rule_driven_by_the_correction_is_the_same_scaffold_and_converges
             np.testing.assert_array_equal(d[12], want)
             assert not np.array_equal(site_controls(g)[12], c12)  # round 6's reply was taken
     assert float(np.linalg.norm(x - star)) < 1e-6, np.linalg.norm(x - star)
+
+
+def test_an_outlying_control_variate_is_kept_but_flagged(caplog):
+    """A site sending a huge c_i moves every other site's correction: like an outlying update it is
+    named in the log and the round record (kept: honest sites with unusual data look the same)."""
+    nodes = (21, 22, 23, 24)
+    g = GuardedStrategy(build_strategy(fed(min_nodes=3), n_sites=len(nodes)), fed(min_nodes=3),
+                        control=ControlVariates({"w": ZERO}))
+    c_i = {21: [0.1, 0.0, 0.0], 22: [0.0, 0.12, 0.0], 23: [0.0, 0.0, 0.09], 24: [50.0, -50.0, 50.0]}
+    replies = [Reply(n, arrays={"w": START + 0.01 * i}, control={"w": np.array(c_i[n], dtype=np.float32)},
+                     metrics={"num-examples": 10}) for i, n in enumerate(nodes)]
+    with caplog.at_level("WARNING", logger="fedsmm.server.strategy"):
+        out = g.aggregate(1, replies, {"w": START})
+    assert out.kept == list(nodes) and out.arrays is not None
+    assert out.control_outliers == [24]
+    np.testing.assert_allclose(out.control_norms[24], np.linalg.norm(c_i[24]), rtol=1e-6)
+    assert "node 24's SCAFFOLD control variate norm" in caplog.text
+    honest = [Reply(r.node_id, arrays=r.arrays, control={"w": np.array(c_i[21], dtype=np.float32)},
+                    metrics=r.metrics) for r in replies]
+    assert g.aggregate(2, honest, {"w": START}).control_outliers == []  # nobody stands out
