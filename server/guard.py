@@ -16,7 +16,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -143,25 +143,20 @@ def update_norms(replies: Sequence[Reply], reference_arrays: Mapping[str, np.nda
     out: dict[int, float] = {}
     for r in replies:
         assert r.arrays is not None
-        sq = 0.0
-        for k, ref in reference_arrays.items():
-            if ref.dtype.kind not in "fc":
-                continue
-            d = r.arrays[k].astype(np.float64) - ref.astype(np.float64)
-            sq += float(np.vdot(d, d).real)
-        out[int(r.node_id)] = math.sqrt(sq)
+        out[int(r.node_id)] = _l2(r.arrays[k].astype(np.float64) - ref.astype(np.float64)
+                                  for k, ref in reference_arrays.items() if ref.dtype.kind in "fc")
     return out
+
+
+def _l2(arrays: Iterable[np.ndarray]) -> float:
+    """The L2 norm over several arrays together, in float64."""
+    return math.sqrt(sum(float(np.vdot(a, a).real) for a in (np.asarray(x, dtype=np.float64) for x in arrays)))
 
 
 def control_norms(replies: Sequence[Reply]) -> dict[int, float]:
     """``||c_i||_2`` of each reply's SCAFFOLD control variate (float64 arithmetic): a site that sends
     a huge c_i moves every other site's correction, so it is flagged like an outlying update."""
-    out: dict[int, float] = {}
-    for r in replies:
-        if r.control is not None:
-            out[int(r.node_id)] = math.sqrt(sum(float(np.vdot(v.astype(np.float64), v.astype(np.float64)).real)
-                                                for v in r.control.values()))
-    return out
+    return {int(r.node_id): _l2(r.control.values()) for r in replies if r.control is not None}
 
 
 def flag_outliers(norms: Mapping[int, float], k: float = 3.0) -> list[int]:

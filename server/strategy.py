@@ -31,7 +31,7 @@ from .guard import control_norms, flag_outliers, guard_replies, update_norms
 from .messages import ARRAYS, METRICS, NUM_EXAMPLES, Reply
 
 __all__ = ["build_strategy", "GuardedStrategy", "AggregateOutcome", "strategy_state", "restore_strategy_state",
-           "set_current_arrays", "ControlVariates", "OPTIMIZER_STATE_ATTRS", "MOMENTUM_STATE_ATTRS", "DEFAULT_SERVER_LR"]
+           "set_current_arrays", "ControlVariates", "OPTIMIZER_STATE_ATTRS", "DEFAULT_SERVER_LR"]
 
 log = logging.getLogger("fedsmm.server.strategy")
 
@@ -39,9 +39,6 @@ log = logging.getLogger("fedsmm.server.strategy")
 #: (``flwr/serverapp/strategy/fedopt.py``): the arrays sent this round and the first and second
 #: moments, each a ``dict[str, ndarray]`` or None before the first aggregation.
 OPTIMIZER_STATE_ATTRS = ("current_arrays", "m_t", "v_t")
-#: What FedAvgM keeps (``flwr/serverapp/strategy/fedavgm.py``): the arrays sent this round (an
-#: ``ArrayRecord``) and the momentum buffer (a list of ndarrays in the arrays' order), or None.
-MOMENTUM_STATE_ATTRS = ("current_arrays", "momentum_vector")
 #: Server learning rates when ``federation.server_lr`` is null: FedOpt's customary eta, and plain
 #: averaging for FedAvgM.
 DEFAULT_SERVER_LR = {"fedopt": 0.01, "fedavgm": 1.0}
@@ -156,6 +153,8 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     """
     out: dict[str, Any] = {"class": type(strategy).__name__}
     if isinstance(strategy, FedAvgM):
+        # FedAvgM (flwr/serverapp/strategy/fedavgm.py) keeps the arrays sent this round as an
+        # ArrayRecord and its momentum buffer as a list of ndarrays in the arrays' order.
         arrays, momentum = strategy.current_arrays, strategy.momentum_vector
         out["current_arrays"] = None if arrays is None else {k: np.array(a.numpy(), copy=True) for k, a in arrays.items()}
         out["momentum_vector"] = None if momentum is None else [np.array(x, copy=True) for x in momentum]
