@@ -98,6 +98,19 @@ def test_values(run_dir: Path) -> dict[str, float]:
     return {k: float(v) for k, v in final["test"]["global"]["values"].items() if v is not None}
 
 
+def selected_validation(run_dir: Path) -> dict[str, Any]:
+    """The selected round and its pooled validation metrics (``rounds.jsonl``): what the run's
+    ``selection_metric`` chose on, and what a protocol is chosen on (never the test patients)."""
+    best = load_final(run_dir)["best_round"]
+    path = run_dir / "rounds.jsonl"
+    for line in path.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("round") == best and rec.get("val"):
+            return {"round": best, "values": {k: float(v) for k, v in rec["val"]["global"]["values"].items()
+                                              if v is not None}}
+    raise BenchmarkError(f"{path}: no validation record for the selected round {best}")
+
+
 def training_rounds(run_dir: Path) -> list[dict[str, Any]]:
     """The training rounds of a run folder's ``rounds.jsonl`` (round 0, the initial model's
     evaluation, left out). A round that was not aggregated has no timings to measure, so it is an
@@ -194,7 +207,8 @@ def mode_result(mode: str, run_dir: Path, wall: float | None) -> dict[str, Any]:
     final = load_final(run_dir)
     wall = final.get("wall_s") if wall is None else wall
     return {"values": test_values(run_dir), "wall_s": None if wall is None else round(float(wall), 1),
-            "best_round": final["best_round"], "test_patients": final["test"]["patients"]}
+            "best_round": final["best_round"], "test_patients": final["test"]["patients"],
+            "val_values": selected_validation(run_dir)["values"]}
 
 
 def print_row(prefix: str, row: Mapping[str, Any]) -> None:

@@ -11,6 +11,12 @@ On every cohort, with ``configs/bench_synthetic.yaml``, each model variant is tr
 * ``centralized`` (``smm centralized``: all training patients pooled) and
 * ``federated`` (``smm simulate`` over the 6 sites with the config's protocol: SCAFFOLD, the same
   number of optimizer steps at every site, the same learning-rate schedule),
+* ``iid`` (the same federation over the cohort's IID control: the same patients, each with its
+  split, its site's batch effects and its feature files, dealt at random into 6 sites of the same
+  sizes, ``client.cohort.deal_site_folders``) and ``centralized-iid`` (pooled training evaluated on
+  those sites: the C-index counts within-site pairs, so the IID control is compared with this run).
+  What the federation loses on the real sites but not on the IID ones is the sites' heterogeneity;
+  what it loses on both is the protocol,
 
 selected by the config's ``federation.selection_metric`` on validation patients and tested once on
 the pooled test patients. Variants: the proposed
@@ -19,9 +25,10 @@ genomics-only ``snn``, the histology-only ``abmil`` and the late-fusion ``concat
 
 Reported: mean and sample standard deviation over cohort seeds per variant and mode; per seed, the
 proposed model's (``smm-pcgrad``) difference to each baseline on the same cohort (paired), and each
-variant's federated-minus-centralized gap.
+variant's federated-minus-centralized gap (and iid-minus-centralized-iid where both ran).
 
-    python benchmarks/synthetic_quality.py           # 3 seeds x 6 variants x 2 modes (see README for the time)
+    python benchmarks/synthetic_quality.py           # 3 seeds x 6 variants x 4 modes (see README for the time)
+    python benchmarks/synthetic_quality.py --variants smm-pcgrad --modes iid,centralized-iid   # the IID control
     python benchmarks/synthetic_quality.py --work DIR --seeds 0,1,2,3   # reuses DIR's finished runs
     python benchmarks/synthetic_quality.py --quick   # seed 0, 6 x 40 patients, smm-pcgrad and concat, 5 rounds
 
@@ -43,6 +50,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import quality  # noqa: E402
+from client.cohort import deal_site_folders  # noqa: E402
 
 CONFIG = quality.ROOT / "configs" / "bench_synthetic.yaml"
 SITES, PATIENTS_PER_SITE, SPLIT = 6, 100, "0.6,0.15,0.25"
@@ -57,12 +65,21 @@ VARIANTS = {
 }
 PROPOSED = "smm-pcgrad"
 BASELINES = ("snn", "abmil", "concat")
-MODES = ("centralized", "federated")
+#: mode -> (kind of run, which site folders)
+MODES = {"centralized": ("centralized", "real"), "federated": ("federated", "real"),
+         "iid": ("federated", "iid"), "centralized-iid": ("centralized", "iid"),
+         "one-site": ("federated", "one_site")}
+DEFAULT_MODES = ("centralized", "federated", "iid", "centralized-iid")
+#: the seed of the IID control's random deal
+IID_SEED = 0
+#: (mode, its reference) pairs whose paired differences are reported
+GAPS = (("federated", "centralized"), ("iid", "centralized-iid"))
 
 
 def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str, ...], sites: int,
-             patients: int, rounds: int) -> dict:
-    """Write cohort ``seed`` and train every variant in every mode on it."""
+             patients: int, rounds: int, extra: tuple[str, ...] = (), tag: str = "") -> dict:
+    """Write cohort ``seed`` and train every variant in every mode on it (``extra``: overrides on
+    top of each variant's, for a diagnostic run named ``tag``)."""
     base = work / f"seed{seed}"
     cohort = base / "sites"
     synth_args = ["synth", "--out", cohort, "--sites", sites, "--patients-per-site", patients, "--features-only",
@@ -72,20 +89,29 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
             shutil.rmtree(cohort)
         quality.smm(synth_args, base / "synth.log")
         _store(base / "synth.json", synth_args, {})
-    common = [f"data.sites_root={cohort}", f"federation.rounds={rounds}", f"federation.min_nodes={sites}"]
+    roots = {"real": cohort}
+    for which in sorted({MODES[m][1] for m in modes} - {"real"}):
+        roots[which] = base / f"sites_{which}"
+        if not _cached(base / f"{which}.json", [cohort, IID_SEED]):
+            deal_site_folders(cohort, roots[which], IID_SEED, force=True, one_site=which == "one_site")
+            _store(base / f"{which}.json", [cohort, IID_SEED], {})
     out: dict = {}
     for variant in variants:
         out[variant] = {}
         for mode in modes:
-            name = f"{variant}-{mode}"
-            sets = common + VARIANTS[variant]
-            row = _cached(base / f"{name}.json", [mode, *sets])
+            kind, which = MODES[mode]
+            name = f"{variant}-{mode}" + (f"-{tag}" if tag else "")
+            nodes = 1 if which == "one_site" else sites
+            sets = [f"data.sites_root={roots[which]}", f"federation.rounds={rounds}", f"federation.min_nodes={nodes}",
+                    *VARIANTS[variant], *extra]
+            key = [kind if which == "real" else mode, *sets]  # the real-site keys as before IID modes existed
+            row = _cached(base / f"{name}.json", key)
             if row is None:
                 run_dir = base / name
                 if run_dir.exists():
                     shutil.rmtree(run_dir)  # an interrupted run: start it again
-                row = quality.run_mode(mode, CONFIG, run_dir, sets, base / f"{name}.log")
-                _store(base / f"{name}.json", [mode, *sets], row)
+                row = quality.run_mode(kind, CONFIG, run_dir, sets, base / f"{name}.log")
+                _store(base / f"{name}.json", key, row)
             out[variant][mode] = row
             quality.print_row(f"[synthetic seed {seed}] {name:<22}", row)
     return out
@@ -117,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {tuple(VARIANTS)}")
     ap.add_argument("--sites", type=int, default=SITES)
     ap.add_argument("--patients-per-site", type=int, default=PATIENTS_PER_SITE)
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                    help=f"comma-separated subset of {tuple(MODES)} (default {','.join(DEFAULT_MODES)})")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override on top of every variant's (repeatable); needs --tag")
+    ap.add_argument("--tag", default="", help="name of a diagnostic run with --set: its run folders get the "
+                    "suffix, its results go to results/synthetic_quality_<tag>_<device>.json")
     ap.add_argument("--rounds", type=int, default=None, help="federation.rounds (default: the config's)")
     ap.add_argument("--quick", action="store_true", help="seed 0, 6 x 40 patients, smm-pcgrad and concat, 5 rounds")
     ap.add_argument("--work", type=Path, default=None, help="keep the cohorts and run folders here")
@@ -126,32 +158,40 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; expected {tuple(VARIANTS)}")
+    if bool(args.sets) != bool(args.tag) or not all(c.isalnum() or c in "-_" for c in args.tag):
+        ap.error("--set and --tag go together; --tag takes letters, digits, - and _")
+    modes = ("centralized", "federated") if args.quick else tuple(args.modes.split(","))
+    if set(modes) - set(MODES):
+        ap.error(f"unknown modes {sorted(set(modes) - set(MODES))}; expected {tuple(MODES)}")
     patients = 40 if args.quick else args.patients_per_site
     rounds = 5 if args.quick else (args.rounds or yaml.safe_load(CONFIG.read_text())["federation"]["rounds"])
     t0 = time.perf_counter()
     with quality.work_folder(args.work, "synthetic_quality_") as work:
-        per_seed = [run_seed(s, work, variants, MODES, args.sites, patients, rounds) for s in seeds]
+        per_seed = [run_seed(s, work, variants, modes, args.sites, patients, rounds, tuple(args.sets), args.tag)
+                    for s in seeds]
     summary = {mode: quality.summarise({v: [s[v][mode]["values"] for s in per_seed] for v in variants},
-                                       quality.PAPER_METRICS) for mode in MODES}
+                                       quality.PAPER_METRICS) for mode in modes}
     comparisons = {mode: {b: paired(per_seed, PROPOSED, b, mode) for b in variants if b != PROPOSED}
-                   for mode in MODES} if PROPOSED in variants else {}
-    fed_gap = {v: quality.differences([s[v]["federated"]["values"] for s in per_seed],
-                                      [s[v]["centralized"]["values"] for s in per_seed], per="per_seed")
-               for v in variants}
+                   for mode in modes} if PROPOSED in variants else {}
+    gaps = {f"{a} - {b}": {v: quality.differences([s[v][a]["values"] for s in per_seed],
+                                                  [s[v][b]["values"] for s in per_seed], per="per_seed")
+                           for v in variants}
+            for a, b in GAPS if a in modes and b in modes}
     payload = {
-        **quality.result_header("synthetic_quality", __file__, argv, t0),  # wall_s: runs cached in --work take none
+        **quality.result_header("synthetic_quality" + (f"_{args.tag}" if args.tag else ""), __file__, argv, t0),  # wall_s: runs cached in --work take none
         "runs_wall_s": round(sum(r[m]["wall_s"] for s in per_seed for r in s.values() for m in r), 1),
         "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "seeds": seeds, "sites": args.sites,
                     "patients_per_site": patients, "split": SPLIT, "rounds": rounds,
+                    "modes": {m: MODES[m] for m in modes}, "iid_seed": IID_SEED, "overrides": args.sets,
                     "protocol": "the config's federation section (strategy, local_steps, selection_metric)",
                     "variants": {v: VARIANTS[v] for v in variants},
                     "selection": "the config's federation.selection_metric on validation patients",
                     "c_index": "within-site pairs", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
-        "summary": summary, "proposed_minus_baseline": comparisons, "federated_minus_centralized": fed_gap,
+        "summary": summary, "proposed_minus_baseline": comparisons, "gaps": gaps,
         "seeds": {str(s): r for s, r in zip(seeds, per_seed)},
     }
     path = quality.write_result(payload, args.quick)
-    for mode in MODES:
+    for mode in modes:
         print(f"\n{mode}:")
         print(quality.markdown_table(summary[mode], quality.PAPER_METRICS, label="model"))
     print(f"results: {path}")

@@ -9,13 +9,17 @@ agree on, so the two cohorts look the same to every reader:
   derives the training labels itself; this copy only counts, and both tests re-derive it);
 * the gene-set id (the first 16 hex digits of the sha256 of ``geneset.csv``) in ``manifest.json``;
 * byte-stable CSV writing, atomically (temporary file, then rename), and the "refuse a non-empty
-  output folder unless --force" rule.
+  output folder unless --force" rule;
+* the IID control of a cohort (``deal_iid``: the same patients dealt at random into sites of the
+  real sizes; ``smm tcga --iid`` deals before writing, ``deal_site_folders`` deals written site
+  folders, for cohorts whose sites' batch effects are already in their files, as ``smm synth``'s).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from .sitefs import SUBSPACES, Manifest, SiteLayout, atomic_write_text, file_sha
 
 __all__ = ["CLASS_NAMES", "CLINICAL_COLUMNS", "LABEL_ENCODING", "UNKNOWN", "CohortError", "prepare_out",
            "write_csv", "write_json", "gene_set_id", "who2021", "class_counts", "stratified_pick",
-           "write_site_tables"]
+           "write_site_tables", "deal_iid", "deal_site_folders", "ONE_SITE"]
 
 #: WHO 2021 diagnosis classes, in label-index order (method.md Part B 2.4).
 CLASS_NAMES = ("gbm_idhwt", "astro_g4", "astro_lg", "oligo")
@@ -158,6 +162,99 @@ def stratified_pick(strata: np.ndarray, fraction: float, rng: np.random.Generato
     if not pick.any() and n >= 2:
         pick[order[rng.integers(n)]] = True
     return pick
+
+
+def deal_iid(site: pd.Series, seed: int) -> tuple[pd.Series, dict[str, str]]:
+    """The IID control: the same patients dealt at random into sites of the real sites' sizes.
+
+    Why: a federation over hospitals loses to pooled training for two reasons, the protocol
+    (averaging, local steps, selection) and the heterogeneity of the hospitals (case mix, batch
+    effects). Dealing the same patients at random into sites of the same sizes keeps the first and
+    removes the second, so the gap it leaves is the protocol's alone. Returns the new site of every
+    patient (``iid_<real site>`` holds as many patients as that real site) and that name mapping.
+    """
+    names = sorted(site.unique())
+    sizes = [int((site == n).sum()) for n in names]
+    order = np.random.default_rng([seed, zlib.crc32(b"iid")]).permutation(len(site))
+    dealt = np.empty(len(site), dtype=object)
+    dealt[order] = np.repeat([f"iid_{n}" for n in names], sizes)
+    return pd.Series(dealt, index=site.index), {f"iid_{n}": n for n in names}
+
+
+#: the site of the one-site control (``deal_site_folders(..., one_site=True)``)
+ONE_SITE = "one_site"
+
+
+def deal_site_folders(src: Path, out: Path, seed: int, force: bool = False, one_site: bool = False) -> dict[str, Any]:
+    """Write the IID control of the cohort of site folders under ``src`` into ``out``.
+
+    Every patient moves with all its rows (clinical, including its split; slides; genomics) and its
+    feature files, as written, into the site ``deal_iid`` gives it; so batch effects stay with the
+    patients who carry them and only their grouping into sites changes. Where a cohort generator
+    cannot deal before it writes (``smm synth`` draws each site's batch effects into its features),
+    this is the IID control. The sites must share their gene set and feature schema (they do when
+    they can federate). ``one_site``: every patient into one site instead (``ONE_SITE``), the control
+    in which a "federation" of one site has the rounds, the schedule and the optimizer restarts of
+    federated training but no averaging. Returns what ``cohort.json`` in ``out`` holds.
+    """
+    src, out = Path(src), Path(out)
+    roots = sorted(p for p in src.iterdir() if SiteLayout(p).clinical.is_file()) if src.is_dir() else []
+    if not roots:
+        raise CohortError(f"{src}: no site folders (folders with clinical.csv) to deal")
+    tables = {name: [] for name in ("clinical", "slides", "genomics")}
+    schema, geneset = None, None
+    slide_records: dict[str, dict] = {}
+    for root in roots:
+        layout = SiteLayout(root)
+        for name in tables:
+            # as text, so every value is written back exactly as it was read
+            frame = pd.read_csv(getattr(layout, name), dtype=str, keep_default_na=False)
+            tables[name].append(frame.assign(_site=root.name, _root=str(root)))
+        manifest = Manifest.load(layout.manifest)
+        if schema is None:
+            schema, geneset = manifest.schema, layout.geneset.read_bytes()
+        elif manifest.schema != schema or layout.geneset.read_bytes() != geneset:
+            raise CohortError(f"{root}: gene set or feature schema differs from {roots[0]}'s; "
+                              "only sites that could federate can be dealt")
+        slide_records.update(manifest.slides)
+    clinical, slides, genomics = (pd.concat(tables[n], ignore_index=True) for n in ("clinical", "slides", "genomics"))
+    if clinical["patient_id"].duplicated().any():
+        raise CohortError(f"{src}: patient {clinical['patient_id'][clinical['patient_id'].duplicated()].iloc[0]} "
+                          "is in more than one site")
+    if one_site:
+        dealt, real_of = pd.Series(ONE_SITE, index=clinical.index), {ONE_SITE: "all sites"}
+    else:
+        dealt, real_of = deal_iid(clinical["_site"], seed)
+    site_of = dict(zip(clinical["patient_id"], dealt))
+    prepare_out(out, force, owned=[*real_of, "cohort.json"])
+    summary = []
+    for name in sorted(real_of):
+        layout = SiteLayout(out / name)
+        keep = lambda frame: frame[frame["patient_id"].map(site_of) == name]  # noqa: E731
+        clin, sl, gen = keep(clinical), keep(slides), keep(genomics)
+        if "path" in sl.columns:  # slide paths are relative to their own site folder
+            sl = sl.assign(path=[str((Path(r) / p).resolve()) if p else p for r, p in zip(sl["_root"], sl["path"])])
+        layout.root.mkdir(parents=True, exist_ok=True)
+        for frame, path in ((clin, layout.clinical), (sl, layout.slides), (gen, layout.genomics)):
+            write_csv(path, frame.drop(columns=["_site", "_root"]))
+        layout.geneset.write_bytes(geneset)
+        layout.features_dir.mkdir(exist_ok=True)
+        manifest = Manifest(layout.manifest)
+        manifest.schema.update(schema)
+        manifest.data["source"] = {"control_of": str(src), **({} if one_site else {"iid_control_seed": seed})}
+        for sid, root in zip(sl["slide_id"], sl["_root"]):
+            feature = SiteLayout(root).feature_file(sid)
+            if feature.is_file():
+                shutil.copyfile(feature, layout.feature_file(sid))
+            if sid in slide_records:
+                manifest.slides[sid] = slide_records[sid]
+        manifest.save()
+        summary.append({"name": name, "n_patients": len(clin), "size_of": real_of[name],
+                        "from_sites": {k: int(v) for k, v in clin["_site"].value_counts().sort_index().items()}})
+    record = {"kind": "one_site_control" if one_site else "iid_control", "source": str(src),
+              "iid_control_seed": None if one_site else seed, "sites": summary}
+    write_json(out / "cohort.json", record)
+    return record
 
 
 def write_site_tables(layout: SiteLayout, clinical: pd.DataFrame, slides: pd.DataFrame,

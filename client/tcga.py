@@ -82,13 +82,13 @@ import pandas as pd
 
 from smm_model.label_facts import fact, label_feature_hits
 
-from .cohort import (CLASS_NAMES, CLINICAL_COLUMNS, LABEL_ENCODING, CohortError, class_counts, prepare_out,
-                     stratified_pick, who2021, write_json, write_site_tables)
+from .cohort import (CLASS_NAMES, CLINICAL_COLUMNS, LABEL_ENCODING, CohortError, class_counts, deal_iid,
+                     prepare_out, stratified_pick, who2021, write_json, write_site_tables)
 from .sitefs import FeatureFileError, SiteLayout, atomic_path, file_sha256, read_features
 
 __all__ = ["PORPOISE", "GRADES", "SIGNATURES", "TSS_CENTERS", "SPLITS", "LEGACY_GBM_TSS", "LEGACY_SITE", "OTHER_SITE",
            "MICRO_GROUPS", "TUMOUR_GROUPS", "TUMOUR_PRIORITY", "DAYS_PER_MONTH", "GENOMIC_KINDS",
-           "DEFAULT_GENOMICS", "TcgaCohort", "load_porpoise", "load_grades", "load_split", "deal_iid", "select_genomics",
+           "DEFAULT_GENOMICS", "TcgaCohort", "load_porpoise", "load_grades", "load_split", "select_genomics",
            "derive_geneset", "assign_sites", "build_cohort", "write_cohort", "main"]
 
 PORPOISE = "porpoise_tcga_gbmlgg_all_clean_mutsig.csv.zip"
@@ -333,23 +333,6 @@ def load_split(path: Path, patients: pd.Series) -> pd.Series:
         raise CohortError(f"{path}: {len(missing)} patient(s) of the cohort are in neither 'train' nor 'val', "
                           f"e.g. {missing[:3]}")
     return patients.map(lambda p: "test" if p in test else "train")
-
-
-def deal_iid(site: pd.Series, seed: int) -> tuple[pd.Series, dict[str, str]]:
-    """The IID control: the same patients dealt at random into sites of the real sites' sizes.
-
-    Why: a federation over hospitals loses to pooled training for two reasons, the protocol
-    (averaging, local steps, selection) and the heterogeneity of the hospitals (case mix, batch
-    effects). Dealing the same patients at random into sites of the same sizes keeps the first and
-    removes the second, so the gap it leaves is the protocol's alone. Returns the new site of every
-    patient (``iid_<real site>`` holds as many patients as that real site) and that name mapping.
-    """
-    names = sorted(site.unique())
-    sizes = [int((site == n).sum()) for n in names]
-    order = np.random.default_rng([seed, zlib.crc32(b"iid")]).permutation(len(site))
-    dealt = np.empty(len(site), dtype=object)
-    dealt[order] = np.repeat([f"iid_{n}" for n in names], sizes)
-    return pd.Series(dealt, index=site.index), {f"iid_{n}": n for n in names}
 
 
 def build_cohort(tables: Path, fold: int = 0, seed: int = 0, val_fraction: float = 0.15,
