@@ -166,7 +166,8 @@ def pooled_local_values(local_root: Path) -> tuple[dict[str, float], dict[str, A
     return values, per_site
 
 
-def run_mode(mode: str, config: Path, run_dir: Path, sets: Sequence[str], log: Path) -> dict[str, Any]:
+def run_mode(mode: str, config: Path, run_dir: Path, sets: Sequence[str], log: Path, clean: bool = True
+             ) -> dict[str, Any]:
     """One training run the way a user starts it: ``centralized``, ``local-only`` or a federation
     (``smm simulate``; the strategy is whatever ``sets`` and the config say). Returns the pooled test
     ``values``, the command's ``wall_s`` and, where there is one, the selected round."""
@@ -181,13 +182,22 @@ def run_mode(mode: str, config: Path, run_dir: Path, sets: Sequence[str], log: P
     for s in sets:
         args += ["--set", s]
     wall = smm(args, log)
-    return mode_result(mode, run_dir, wall)
+    return mode_result(mode, run_dir, wall, clean)
+
+
+#: Settings of the server's aggregation, which pooled training (``smm centralized``, also
+#: ``--local-only``) never reads: a pooled run that differs from the wanted one only in these is the
+#: same run.
+AGGREGATION_ONLY = ("strategy", "server_lr", "server_momentum", "server_beta_1", "server_beta_2", "server_tau")
 
 
 def finished(mode: str, run_dir: Path, config: Path, sets: Sequence[str]) -> bool:
     """Whether ``run_dir`` holds a finished run of ``mode`` (its last file, written atomically) with
     the same resolved configuration as ``config`` plus ``sets`` would give (so a work folder kept
-    from a --quick run or an older config is not taken for this one)."""
+    from a --quick run or an older config is not taken for this one). For pooled modes the
+    federation's aggregation settings (``AGGREGATION_ONLY``) are left out of the comparison."""
+    import yaml
+
     from smm_model.config import ExperimentConfig
     from smm_model.protocol import config_text
 
@@ -195,20 +205,53 @@ def finished(mode: str, run_dir: Path, config: Path, sets: Sequence[str]) -> boo
         return False
     want = config_text(ExperimentConfig.from_yaml_text(config.read_text(), [str(s) for s in sets], source=str(config)))
     saved = run_dir / "config.yaml"
-    return saved.is_file() and saved.read_text() == want
+    if not saved.is_file():
+        return False
+    if mode == "federated":
+        return saved.read_text() == want
+
+    def pooled_part(text: str) -> dict:
+        cfg = yaml.safe_load(text)
+        for key in AGGREGATION_ONLY:
+            cfg.get("federation", {}).pop(key, None)
+        return cfg
+
+    return pooled_part(saved.read_text()) == pooled_part(want)
 
 
-def mode_result(mode: str, run_dir: Path, wall: float | None) -> dict[str, Any]:
+def mode_result(mode: str, run_dir: Path, wall: float | None, clean: bool = True) -> dict[str, Any]:
     """What ``run_mode`` returns, read from a finished run folder (``wall``: the command's time, or
-    None for a run found finished in a work folder, whose own ``wall_s`` is then used)."""
+    None for a run found finished in a work folder, whose own ``wall_s`` is then used). ``clean``:
+    refuse a run that skipped a round or dropped a reply (``require_clean``); off only where such
+    losses are the measured outcome (a protocol that diverges, ``protocol_choice.py``)."""
     if mode == "local-only":
         values, per_site = pooled_local_values(run_dir)
         return {"values": values, "per_site": per_site, "wall_s": None if wall is None else round(wall, 1)}
     final = load_final(run_dir)
+    if clean:
+        require_clean(run_dir, final)
     wall = final.get("wall_s") if wall is None else wall
     return {"values": test_values(run_dir), "wall_s": None if wall is None else round(float(wall), 1),
             "best_round": final["best_round"], "test_patients": final["test"]["patients"],
             "val_values": selected_validation(run_dir)["values"]}
+
+
+def require_clean(run_dir: Path, final: Mapping[str, Any]) -> None:
+    """A benchmark number comes only from a run in which every round was aggregated, no site's
+    reply was dropped and the test split was evaluated: a run that lost sites to an error (for
+    example its data changing under it) still finishes, and would otherwise be recorded as a
+    result of the protocol."""
+    if not final["test"].get("patients"):
+        raise BenchmarkError(f"{run_dir}: the final test covers no patients ({final['test'].get('reason')})")
+    path = run_dir / "rounds.jsonl"
+    for line in path.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if int(rec.get("round", 0)) == 0:
+            continue
+        dropped = [*(rec.get("train") or {}).get("dropped", []), *(rec.get("val") or {}).get("dropped", [])]
+        if rec.get("status") not in ("aggregated", "trained") or dropped:
+            raise BenchmarkError(f"{path}: round {rec.get('round')} was {rec.get('status')} with "
+                                 f"{len(dropped)} dropped repl(y/ies); a benchmark run must be clean")
 
 
 def print_row(prefix: str, row: Mapping[str, Any]) -> None:

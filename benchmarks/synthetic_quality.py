@@ -84,7 +84,7 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
     cohort = base / "sites"
     synth_args = ["synth", "--out", cohort, "--sites", sites, "--patients-per-site", patients, "--features-only",
                   "--split", SPLIT, "--seed", seed]
-    if not _cached(base / "synth.json", synth_args):
+    if _cached(base / "synth.json", synth_args) is None:
         if cohort.exists():
             shutil.rmtree(cohort)
         quality.smm(synth_args, base / "synth.log")
@@ -92,7 +92,7 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
     roots = {"real": cohort}
     for which in sorted({MODES[m][1] for m in modes} - {"real"}):
         roots[which] = base / f"sites_{which}"
-        if not _cached(base / f"{which}.json", [cohort, IID_SEED]):
+        if _cached(base / f"{which}.json", [cohort, IID_SEED]) is None:
             deal_site_folders(cohort, roots[which], IID_SEED, force=True, one_site=which == "one_site")
             _store(base / f"{which}.json", [cohort, IID_SEED], {})
     out: dict = {}
@@ -104,22 +104,23 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
             nodes = 1 if which == "one_site" else sites
             sets = [f"data.sites_root={roots[which]}", f"federation.rounds={rounds}", f"federation.min_nodes={nodes}",
                     *VARIANTS[variant], *extra]
-            key = [kind if which == "real" else mode, *sets]  # the real-site keys as before IID modes existed
-            row = _cached(base / f"{name}.json", key)
-            if row is None:
-                run_dir = base / name
+            run_dir = base / name
+            if quality.finished(kind, run_dir, CONFIG, sets):  # the same resolved config: a stopped run continues
+                row = quality.mode_result(kind, run_dir, None)
+            else:
                 if run_dir.exists():
-                    shutil.rmtree(run_dir)  # an interrupted run: start it again
+                    shutil.rmtree(run_dir)  # an interrupted run, or one of another config: start it again
                 row = quality.run_mode(kind, CONFIG, run_dir, sets, base / f"{name}.log")
-                _store(base / f"{name}.json", key, row)
             out[variant][mode] = row
             quality.print_row(f"[synthetic seed {seed}] {name:<22}", row)
     return out
 
 
 def _cached(path: Path, key: list) -> dict | None:
-    """A finished step's result from an earlier invocation with the same ``--work`` and arguments
-    (so a long benchmark can be stopped and continued, or extended by seeds), else None."""
+    """A finished cohort-writing step's record from an earlier invocation with the same ``--work``
+    and arguments (so a long benchmark can be stopped and continued, or extended by seeds), else
+    None. Training runs are reused only when their saved config is the one this run would resolve
+    (``quality.finished``), so a changed config file is never answered from an older run."""
     try:
         rec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):

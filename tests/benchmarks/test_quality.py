@@ -169,3 +169,41 @@ def test_a_finished_run_counts_only_with_the_same_resolved_config(tmp_path: Path
     assert quality.finished("federated", run, config, sets)
     (run / "config.yaml").unlink()
     assert not quality.finished("federated", run, config, sets)
+
+
+def test_a_pooled_run_ignores_only_the_servers_aggregation_settings(tmp_path: Path) -> None:
+    """A centralized run never reads ``federation.strategy`` or the server's optimizer: changing
+    them in the config leaves a finished pooled run valid, but not a federated one, and anything
+    pooled training reads (its rounds, its learning rate) still counts."""
+    from smm_model.protocol import config_text
+
+    config = tmp_path / "bench.yaml"
+    config.write_text("model: {arch: snn, tasks: [diagnosis, survival]}\nfederation: {rounds: 4, strategy: fedavg}\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(config_text(ExperimentConfig.from_yaml_text(config.read_text(), [])))
+    (run / "final_metrics.json").write_text("{}")
+    moved = ["federation.strategy=fedavgm", "federation.server_momentum=0.9"]
+    assert quality.finished("centralized", run, config, moved)
+    assert not quality.finished("federated", run, config, moved)
+    assert not quality.finished("centralized", run, config, ["train.lr=0.003"])
+    assert not quality.finished("centralized", run, config, ["federation.rounds=5"])
+
+
+def test_a_run_that_lost_a_round_or_a_reply_or_its_test_is_not_a_result(tmp_path: Path) -> None:
+    """``require_clean``: a run whose sites failed part of the time still finishes; its numbers are
+    not the protocol's, so ``mode_result`` refuses them (and says which round)."""
+    final = {"test": {"patients": 150}}
+    good = [{"round": 0, "status": "initial"}, {"round": 1, "status": "aggregated", "train": {"dropped": []},
+                                                 "val": {"dropped": []}},
+            {"round": 2, "status": "trained"}]
+    _rounds_file(tmp_path / "ok", good)
+    quality.require_clean(tmp_path / "ok", final)
+    _rounds_file(tmp_path / "skip", good + [{"round": 3, "status": "skipped", "train": {"dropped": [7]}}])
+    with pytest.raises(quality.BenchmarkError, match="round 3 was skipped with 1 dropped"):
+        quality.require_clean(tmp_path / "skip", final)
+    _rounds_file(tmp_path / "val", good + [{"round": 3, "status": "aggregated", "val": {"dropped": [5, 6]}}])
+    with pytest.raises(quality.BenchmarkError, match="round 3 was aggregated with 2 dropped"):
+        quality.require_clean(tmp_path / "val", final)
+    with pytest.raises(quality.BenchmarkError, match="final test covers no patients"):
+        quality.require_clean(tmp_path / "ok", {"test": {"patients": 0, "reason": "no site answered"}})
