@@ -9,14 +9,17 @@ so neither modality alone recovers them fully (``client/synth.py``, ``client/syn
 On every cohort, with ``configs/bench_synthetic.yaml``, each model variant is trained
 
 * ``centralized`` (``smm centralized``: all training patients pooled) and
-* ``federated`` (``smm simulate`` over the 6 sites with the config's protocol: SCAFFOLD, the same
-  number of optimizer steps at every site, the same learning-rate schedule),
+* ``federated`` (``smm simulate`` over the 6 sites with the config's protocol: FedAvgM with server
+  momentum, the same number of optimizer steps at every site, the same learning-rate schedule),
 * ``iid`` (the same federation over the cohort's IID control: the same patients, each with its
   split, its site's batch effects and its feature files, dealt at random into 6 sites of the same
   sizes, ``client.cohort.deal_site_folders``) and ``centralized-iid`` (pooled training evaluated on
   those sites: the C-index counts within-site pairs, so the IID control is compared with this run).
   What the federation loses on the real sites but not on the IID ones is the sites' heterogeneity;
   what it loses on both is the protocol,
+* ``one-site`` (not run by default): a "federation" of one site holding every patient
+  (``deal_site_folders(..., one_site=True)``): the rounds, the schedule and the optimizer restarts
+  of federated training without the averaging,
 
 selected by the config's ``federation.selection_metric`` on validation patients and tested once on
 the pooled test patients. Variants: the proposed
