@@ -9,7 +9,7 @@ looks at the test patients (``tcga_quality.py`` tests the chosen protocol once, 
 Reported per row: the selected round, the mean of the five validation metrics the committed
 selection uses (diagnosis AUC and macro F1, grade AUC and macro F1, C-index) and each of them.
 
-    python benchmarks/protocol_choice.py --work DIR               # every row (about 75 minutes alone on 2 CPU cores)
+    python benchmarks/protocol_choice.py --work DIR               # every row: 27 runs, 106 minutes of runs with other jobs on 2 cores
     python benchmarks/protocol_choice.py --work DIR --rows a,b   # a subset, by name
 
 With the same ``--work`` as ``tcga_quality.py`` the site folders are shared, and the rows that are
