@@ -129,20 +129,21 @@ def per_site_test(run_dir: Path) -> dict[str, dict]:
             for n, r in final["test"]["per_site"].items()}
 
 
-def run_fold(fold: int, work: Path, modes: tuple[str, ...], sets: list[str]) -> dict:
-    """Build fold ``fold``'s sites, run every mode, return ``{mode: {"values", "wall_s", ...}}``."""
+def run_fold(fold: int, work: Path, modes: tuple[str, ...], sets: list[str], config: Path = CONFIG) -> dict:
+    """Build fold ``fold``'s sites, run every mode with ``config``, return ``{mode: {"values",
+    "wall_s", ...}}``."""
     roots = {k: build_sites(fold, work, k) for k in sorted({MODES[m][1] for m in modes})}
     out: dict = {}
     for mode in modes:
         kind, which, extra = MODES[mode]
         run_dir = work / f"fold{fold}" / mode
         run_sets = [f"data.sites_root={roots[which]}", *sets, *extra]
-        if quality.finished(kind, run_dir, CONFIG, run_sets):  # a stopped benchmark continues
+        if quality.finished(kind, run_dir, config, run_sets):  # a stopped benchmark continues
             res = quality.mode_result(kind, run_dir, None)
         else:
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # an interrupted run: start it again
-            res = quality.run_mode(kind, CONFIG, run_dir, run_sets, work / f"fold{fold}" / f"{mode}.log")
+            res = quality.run_mode(kind, config, run_dir, run_sets, work / f"fold{fold}" / f"{mode}.log")
         if kind == "local-only":
             largest = max(res["per_site"], key=lambda n: res["per_site"][n]["patients"])
             table = json.loads((run_dir / "local_only.json").read_text())["sites"][largest]["all_sites_test"]
@@ -180,10 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {tuple(MODES)}")
     ap.add_argument("--rounds", type=int, default=None, help="federation.rounds (default: the config's)")
     ap.add_argument("--quick", action="store_true", help="fold 0, centralized and federated, 5 rounds")
+    ap.add_argument("--config", type=Path, default=CONFIG,
+                    help="a candidate config instead of the committed one (its results go to "
+                         "results/tcga_quality_<config name>_<device>.json)")
     ap.add_argument("--work", type=Path, default=None,
                     help="keep the site and run folders here; finished runs found there are reused (use a new "
                          "folder after changing the config)")
     args = ap.parse_args(argv)
+    config = args.config.resolve()
+    if not config.is_file():
+        ap.error(f"--config {args.config}: no such file")
     if not (TABLES / "splits_5foldcv").is_dir():
         print(f"tcga_quality: the TCGA tables are not at {TABLES} (../shared/data/tcga_gbmlgg)", file=sys.stderr)
         return 2
@@ -196,14 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     sets = [f"federation.rounds={rounds}"] if rounds else []
     t0 = time.perf_counter()
     with quality.work_folder(args.work, "tcga_quality_") as work:
-        per_fold = [run_fold(f, work, modes, sets) for f in folds]
+        per_fold = [run_fold(f, work, modes, sets, config) for f in folds]
     values = {m: [f[m]["values"] for f in per_fold] for m in modes}
     if "local-only" in modes:
         values["largest site alone"] = [f["local-only"]["largest_site"]["values"] for f in per_fold]
     summary = quality.summarise(values, METRICS)
     payload = {
-        **quality.result_header("tcga_quality", __file__, argv, t0),
-        "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "folds": folds, "modes": list(modes),
+        **quality.result_header("tcga_quality" + ("" if config == CONFIG else f"_{config.stem}"), __file__, argv, t0),
+        "setting": {"config": str(config.relative_to(quality.ROOT) if config.is_relative_to(quality.ROOT) else config),
+                    "folds": folds, "modes": list(modes),
                     "mode_settings": {m: MODES[m] for m in modes}, "overrides": sets, "iid_seed": IID_SEED,
                     "selection": "the config's federation.selection_metric on validation, per mode",
                     "c_index": "within-site pairs", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},

@@ -207,3 +207,13 @@ def test_a_run_that_lost_a_round_or_a_reply_or_its_test_is_not_a_result(tmp_path
         quality.require_clean(tmp_path / "val", final)
     with pytest.raises(quality.BenchmarkError, match="final test covers no patients"):
         quality.require_clean(tmp_path / "ok", {"test": {"patients": 0, "reason": "no site answered"}})
+
+
+def test_tcga_quality_refuses_a_candidate_config_that_is_not_there(tmp_path: Path, capsys) -> None:
+    import tcga_quality
+
+    with pytest.raises(SystemExit) as exit_info:
+        tcga_quality.main(["--config", str(tmp_path / "missing.yaml"), "--work", str(tmp_path / "work")])
+    assert exit_info.value.code == 2
+    assert "missing.yaml: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # nothing was built for it
