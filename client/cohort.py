@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .sitefs import SUBSPACES, Manifest, SiteLayout, atomic_write_text, file_sha256
+from .sitefs import SUBSPACES, Manifest, SiteLayout, atomic_path, atomic_write_text, file_sha256
 
 __all__ = ["CLASS_NAMES", "CLINICAL_COLUMNS", "LABEL_ENCODING", "UNKNOWN", "CohortError", "prepare_out",
            "write_csv", "write_json", "gene_set_id", "who2021", "class_counts", "stratified_pick",
@@ -221,6 +221,13 @@ def deal_site_folders(src: Path, out: Path, seed: int, force: bool = False, one_
     if clinical["patient_id"].duplicated().any():
         raise CohortError(f"{src}: patient {clinical['patient_id'][clinical['patient_id'].duplicated()].iloc[0]} "
                           "is in more than one site")
+    orphans = slides[~slides["patient_id"].isin(clinical["patient_id"])]
+    if len(orphans):
+        raise CohortError(f"{orphans['_root'].iloc[0]}/slides.csv: slide {orphans['slide_id'].iloc[0]} belongs to "
+                          f"patient {orphans['patient_id'].iloc[0]}, who is in no clinical.csv")
+    if slides["slide_id"].duplicated().any():
+        raise CohortError(f"{src}: slide {slides['slide_id'][slides['slide_id'].duplicated()].iloc[0]} "
+                          "is in more than one site")
     if one_site:
         dealt, real_of = pd.Series(ONE_SITE, index=clinical.index), {ONE_SITE: "all sites"}
     else:
@@ -237,7 +244,8 @@ def deal_site_folders(src: Path, out: Path, seed: int, force: bool = False, one_
         layout.root.mkdir(parents=True, exist_ok=True)
         for frame, path in ((clin, layout.clinical), (sl, layout.slides), (gen, layout.genomics)):
             write_csv(path, frame.drop(columns=["_site", "_root"]))
-        layout.geneset.write_bytes(geneset)
+        with atomic_path(layout.geneset) as tmp:
+            tmp.write_bytes(geneset)
         layout.features_dir.mkdir(exist_ok=True)
         manifest = Manifest(layout.manifest)
         manifest.schema.update(schema)
@@ -245,7 +253,8 @@ def deal_site_folders(src: Path, out: Path, seed: int, force: bool = False, one_
         for sid, root in zip(sl["slide_id"], sl["_root"]):
             feature = SiteLayout(root).feature_file(sid)
             if feature.is_file():
-                shutil.copyfile(feature, layout.feature_file(sid))
+                with atomic_path(layout.feature_file(sid), suffix=".h5") as tmp:
+                    shutil.copyfile(feature, tmp)
             if sid in slide_records:
                 manifest.slides[sid] = slide_records[sid]
         manifest.save()

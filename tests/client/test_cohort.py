@@ -131,3 +131,12 @@ def test_the_one_site_control_pools_every_patient_into_one_valid_site(cohort, tm
         assert rows_by_patient(one, name) == rows_by_patient(real, name)
     res = check_site(out / ONE_SITE)
     assert res["ok"], res["errors"]
+
+
+def test_a_slide_of_no_known_patient_is_refused_naming_the_file(cohort, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(cohort, other)
+    slides = SiteLayout(other / "site_3").slides
+    slides.write_text(slides.read_text() + "GHOST-S1,GHOST\n")
+    with pytest.raises(CohortError, match="site_3/slides.csv: slide GHOST-S1 belongs to patient GHOST"):
+        deal_site_folders(other, tmp_path / "iid", seed=0)
