@@ -20,9 +20,7 @@ the committed protocol reuse that benchmark's fold-0 runs. Results:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -127,8 +125,7 @@ def lost_rounds(run_dir: Path) -> dict:
     """Rounds skipped and replies dropped (a diverging protocol's updates are refused as non-finite:
     part of what a row measures, so counted here rather than refused)."""
     skipped, dropped = 0, 0
-    for line in (run_dir / "rounds.jsonl").read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
+    for rec in quality.round_records(run_dir):
         skipped += rec.get("status") == "skipped"
         dropped += len((rec.get("train") or {}).get("dropped", []))
     return {"skipped_rounds": skipped, "dropped_train_replies": dropped}
@@ -138,10 +135,7 @@ def run_row(row: Row, work: Path) -> dict:
     sites = tcga_quality.build_sites(FOLD, work, row.site_kind)
     run_dir = work / f"fold{FOLD}" / (row.reuse or f"choice/{row.name}")
     sets = [f"data.sites_root={sites}", *row.sets]
-    if not quality.finished(row.kind, run_dir, tcga_quality.CONFIG, sets):
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # an interrupted run or an older config: start it again
-        quality.run_mode(row.kind, tcga_quality.CONFIG, run_dir, sets, run_dir.with_suffix(".log"), clean=False)
+    quality.run_or_reuse(row.kind, tcga_quality.CONFIG, run_dir, sets, run_dir.with_suffix(".log"), clean=False)
     res = {"sites": row.sites, "label": row.label, "overrides": row.sets, "run": str(run_dir.relative_to(work)),
            "wall_s": quality.load_final(run_dir).get("wall_s"), **lost_rounds(run_dir), **selected_validation(run_dir)}
     v = res["values"]

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -98,17 +99,25 @@ def test_values(run_dir: Path) -> dict[str, float]:
     return {k: float(v) for k, v in final["test"]["global"]["values"].items() if v is not None}
 
 
+def round_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a run folder's ``rounds.jsonl`` (round 0, the initial evaluation, included);
+    an unreadable file is an error naming it."""
+    path = run_dir / "rounds.jsonl"
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise BenchmarkError(f"{path}: cannot read the run's rounds ({e})") from e
+
+
 def selected_validation(run_dir: Path) -> dict[str, Any]:
     """The selected round and its pooled validation metrics (``rounds.jsonl``): what the run's
     ``selection_metric`` chose on, and what a protocol is chosen on (never the test patients)."""
     best = load_final(run_dir)["best_round"]
-    path = run_dir / "rounds.jsonl"
-    for line in path.read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
+    for rec in round_records(run_dir):
         if rec.get("round") == best and rec.get("val"):
             return {"round": best, "values": {k: float(v) for k, v in rec["val"]["global"]["values"].items()
                                               if v is not None}}
-    raise BenchmarkError(f"{path}: no validation record for the selected round {best}")
+    raise BenchmarkError(f"{run_dir / 'rounds.jsonl'}: no validation record for the selected round {best}")
 
 
 def training_rounds(run_dir: Path) -> list[dict[str, Any]]:
@@ -116,12 +125,8 @@ def training_rounds(run_dir: Path) -> list[dict[str, Any]]:
     evaluation, left out). A round that was not aggregated has no timings to measure, so it is an
     error naming the round and its reason, not a gap in a median."""
     path = run_dir / "rounds.jsonl"
-    try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise BenchmarkError(f"{path}: cannot read the run's rounds ({e})") from e
     out = []
-    for rec in records:
+    for rec in round_records(run_dir):
         r = int(rec["round"])
         if r == 0:
             continue
@@ -191,6 +196,18 @@ def run_mode(mode: str, config: Path, run_dir: Path, sets: Sequence[str], log: P
 AGGREGATION_ONLY = ("strategy", "server_lr", "server_momentum", "server_beta_1", "server_beta_2", "server_tau")
 
 
+def run_or_reuse(mode: str, config: Path, run_dir: Path, sets: Sequence[str], log: Path, clean: bool = True
+                 ) -> dict[str, Any]:
+    """``run_mode``, unless ``run_dir`` already holds that run finished (``finished``), whose result
+    is read instead: a stopped benchmark continues. A run folder that is not that run (interrupted,
+    or of another config) is removed and run again."""
+    if finished(mode, run_dir, config, sets):
+        return mode_result(mode, run_dir, None, clean)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return run_mode(mode, config, run_dir, sets, log, clean)
+
+
 def finished(mode: str, run_dir: Path, config: Path, sets: Sequence[str]) -> bool:
     """Whether ``run_dir`` holds a finished run of ``mode`` (its last file, written atomically) with
     the same resolved configuration as ``config`` plus ``sets`` would give (so a work folder kept
@@ -244,8 +261,7 @@ def require_clean(run_dir: Path, final: Mapping[str, Any]) -> None:
     if not final["test"].get("patients"):
         raise BenchmarkError(f"{run_dir}: the final test covers no patients ({final['test'].get('reason')})")
     path = run_dir / "rounds.jsonl"
-    for line in path.read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
+    for rec in round_records(run_dir):
         if int(rec.get("round", 0)) == 0:
             continue
         dropped = [*(rec.get("train") or {}).get("dropped", []), *(rec.get("val") or {}).get("dropped", [])]

@@ -107,13 +107,7 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
             nodes = 1 if which == "one_site" else sites
             sets = [f"data.sites_root={roots[which]}", f"federation.rounds={rounds}", f"federation.min_nodes={nodes}",
                     *VARIANTS[variant], *extra]
-            run_dir = base / name
-            if quality.finished(kind, run_dir, CONFIG, sets):  # the same resolved config: a stopped run continues
-                row = quality.mode_result(kind, run_dir, None)
-            else:
-                if run_dir.exists():
-                    shutil.rmtree(run_dir)  # an interrupted run, or one of another config: start it again
-                row = quality.run_mode(kind, CONFIG, run_dir, sets, base / f"{name}.log")
+            row = quality.run_or_reuse(kind, CONFIG, base / name, sets, base / f"{name}.log")
             out[variant][mode] = row
             quality.print_row(f"[synthetic seed {seed}] {name:<22}", row)
     return out

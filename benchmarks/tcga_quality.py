@@ -111,8 +111,7 @@ def passes(run_dir: Path, kind: str) -> float | None:
 def curves(run_dir: Path) -> dict[str, list]:
     """Validation learning curves per task (pooled), from ``rounds.jsonl``."""
     out: dict[str, list] = {"round": []}
-    for line in (run_dir / "rounds.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+    for rec in quality.round_records(run_dir):
         if not rec.get("val"):
             continue
         out["round"].append(rec["round"])
@@ -138,12 +137,7 @@ def run_fold(fold: int, work: Path, modes: tuple[str, ...], sets: list[str], con
         kind, which, extra = MODES[mode]
         run_dir = work / f"fold{fold}" / mode
         run_sets = [f"data.sites_root={roots[which]}", *sets, *extra]
-        if quality.finished(kind, run_dir, config, run_sets):  # a stopped benchmark continues
-            res = quality.mode_result(kind, run_dir, None)
-        else:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # an interrupted run: start it again
-            res = quality.run_mode(kind, config, run_dir, run_sets, work / f"fold{fold}" / f"{mode}.log")
+        res = quality.run_or_reuse(kind, config, run_dir, run_sets, work / f"fold{fold}" / f"{mode}.log")
         if kind == "local-only":
             largest = max(res["per_site"], key=lambda n: res["per_site"][n]["patients"])
             table = json.loads((run_dir / "local_only.json").read_text())["sites"][largest]["all_sites_test"]
