@@ -99,7 +99,7 @@ def plain_openslide_loop(path: Path, coords: np.ndarray, level: int, size: int) 
 
 def pipeline(path: Path, coords: np.ndarray, res, encoder, workers: int, batch: int) -> dict:
     """Read (in ``workers`` processes, or here for 0) and encode; the reader's start-up is included."""
-    from client.slides import PatchReader
+    from client.wsi.slides import PatchReader
 
     t0 = time.perf_counter()
     encode_s = 0.0
@@ -149,10 +149,10 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compression", default="jpeg", choices=["jpeg", "deflate"])
     args = ap.parse_args()
-    from client.encoders import build_encoder
-    from client.extract import ExtractConfig, SlideInput, extract_slide
-    from client.sitefs import SiteLayout
-    from client.slides import Slide, plan_patches, read_patches, synthetic_tissue_image, write_pyramidal_tiff
+    from client.wsi.encoders import build_encoder
+    from client.wsi.extract import ExtractConfig, SlideInput, extract_slide
+    from client.site.folder import SiteLayout
+    from client.wsi.slides import Slide, plan_patches, read_patches, synthetic_tissue_image, write_pyramidal_tiff
 
     size, n_enc = (4096, 64) if args.quick else (args.size, args.encoder_patches)
     reps = 1 if args.quick else args.reps

@@ -1,6 +1,6 @@
 """Federation overhead: a simulated and a deployed round against the same local training done directly.
 
-A fixed synthetic workload at the demo size: ``client.synth.write_cohort`` writes a features-only
+A fixed synthetic workload at the demo size: ``client.cohorts.synth.write_cohort`` writes a features-only
 cohort of the shape ``make demo`` builds (3 sites x 60 patients, the patch grid of 1,024-px slides,
 a 60/15/25 train/val/test split, 1,024-dim features, 20 + 30 genes) into a temporary folder, and
 every run below uses ``configs/demo.yaml`` (its model,
@@ -9,8 +9,8 @@ set to the benchmark's round count and ``federation.min_nodes`` to the number of
 SuperNode that connects a moment late cannot start the run without it; with fraction 1.0 every
 round trains all sites either way). It measures:
 
-1. **direct**: the same rounds without Flower. Each site's ``client.federated.train_round`` (load
-   the site, build the dataset and model, ``client.train.train_epochs``, copy the weights out) and
+1. **direct**: the same rounds without Flower. Each site's ``client.local.round.train_round`` (load
+   the site, build the dataset and model, ``client.local.train.train_epochs``, copy the weights out) and
    ``evaluate_round`` on "val" run in worker processes of a ``ProcessPoolExecutor`` with the
    concurrency and torch threads of the federation compared with: the simulation's (Ray runs
    ``floor(cores / federation.client_cpus)`` ClientApps at a time, each with ``client_cpus``
@@ -20,7 +20,7 @@ round trains all sites either way). It measures:
    after each federated run (the machine may be shared; both runs count in the medians).
    Measured: the wall time from handing the sites their work until the last one is done (the
    makespan), per site the ``train_round`` seconds and the part inside ``train_epochs``;
-2. **simulation**: ``smm simulate`` (``server.simulate.Simulation``: its own SuperLink, Ray,
+2. **simulation**: ``smm simulate`` (``server.ops.simulate.Simulation``: its own SuperLink, Ray,
    every process stopped) on that cohort;
 3. **deployment**: a loopback deployment as ``tests/deployment`` runs it: ``smm certs``, one
    ``flower-superlink`` with TLS, SuperNode authentication and SQLite state, the keys registered,
@@ -96,7 +96,7 @@ def _worker_init(threads: int | None) -> None:
     """A worker: torch threads as in the federation compared with, and a timer around the trainer."""
     import torch
 
-    import client.federated as fed
+    import client.local.round as fed
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -123,7 +123,7 @@ def _worker_cfg(text: str):
 def _warm(_: int) -> int:
     import torch  # noqa: F401
 
-    import client.federated  # noqa: F401
+    import client.local.round  # noqa: F401
 
     time.sleep(0.5)  # hold this worker so the next warm-up goes to another one
     return os.getpid()
@@ -133,8 +133,8 @@ def _site_train(site: str, cfg_text: str, shared_json: str, weights: dict, lr: f
                 rnd: int) -> tuple[dict, dict]:
     import torch
 
-    from client.federated import train_round
-    from smm_model.protocol import SharedStats
+    from client.local.round import train_round
+    from smm_model.contract.protocol import SharedStats
 
     cfg = _worker_cfg(cfg_text)
     shared = SharedStats.from_json(shared_json)
@@ -149,8 +149,8 @@ def _site_train(site: str, cfg_text: str, shared_json: str, weights: dict, lr: f
 def _site_eval(site: str, cfg_text: str, shared_json: str, weights: dict, split: str) -> dict:
     import torch
 
-    from client.federated import evaluate_round
-    from smm_model.protocol import SharedStats
+    from client.local.round import evaluate_round
+    from smm_model.contract.protocol import SharedStats
 
     cfg = _worker_cfg(cfg_text)
     t0 = time.perf_counter()
@@ -164,8 +164,8 @@ def _site_eval(site: str, cfg_text: str, shared_json: str, weights: dict, split:
 # --------------------------------------------------------------------------------------------- #
 def shared_stats(cfg, sites: list[Path]) -> str:
     """The federation's shared statistics, derived the way the server does from site summaries."""
-    from client.federated import preflight_summary
-    from smm_model.protocol import derive_shared
+    from client.local.round import preflight_summary
+    from smm_model.contract.protocol import derive_shared
 
     return derive_shared([preflight_summary(s, cfg) for s in sites], cfg).to_json()
 
@@ -179,8 +179,8 @@ def run_direct(cfg, sites: list[Path], workers: int, threads: int | None, rounds
 
     import numpy as np
 
-    from server.loop import initial_weights
-    from smm_model.protocol import config_text, round_lr
+    from server.federation.loop import initial_weights
+    from smm_model.contract.protocol import config_text, round_lr
 
     text = config_text(cfg)
     shared = shared_stats(cfg, sites)
@@ -457,7 +457,7 @@ def site_timeline(site_logs: list[Path], run_dir: Path) -> list[dict]:
 # simulation
 # --------------------------------------------------------------------------------------------- #
 def run_simulation(cfg, run_dir: Path, log_path: Path, timeout_s: float) -> dict:
-    from server.simulate import CONNECTION, Simulation, count_sites
+    from server.ops.simulate import CONNECTION, Simulation, count_sites
 
     class Sim(Simulation):
         def wait(self) -> str:  # also keep `flwr ls` of the finished run (traffic, compute time)
@@ -485,7 +485,7 @@ class Deployment:
     (the approach of tests/deployment/test_deployment.py)."""
 
     def __init__(self, base: Path):
-        from server.simulate import ProcessTracker, flwr_env, pids_with_env
+        from server.ops.simulate import ProcessTracker, flwr_env, pids_with_env
 
         self._tracker_cls, self._env, self._pids_with_env = ProcessTracker, flwr_env, pids_with_env
         self.base = base
@@ -589,7 +589,7 @@ def clientapp_start_s(threads: int | None, reps: int = 3) -> float:
 
 def run_deployment(cfg, sites: list[Path], base: Path, run_dir: Path, timeout_s: float,
                    threads: int | None) -> dict:
-    from server.simulate import _executable, dump_config, free_port, stage_app, write_run_config
+    from server.ops.simulate import _executable, dump_config, free_port, stage_app, write_run_config
 
     timings: dict[str, float] = {}
     t_start = time.monotonic()
@@ -757,17 +757,17 @@ def main() -> int:
     import torch
     from flwr.app import Array, ArrayRecord
 
-    from client.federated import simulation_site_dirs
-    from client.synth import CohortSpec, write_cohort
-    from client.train import resolve_device
-    from server.loop import initial_weights
-    from server.simulate import pids_with_env, resolve_config
-    from smm_model.model import build_model, count_parameters
-    from smm_model.protocol import config_text
+    from client.local.round import simulation_site_dirs
+    from client.cohorts.synth import CohortSpec, write_cohort
+    from client.local.train import resolve_device
+    from server.federation.loop import initial_weights
+    from server.ops.simulate import pids_with_env, resolve_config
+    from smm_model.nn.model import build_model, count_parameters
+    from smm_model.contract.protocol import config_text
 
     for k, v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                  "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-        os.environ[k] = v  # also set by server.simulate.flwr_env for every process started
+        os.environ[k] = v  # also set by server.ops.simulate.flwr_env for every process started
     default_threads = torch.get_num_threads()
     cores = os.cpu_count() or 1
     t_all = time.monotonic()
@@ -790,7 +790,7 @@ def main() -> int:
         sites = simulation_site_dirs(cfg.data)
         summary = json.loads((cohort / "cohort.json").read_text()) if (cohort / "cohort.json").exists() else {}
         patches = [s.get("n_patches") for s in summary.get("sites", [])]
-        from client.federated import load_site
+        from client.local.round import load_site
         train_patients = [len(load_site(s, cfg).patients("train")) for s in sites]
         w = initial_weights(cfg)
         weight_bytes = int(sum(v.nbytes for v in w.values()))

@@ -55,11 +55,11 @@ def run_one(mode: str, batch: int, reps: int, device: str, threads: int,
     """
     import torch
 
-    from smm_model.batch import Batch
+    from smm_model.nn.batch import Batch
     from smm_model.config import LossConfig, ModelConfig
-    from smm_model.coordination import coordinate_gradients
-    from smm_model.losses import multitask_loss
-    from smm_model.model import build_model, count_parameters
+    from smm_model.objectives.coordination import coordinate_gradients
+    from smm_model.objectives.losses import multitask_loss
+    from smm_model.nn.model import build_model, count_parameters
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

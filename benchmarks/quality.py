@@ -148,7 +148,7 @@ def pooled_local_values(local_root: Path) -> tuple[dict[str, float], dict[str, A
     site, its own test metrics and patient count (sites below ``min_site_patients`` are suppressed
     and counted as such)."""
     from smm_model.config import ExperimentConfig
-    from smm_model.protocol import EvalStats, metrics_from_eval
+    from smm_model.contract.protocol import EvalStats, metrics_from_eval
 
     table = json.loads((local_root / "local_only.json").read_text())
     parts, per_site, n_classes = [], {}, None
@@ -216,7 +216,7 @@ def finished(mode: str, run_dir: Path, config: Path, sets: Sequence[str]) -> boo
     import yaml
 
     from smm_model.config import ExperimentConfig
-    from smm_model.protocol import config_text
+    from smm_model.contract.protocol import config_text
 
     if not (run_dir / ("local_only.json" if mode == "local-only" else "final_metrics.json")).is_file():
         return False

@@ -7,7 +7,7 @@
 
 Without arguments the input is reproducible: the small run folder of
 ``tests/server/report_runs.py`` (three sites, random predictions with a fixed seed, every newer
-run-folder field present) is written under ``--out`` and reported on with ``server.report``.
+run-folder field present) is written under ``--out`` and reported on with ``server.report.build``.
 
 Checks (any failure: exit status 1, reasons on stderr; ``--out``/result.json has the details):
 
@@ -189,7 +189,7 @@ def _synthetic_report(out: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests" / "server"))
     from report_runs import write_run  # noqa: E402 - the tests' run-folder writer
 
-    from server.report import write_report
+    from server.report.build import write_report
 
     run = out / "run"
     if run.exists():
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         html = args.html
     elif args.run_dirs:
         sys.path.insert(0, str(ROOT))
-        from server.report import write_report
+        from server.report.build import write_report
 
         html = write_report(args.run_dirs, args.out / "report")
     else:

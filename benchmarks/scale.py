@@ -654,7 +654,7 @@ def main() -> int:
         ap.error("site counts, patients, patches and --reps must be positive")
 
     from smm_model.config import ExperimentConfig
-    from smm_model.model import build_model, count_parameters
+    from smm_model.nn.model import build_model, count_parameters
 
     t_all = time.monotonic()
     cores = os.cpu_count() or 1

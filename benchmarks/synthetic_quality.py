@@ -4,7 +4,7 @@
 patch features, 20 + 30 genes, a 60/15/25 train/val/test split): the sites differ in case mix
 (Dirichlet class priors: non-IID) and in per-site batch effects on genes and patch features, and
 each patient's diagnosis, grade and survival are planted in both modalities with independent noise,
-so neither modality alone recovers them fully (``client/synth.py``, ``client/synthetic.py``).
+so neither modality alone recovers them fully (``client/cohorts/synth.py``, ``client/cohorts/synthetic.py``).
 
 On every cohort, with ``configs/bench_synthetic.yaml``, each model variant is trained
 
@@ -13,7 +13,7 @@ On every cohort, with ``configs/bench_synthetic.yaml``, each model variant is tr
   momentum, the same number of optimizer steps at every site, the same learning-rate schedule),
 * ``iid`` (the same federation over the cohort's IID control: the same patients, each with its
   split, its site's batch effects and its feature files, dealt at random into 6 sites of the same
-  sizes, ``client.cohort.deal_site_folders``) and ``centralized-iid`` (pooled training evaluated on
+  sizes, ``client.cohorts.cohort.deal_site_folders``) and ``centralized-iid`` (pooled training evaluated on
   those sites: the C-index counts within-site pairs, so the IID control is compared with this run).
   What the federation loses on the real sites but not on the IID ones is the sites' heterogeneity;
   what it loses on both is the protocol,
@@ -53,7 +53,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import quality  # noqa: E402
-from client.cohort import deal_site_folders  # noqa: E402
+from client.cohorts.cohort import deal_site_folders  # noqa: E402
 
 CONFIG = quality.ROOT / "configs" / "bench_synthetic.yaml"
 SITES, PATIENTS_PER_SITE, SPLIT = 6, 100, "0.6,0.15,0.25"

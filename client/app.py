@@ -1,4 +1,4 @@
-"""The Flower ClientApp: a thin adapter from messages to ``client/federated.py``.
+"""The Flower ClientApp: a thin adapter from messages to ``client/local/round.py``.
 
 Message contract (the ServerApp sends exactly these):
 
@@ -37,10 +37,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.federated import (SITE_DIR_KEY, SiteError, evaluate_round, preflight_summary, resolve_site_dir,
+from client.local.round import (SITE_DIR_KEY, SiteError, evaluate_round, preflight_summary, resolve_site_dir,
                               site_label, stage, train_round)
 from smm_model.config import ExperimentConfig
-from smm_model.protocol import SharedStats
+from smm_model.contract.protocol import SharedStats
 
 __all__ = ["app", "LOG_DIR_ENV", "OPTIMIZER_STATE_KEY", "site_log_path"]
 

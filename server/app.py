@@ -1,4 +1,4 @@
-"""The Flower ServerApp: a thin adapter from Flower's Grid to ``server.loop.run_federation``.
+"""The Flower ServerApp: a thin adapter from Flower's Grid to ``server.federation.loop.run_federation``.
 
 Run config keys read here (``[tool.flwr.app.config]`` defaults, ``flwr run --run-config``
 overrides; all optional because ``run_simulation`` passes an empty run config):
@@ -14,7 +14,7 @@ overrides; all optional because ``run_simulation`` passes an empty run config):
 ``resume``         ``true`` continues the run in ``run-dir`` from its last valid checkpoint.
 =================  ===========================================================================
 
-Everything else (waiting, preflight, guards, checkpoints, metrics) is ``server.loop``; any
+Everything else (waiting, preflight, guards, checkpoints, metrics) is ``server.federation.loop``; any
 failure propagates, so the run ends ``finished:failed`` rather than quietly "completed".
 """
 
@@ -34,8 +34,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from smm_model.config import ConfigError, ExperimentConfig
 
-from .loop import run_federation
-from .messages import ARRAYS, CONFIG, CONTROL, METRICS, Instruction, Reply, sanitize_error
+from server.federation.loop import run_federation
+from server.federation.messages import ARRAYS, CONFIG, CONTROL, METRICS, Instruction, Reply, sanitize_error
 
 __all__ = ["app", "main", "RunSettings", "read_run_settings", "parse_overrides", "load_experiment",
            "FlowerTransport", "instruction_message", "reply_from_message", "APP_DIR",
@@ -166,7 +166,7 @@ def content_bytes(content: RecordDict) -> int:
 
 
 class FlowerTransport:
-    """``server.loop``'s transport over a Flower ``Grid``.
+    """``server.federation.loop``'s transport over a Flower ``Grid``.
 
     ``send`` serialises each distinct weights mapping once (all sites of a round share it), sends
     with ``Grid.send_and_receive(timeout=timeout_s)`` and returns one ``Reply`` per instruction; a
@@ -235,7 +235,7 @@ def main(grid: Grid, context: Context) -> None:
              " (resume)" if settings.resume else "")
     transport = FlowerTransport(grid, timeout_s=cfg.federation.round_timeout_s)
     run_federation(transport, cfg, run_dir, resume=settings.resume)
-    from .report import report_after_run  # matplotlib: imported only once the run has finished
+    from server.report.build import report_after_run  # matplotlib: imported only once the run has finished
 
     path, problem = report_after_run(run_dir)
     if path is not None:

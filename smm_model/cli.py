@@ -18,16 +18,16 @@ __all__ = ["COMMANDS", "main"]
 #: name -> (target "module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("smm_model.cli:config_command", "validate a config (with --set overrides) and print it resolved"),
-    "extract": ("client.extract:main", "slides to patch features (features/<slide>.h5), resumable"),
-    "synth": ("client.synth:main", "write a synthetic multi-site cohort with known ground truth"),
-    "tcga": ("client.tcga:main", "site folders from the real TCGA GBM/LGG tables"),
-    "site": ("client.site_check:main", "site folder tools: `smm site check SITE_DIR`"),
-    "centralized": ("client.centralized:main", "train on all sites' training data pooled (a benchmark reference) or per site (--local-only), same run folder"),
-    "evaluate": ("client.evaluate:main", "evaluate a final or checkpointed global model on site folders, locally"),
-    "simulate": ("server.simulate:main", "run a simulated federation (own SuperLink on a free port) and check its final status"),
-    "report": ("server.report:main", "write report.html, report.md and metrics.json for run folder(s), the first "
+    "extract": ("client.wsi.extract:main", "slides to patch features (features/<slide>.h5), resumable"),
+    "synth": ("client.cohorts.synth:main", "write a synthetic multi-site cohort with known ground truth"),
+    "tcga": ("client.cohorts.tcga:main", "site folders from the real TCGA GBM/LGG tables"),
+    "site": ("client.site.check:main", "site folder tools: `smm site check SITE_DIR`"),
+    "centralized": ("client.baselines.centralized:main", "train on all sites' training data pooled (a benchmark reference) or per site (--local-only), same run folder"),
+    "evaluate": ("client.baselines.evaluate:main", "evaluate a final or checkpointed global model on site folders, locally"),
+    "simulate": ("server.ops.simulate:main", "run a simulated federation (own SuperLink on a free port) and check its final status"),
+    "report": ("server.report.build:main", "write report.html, report.md and metrics.json for run folder(s), the first "
                                      "compared with the others"),
-    "certs": ("server.certs:main", "create a CA, a SuperLink certificate and SuperNode auth keys for a test or small deployment"),
+    "certs": ("server.ops.certs:main", "create a CA, a SuperLink certificate and SuperNode auth keys for a test or small deployment"),
 }
 
 
@@ -38,8 +38,8 @@ def config_command(argv: list[str]) -> int:
 
     import yaml
 
-    from .config import ConfigError, ExperimentConfig, to_dict
-    from .model import build_model, count_parameters
+    from smm_model.config import ConfigError, ExperimentConfig, to_dict
+    from smm_model.nn.model import build_model, count_parameters
 
     ap = argparse.ArgumentParser(prog="smm config", description=config_command.__doc__)
     ap.add_argument("config", type=Path, help="YAML experiment config")

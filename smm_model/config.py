@@ -242,7 +242,7 @@ class DataConfig:
     test_fraction: float = 0.15
     split_seed: int = 42
     # Genomic features that measure a fact a label rule reads (IDH mutation, 1p/19q, CDKN2A/B copy
-    # number, grade: smm_model.label_facts) are refused by `smm site check` and the server's
+    # number, grade: smm_model.contract.label_facts) are refused by `smm site check` and the server's
     # preflight unless this is true; a run that opts in says so among its report's caveats.
     allow_label_features: bool = False
 

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import quality  # noqa: E402
 
 from smm_model.config import ExperimentConfig, to_dict  # noqa: E402
-from smm_model.federated import c_index_counts, confusion_counts, km_counts, score_histograms  # noqa: E402
-from smm_model.protocol import EvalStats  # noqa: E402
+from smm_model.metrics.federated import c_index_counts, confusion_counts, km_counts, score_histograms  # noqa: E402
+from smm_model.contract.protocol import EvalStats  # noqa: E402
 
 C = 4  # diagnosis classes
 
@@ -144,7 +144,7 @@ def test_median_ignores_missing_measurements() -> None:
 def test_a_finished_run_counts_only_with_the_same_resolved_config(tmp_path: Path) -> None:
     """``finished``: the run's last file is there and its config.yaml is the one ``config`` plus
     ``sets`` resolve to (a work folder from a --quick run or an older config is run again)."""
-    from smm_model.protocol import config_text
+    from smm_model.contract.protocol import config_text
 
     config = tmp_path / "bench.yaml"
     config.write_text("model: {arch: snn, tasks: [diagnosis, survival]}\nfederation: {rounds: 4}\n")
@@ -175,7 +175,7 @@ def test_a_pooled_run_ignores_only_the_servers_aggregation_settings(tmp_path: Pa
     """A centralized run never reads ``federation.strategy`` or the server's optimizer: changing
     them in the config leaves a finished pooled run valid, but not a federated one, and anything
     pooled training reads (its rounds, its learning rate) still counts."""
-    from smm_model.protocol import config_text
+    from smm_model.contract.protocol import config_text
 
     config = tmp_path / "bench.yaml"
     config.write_text("model: {arch: snn, tasks: [diagnosis, survival]}\nfederation: {rounds: 4, strategy: fedavg}\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from client.sitefs import Manifest, SiteLayout, write_features
+from client.site.folder import Manifest, SiteLayout, write_features
 
 TUMOUR = ("T1_rnaseq", "T2_rnaseq", "T3_cnv")
 MICRO = ("M1_rnaseq", "M2_rnaseq", "M3_rnaseq", "M4_mut")

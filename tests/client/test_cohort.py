@@ -1,4 +1,4 @@
-"""client/cohort.py: the IID control of a cohort of site folders (``deal_site_folders``)."""
+"""client/cohorts/cohort.py: the IID control of a cohort of site folders (``deal_site_folders``)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from client.cohort import ONE_SITE, CohortError, deal_iid, deal_site_folders
-from client.site_check import check_site
-from client.sitefs import Manifest, SiteLayout, file_sha256
-from client.synth import CohortSpec, write_cohort
+from client.cohorts.cohort import ONE_SITE, CohortError, deal_iid, deal_site_folders
+from client.site.check import check_site
+from client.site.folder import Manifest, SiteLayout, file_sha256
+from client.cohorts.synth import CohortSpec, write_cohort
 
 SPEC = replace(CohortSpec(), sites=3, patients_per_site=10, seed=5, features_only=True, slide_size=1024)
 

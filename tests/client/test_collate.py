@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.collate import collate_patients
+from client.site.collate import collate_patients
 
 
 def item(n, d=4, diag=1, known=True):

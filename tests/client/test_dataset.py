@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from client.collate import collate_patients
-from client.dataset import SiteData, concat_slide_coords, sample_indices, slide_patch_step
-from client.sitefs import SiteLayout, read_features
-from client.validation import SiteDataError
+from client.site.collate import collate_patients
+from client.site.dataset import SiteData, concat_slide_coords, sample_indices, slide_patch_step
+from client.site.folder import SiteLayout, read_features
+from client.site.validation import SiteDataError
 from site_builder import STEP, build_site
 from smm_model.config import DataConfig, ExperimentConfig
-from smm_model.layout import spatial_tokens
-from smm_model.model import build_model
+from smm_model.nn.layout import spatial_tokens
+from smm_model.nn.model import build_model
 
 SMALL = ["model.feature_dim=8", "model.genes_tumour=3", "model.genes_micro=4", "model.hidden_dim=16",
          "model.heads=4", "model.dim_head=8", "model.offset_groups=4", "model.grid_size=8", "model.n_patches=64",

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from client.encoders import (IMAGENET_MEAN, IMAGENET_STD, EncoderError, ResNet50Trunc, build_encoder,
+from client.wsi.encoders import (IMAGENET_MEAN, IMAGENET_STD, EncoderError, ResNet50Trunc, build_encoder,
                              load_state_dict_file)
-from client.sitefs import file_sha256
+from client.site.folder import file_sha256
 
 
 def patches(n=2, size=64, seed=0):

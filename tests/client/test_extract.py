@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-import client.extract as extract
-from client.extract import collect_inputs, dicom_series_warnings, main
-from client.sitefs import SiteLayout, file_sha256, read_features
-from client.slides import write_pyramidal_tiff
+import client.wsi.extract as extract
+from client.wsi.extract import collect_inputs, dicom_series_warnings, main
+from client.site.folder import SiteLayout, file_sha256, read_features
+from client.wsi.slides import write_pyramidal_tiff
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 FIXTURES = SHARED / "data" / "slides"

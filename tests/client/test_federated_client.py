@@ -1,4 +1,4 @@
-"""The site side of a federated round (client/federated.py, client/app.py) on a synthetic cohort.
+"""The site side of a federated round (client/local/round.py, client/app.py) on a synthetic cohort.
 
 What must hold whatever the server does: the preflight reply holds aggregates only; a training
 round changes the weights and reports finite metrics with the same keys everywhere; evaluation
@@ -22,17 +22,17 @@ from flwr.app import (DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, 
 from torch.utils.data import DataLoader
 
 import client.app as client_app
-from client.collate import collate_patients
-from client.federated import (SharedGenomicsStats, SiteError, evaluate_round, load_site, preflight_summary,
+from client.site.collate import collate_patients
+from client.local.round import (SharedGenomicsStats, SiteError, evaluate_round, load_site, preflight_summary,
                               resolve_site_dir, risk_groups, simulation_site_dirs, train_round)
-from client.labels import SPLITS
-from client.synth import CohortSpec, write_cohort
+from client.site.labels import SPLITS
+from client.cohorts.synth import CohortSpec, write_cohort
 from smm_model.config import ConfigError, ExperimentConfig
-from smm_model.federated import c_index_counts, confusion_counts, km_counts, score_histograms
-from smm_model.losses import multitask_loss
-from smm_model.metrics import risk_from_hazard_logits
-from smm_model.model import build_model
-from smm_model.protocol import (SURVIVAL_HIST_EDGES, EvalStats, SharedStats, SiteSummary, check_schemas,
+from smm_model.metrics.federated import c_index_counts, confusion_counts, km_counts, score_histograms
+from smm_model.objectives.losses import multitask_loss
+from smm_model.metrics.exact import risk_from_hazard_logits
+from smm_model.nn.model import build_model
+from smm_model.contract.protocol import (SURVIVAL_HIST_EDGES, EvalStats, SharedStats, SiteSummary, check_schemas,
                                 derive_shared, metrics_from_eval)
 
 SENTINEL = "PHI-SENTINEL-TCGA-XX-0000"
@@ -119,7 +119,7 @@ def test_site_dir_from_node_config(cohort, cfg, sites):
 
 
 def test_site_label_is_only_what_the_site_chose_or_the_simulated_folder_name(sites):
-    from client.federated import site_label
+    from client.local.round import site_label
     assert site_label({"site-dir": str(sites[0]), "site-name": " hospital-a "}, sites[0]) == "hospital-a"
     assert site_label({"site-dir": str(sites[0])}, sites[0]) is None  # a deployed folder's name stays local
     assert site_label({"partition-id": 1, "num-partitions": 3}, sites[1]) == "site_2"
@@ -130,7 +130,7 @@ def test_site_label_is_only_what_the_site_chose_or_the_simulated_folder_name(sit
 def test_patches_are_standardised_with_the_shared_statistics(cfg, sites):
     """The preflight's patch sums pool to the statistics of every training patch, and the dataset
     applies exactly (x - mean) / std to what it reads."""
-    from client.sitefs import read_features
+    from client.site.folder import read_features
     summaries = [preflight_summary(d, cfg) for d in sites]
     shared = derive_shared(summaries, cfg)
     raw = []
@@ -149,8 +149,8 @@ def test_patches_are_standardised_with_the_shared_statistics(cfg, sites):
 
 
 def test_launcher_counts_the_same_sites(cohort, cfg):
-    """server/simulate.py may not import the client side; its copy of the rule must agree."""
-    from server.simulate import site_dirs
+    """server/ops/simulate.py may not import the client side; its copy of the rule must agree."""
+    from server.ops.simulate import site_dirs
     for c in (cfg, make_cfg(cohort, "data.sites=[site_2, site_1]")):
         assert site_dirs(c.data) == simulation_site_dirs(c.data)
 
@@ -361,7 +361,7 @@ def test_handler_errors_carry_no_path_or_patient(broken_cohort, tmp_path, monkey
 # the handlers, end to end in-process
 # ---------------------------------------------------------------------------------------------------------
 def test_handlers_follow_the_message_contract(cfg, sites, init_state, tmp_path, monkeypatch):
-    from server.messages import (ARRAYS, CONFIG, EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LOCAL_STEPS,
+    from server.federation.messages import (ARRAYS, CONFIG, EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LOCAL_STEPS,
                                  KEY_LR, KEY_PROXIMAL_MU, KEY_ROUND, KEY_SHARED, KEY_SPLIT, METRICS, PREFLIGHT,
                                  SUMMARY, SUMMARY_JSON, TRAIN)
     monkeypatch.setenv(client_app.LOG_DIR_ENV, str(tmp_path))

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.genomics import GeneSet, GenomicsStats, load_genomics, read_geneset, read_table
-from client.validation import SiteDataError
+from client.site.genomics import GeneSet, GenomicsStats, load_genomics, read_geneset, read_table
+from client.site.validation import SiteDataError
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 TCGA = SHARED / "data" / "tcga_gbmlgg"

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.labels import (diagnosis_mask_reasons, grade_index, parse_clinical, read_clinical,
+from client.site.labels import (diagnosis_mask_reasons, grade_index, parse_clinical, read_clinical,
                            who2021_diagnosis)
-from client.validation import SiteDataError
+from client.site.validation import SiteDataError
 
 nan = np.nan
 
@@ -125,8 +125,8 @@ def test_survival_time_not_above_zero_is_an_error_not_a_mask(bad):
 def test_the_diagnosis_rule_reads_exactly_the_declared_facts():
     import inspect
 
-    from client.labels import DIAGNOSIS_READS, GRADE_READS, LABEL_COLUMNS
-    from smm_model.label_facts import FACT_NAMES
+    from client.site.labels import DIAGNOSIS_READS, GRADE_READS, LABEL_COLUMNS
+    from smm_model.contract.label_facts import FACT_NAMES
 
     assert DIAGNOSIS_READS == FACT_NAMES and set(GRADE_READS) <= set(FACT_NAMES)
     assert LABEL_COLUMNS[: len(FACT_NAMES)] == FACT_NAMES  # clinical.csv's columns come from the declaration

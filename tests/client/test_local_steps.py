@@ -1,6 +1,6 @@
 """A site's local work per round counted in optimizer steps (``federation.local_steps``,
-``client.train.step_batches``) and the label-skew offsets of its loss (``train.logit_adjustment``),
-through ``client.federated.train_round`` on sites of different sizes.
+``client.local.train.step_batches``) and the label-skew offsets of its loss (``train.logit_adjustment``),
+through ``client.local.round.train_round`` on sites of different sizes.
 
 What must hold: ``step_batches`` gives exactly ``steps`` full batches from reshuffled passes (no
 patient twice before every patient was seen, when the site holds a batch); every site then takes
@@ -17,11 +17,11 @@ import pytest
 import torch
 from test_federated_client import _two_threads, make_cfg  # noqa: F401  (the module's autouse fixture)
 
-from client.federated import SiteError, preflight_summary, simulation_site_dirs, train_round
-from client.synth import CohortSpec, write_cohort
-from client.train import step_batches
-from smm_model.model import build_model
-from smm_model.protocol import derive_shared
+from client.local.round import SiteError, preflight_summary, simulation_site_dirs, train_round
+from client.cohorts.synth import CohortSpec, write_cohort
+from client.local.train import step_batches
+from smm_model.nn.model import build_model
+from smm_model.contract.protocol import derive_shared
 
 #: Training patients kept per site (the rest move to the test split): below one batch, between
 #: one and two, and every one the synthetic site has.

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from client.collate import collate_patients
-from client.dataset import SiteData
-from client.extract import main as extract_main
-from client.site_check import main as site_check_main
-from client.synth import main as synth_main
-from client.train import train_epochs
+from client.site.collate import collate_patients
+from client.site.dataset import SiteData
+from client.wsi.extract import main as extract_main
+from client.site.check import main as site_check_main
+from client.cohorts.synth import main as synth_main
+from client.local.train import train_epochs
 from smm_model.config import ExperimentConfig
-from smm_model.model import build_model
+from smm_model.nn.model import build_model
 
 
 @pytest.fixture(scope="module")

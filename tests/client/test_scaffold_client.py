@@ -1,5 +1,5 @@
-"""SCAFFOLD's site side (``client.federated.train_round`` with ``control``, the correction
-d = c - c_i the server sends; ``client.train.train_epochs`` with ``grad_correction`` / ``grad_mean``)
+"""SCAFFOLD's site side (``client.local.round.train_round`` with ``control``, the correction
+d = c - c_i the server sends; ``client.local.train.train_epochs`` with ``grad_correction`` / ``grad_mean``)
 on a synthetic site. The site keeps no control variate of its own: d is all it gets.
 
 What must hold: d is all that SCAFFOLD changes in a step (d = 0 trains bit-identically to no
@@ -17,11 +17,11 @@ import torch
 from test_federated_client import _two_threads, make_cfg  # noqa: F401  (the module's autouse fixture)
 from test_local_steps import cohort, setting  # noqa: F401  (fixtures: three sites of 2, 6 and 16 patients)
 
-from client.collate import collate_patients
-from client.federated import SiteError, _dataset, load_site, train_round
-from client.train import step_batches
-from smm_model.losses import multitask_loss
-from smm_model.model import build_model
+from client.site.collate import collate_patients
+from client.local.round import SiteError, _dataset, load_site, train_round
+from client.local.train import step_batches
+from smm_model.objectives.losses import multitask_loss
+from smm_model.nn.model import build_model
 
 LR = 2e-3
 #: No randomness left in a step but the seeded batch order: no dropout, no gradient coordination.

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.site_check import main
-from client.sitefs import SiteLayout
+from client.site.check import main
+from client.site.folder import SiteLayout
 from site_builder import build_site, write_slide
 from smm_model import cli
 

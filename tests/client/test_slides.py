@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.slides import (PatchReader, Resolution, Slide, SlideError, TissueMask, aperio_description,
+from client.wsi.slides import (PatchReader, Resolution, Slide, SlideError, TissueMask, aperio_description,
                            choose_level, otsu_threshold, patch_grid, plan_patches, read_patches,
                            resolve_resolution, rgba_to_rgb, segment_tissue, slide_mpp_from_properties,
                            write_pyramidal_tiff)
@@ -188,7 +188,7 @@ def test_real_tissue_region_plausible_fraction_and_coords_in_tissue():
 
 
 def test_mask_level_is_read_in_seamless_tiles(pyramid, monkeypatch):
-    import client.slides as slides
+    import client.wsi.slides as slides
 
     with Slide(pyramid) as s:
         whole = np.asarray(Image.fromarray(s.read_rgb((0, 0), 1, s.level_dimensions[1])).reduce(3))

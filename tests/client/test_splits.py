@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.labels import parse_clinical
-from client.splits import Splits, assert_disjoint, kfold_patients, make_splits, split_patients, strata
-from client.validation import SiteDataError
+from client.site.labels import parse_clinical
+from client.site.splits import Splits, assert_disjoint, kfold_patients, make_splits, split_patients, strata
+from client.site.validation import SiteDataError
 
 
 def clinical(n: int, seed: int = 0, split=None):

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.sitefs import Manifest, SiteLayout, file_sha256, read_features
-from client.synth import CohortSpec, PatientState, Stain, draw_layout, main, render_slide, write_cohort
+from client.site.folder import Manifest, SiteLayout, file_sha256, read_features
+from client.cohorts.synth import CohortSpec, PatientState, Stain, draw_layout, main, render_slide, write_cohort
 
 SMALL = replace(CohortSpec(), sites=2, patients_per_site=6, seed=7, slide_size=1024)
 CSVS = ("clinical.csv", "slides.csv", "genomics.csv", "geneset.csv")
@@ -56,7 +56,7 @@ def is_tissue(rgb: np.ndarray) -> np.ndarray:
 
 
 def who2021(row: pd.Series) -> int | None:
-    """The WHO 2021 rule, re-derived here independently of client.cohort."""
+    """The WHO 2021 rule, re-derived here independently of client.cohorts.cohort."""
     idh, codel, cdkn, grade = (None if pd.isna(row[c]) else int(row[c])
                                for c in ("idh", "codel_1p19q", "cdkn2ab", "grade"))
     if idh is None:

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.sitefs import Manifest, SiteLayout, file_sha256, write_features
-from client.tcga import main
+from client.site.folder import Manifest, SiteLayout, file_sha256, write_features
+from client.cohorts.tcga import main
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 TABLES = SHARED / "data" / "tcga_gbmlgg"
@@ -190,7 +190,7 @@ def _gene_set_checks(out: Path, raw: dict[str, pd.DataFrame], feats: list[str]) 
 
 
 def test_default_genomics_are_rna_only_and_hold_no_label_fact(cohort, raw):
-    from smm_model.label_facts import label_feature_hits
+    from smm_model.contract.label_facts import label_feature_hits
 
     rna = [c for c in raw["porpoise"].columns if c.endswith("_rnaseq")]
     gs = _gene_set_checks(cohort, raw, rna)
@@ -210,7 +210,7 @@ def test_default_genomics_are_rna_only_and_hold_no_label_fact(cohort, raw):
 
 
 def test_option_mode_adds_cnv_and_mutations_but_never_the_label_columns(cohort_all, raw):
-    from smm_model.label_facts import label_feature_hits
+    from smm_model.contract.label_facts import label_feature_hits
 
     label_cols = {"IDH1_mut", "CDKN2A_cnv", "CDKN2B_cnv"}
     assert label_cols <= set(raw["porpoise"].columns)  # the table has them: leaving them out is a choice
@@ -283,8 +283,8 @@ def test_invalid_feature_files_are_reported_and_fail_the_run(raw, tmp_path, caps
 
 
 def test_table_errors_name_the_file_and_column(tmp_path):
-    from client.cohort import CohortError
-    from client.tcga import derive_geneset, load_porpoise
+    from client.cohorts.cohort import CohortError
+    from client.cohorts.tcga import derive_geneset, load_porpoise
 
     rows = pd.DataFrame({"case_id": ["TCGA-02-0001", "TCGA-02-0001"], "slide_id": ["a.svs", "b.svs"],
                          "site": ["2", "2"], "survival_months": [3.0, 3.0], "censorship": [0, 0],

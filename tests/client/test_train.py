@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from client.collate import collate_patients
-from client.synthetic import SynthSpec, synthetic_patients
-from client.train import (evaluate, load_optimizer_state, make_optimizer, optimizer_state_arrays, resolve_device,
+from client.site.collate import collate_patients
+from client.cohorts.synthetic import SynthSpec, synthetic_patients
+from client.local.train import (evaluate, load_optimizer_state, make_optimizer, optimizer_state_arrays, resolve_device,
                           train_epochs)
 from smm_model.config import ExperimentConfig
-from smm_model.losses import multitask_loss
-from smm_model.model import build_model
+from smm_model.objectives.losses import multitask_loss
+from smm_model.nn.model import build_model
 
 SPEC = SynthSpec(feature_dim=24, genes_tumour=10, genes_micro=14, min_patches=20, max_patches=60)
 SMALL = ["model.feature_dim=24", "model.genes_tumour=10", "model.genes_micro=14", "model.hidden_dim=24",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from server.simulate import (ProcessTracker, _executable, dump_config, flwr_env, free_port, pids_with_env,
+from server.ops.simulate import (ProcessTracker, _executable, dump_config, flwr_env, free_port, pids_with_env,
                              resolve_config, stage_app, write_run_config)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,10 +2,10 @@
 ``benchmarks/report_render.py``.
 
 The evaluation records are not made up: each site's predictions are drawn at random, turned into
-statistics with the same functions a site uses (``smm_model.federated``: confusion counts, score
+statistics with the same functions a site uses (``smm_model.metrics.federated``: confusion counts, score
 histograms, C-index pair counts, Kaplan-Meier grid counts) and into metrics with the server's own
 ``metrics_from_eval`` / ``EvalStats.merge``, so every number obeys the contract of
-``server.loop`` (``EvalOutcome.to_record``, ``_train_round``, ``_final``) and ``client.runfolder``,
+``server.federation.loop`` (``EvalOutcome.to_record``, ``_train_round``, ``_final``) and ``client.baselines.runfolder``,
 including the newer fields (``mode``, ``site_info``, ``wall_s``, ``bytes``, ``config_sha256``, pooled
 ``stats`` and ``km_grid``), which ``new_fields=False`` leaves out (an older folder).
 """
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from smm_model.config import TASK_CLASSES, ExperimentConfig
-from smm_model.federated import c_index_counts, confusion_counts, km_counts, score_histograms
-from smm_model.protocol import EvalStats, config_text, evaluation_round, metrics_from_eval
-from smm_model.records import dumps
+from smm_model.metrics.federated import c_index_counts, confusion_counts, km_counts, score_histograms
+from smm_model.contract.protocol import EvalStats, config_text, evaluation_round, metrics_from_eval
+from smm_model.contract.records import dumps
 
 NODES = ("6973886229763441519", "9823713738652676939", "11131370818272998597")
 SITE_NAMES = ("site_1", "site_2", "site_3")
@@ -97,7 +97,7 @@ def write_run(run_dir: Path, *, mode: str = "federated", rounds: int = 3, config
     "centralized"/"local-only" (keyed by site name, train.epoch_losses). The last site of ``sizes``
     is below ``federation.min_site_patients`` (3) and so suppressed. ``overrides``: extra config
     ``key=value`` settings of the run; with ``federation.eval_every=k`` the rounds that are not
-    validated (``evaluation_round``) have no ``val`` and no selection value, as ``server.loop``
+    validated (``evaluation_round``) have no ``val`` and no selection value, as ``server.federation.loop``
     writes them.
     """
     run_dir = Path(run_dir)
@@ -181,7 +181,7 @@ def write_run(run_dir: Path, *, mode: str = "federated", rounds: int = 3, config
 
 
 def write_local_only(run_dir: Path, *, seed: int = 7, sizes: tuple[int, ...] = (9, 7, 4)) -> dict[str, Any]:
-    """A local-only run: RUN_DIR/local_only.json + RUN_DIR/local/<site>/ (client.centralized)."""
+    """A local-only run: RUN_DIR/local_only.json + RUN_DIR/local/<site>/ (client.baselines.centralized)."""
     run_dir = Path(run_dir)
     table = {}
     for i, site in enumerate(SITE_NAMES[: len(sizes)]):

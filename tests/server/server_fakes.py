@@ -6,7 +6,7 @@ the weights deterministically towards a site-specific target, and evaluates with
 whose loss is the distance to its target. Faults (NaN weights, wrong shapes, exceptions carrying a
 PHI sentinel, absurd example counts...) are switched on per site and per round.
 
-``FakeTransport`` is ``server.loop``'s transport over a dict of such sites. Site exceptions become
+``FakeTransport`` is ``server.federation.loop``'s transport over a dict of such sites. Site exceptions become
 error replies exactly as Flower reports them (``"<class 'X'>:<'message'>"``), passed through the
 same ``sanitize_error`` the Flower transport uses.
 """
@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from server.messages import (EVALUATE, KEY_EXPERIMENT, KEY_ROUND, KEY_SPLIT, PREFLIGHT, TRAIN, Instruction, Reply,
+from server.federation.messages import (EVALUATE, KEY_EXPERIMENT, KEY_ROUND, KEY_SPLIT, PREFLIGHT, TRAIN, Instruction, Reply,
                              arrays_nbytes, sanitize_error)
 from smm_model.config import ExperimentConfig
-from smm_model.protocol import SURVIVAL_HIST_EDGES, EvalStats, SiteSummary
-from smm_model.stats import GenomicsStats
+from smm_model.contract.protocol import SURVIVAL_HIST_EDGES, EvalStats, SiteSummary
+from smm_model.contract.stats import GenomicsStats
 
 SENTINEL = "PHI-SENTINEL-TCGA-XX-0000"
 
@@ -200,7 +200,7 @@ class Crash(BaseException):
 
 
 class FakeTransport:
-    """``server.loop``'s transport over in-process sites.
+    """``server.federation.loop``'s transport over in-process sites.
 
     ``connected``: callable returning the connected node ids (default: all sites). ``crash``:
     callable ``Instruction -> bool``; when true the "server" dies before sending it.

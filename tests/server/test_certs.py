@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from server.certs import main, parse_hosts, write_credentials
+from server.ops.certs import main, parse_hosts, write_credentials
 
 
 @pytest.fixture(scope="module")
@@ -99,4 +99,4 @@ def test_bad_arguments(tmp_path, capsys):
 def test_registered_as_smm_command():
     from smm_model.cli import COMMANDS
 
-    assert COMMANDS["certs"][0] == "server.certs:main"
+    assert COMMANDS["certs"][0] == "server.ops.certs:main"

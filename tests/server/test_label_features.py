@@ -1,4 +1,4 @@
-"""The server's preflight refuses a site whose genomic inputs measure a label fact (smm_model.label_facts),
+"""The server's preflight refuses a site whose genomic inputs measure a label fact (smm_model.contract.label_facts),
 naming the site, the feature and the fact, unless the run sets ``data.allow_label_features``."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from server_fakes import config, site_summary
 
-from server.loop import screen_sites
-from smm_model.stats import GenomicsStats
+from server.federation.loop import screen_sites
+from smm_model.contract.stats import GenomicsStats
 
 CLEAN = ("g1", "g2", "g3")
 LEAKY = ("g1", "CDKN2A_cnv", "IDH1_mut")

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from report_runs import NODES, SITE_NAMES, site_stats, write_local_only, write_run
-from server import report
-from server.report import (CLASS_NAMES, FIGURES_DIR, METRICS_JSON, REPORT_HTML, REPORT_MD, ReportError, km_lifelines,
+import server.report.build as report
+from server.report.build import (CLASS_NAMES, FIGURES_DIR, METRICS_JSON, REPORT_HTML, REPORT_MD, ReportError, km_lifelines,
                            write_report)
-from server.report_plots import roc_points
-from smm_model.federated import (SCORE_BINS, auc_from_histograms, km_counts, km_from_counts, logrank_from_counts,
+from server.report.plots import roc_points
+from smm_model.metrics.federated import (SCORE_BINS, auc_from_histograms, km_counts, km_from_counts, logrank_from_counts,
                                  score_histograms)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,7 +224,7 @@ def test_rounds_that_eval_every_skips_are_not_missing_validations(tmp_path):
     run = tmp_path / "every2"
     final = write_run(run, rounds=5, overrides=("federation.eval_every=2",), seed=8)
     rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
-    # Validated: every 2nd round and the last (and the initial model), as server.loop does.
+    # Validated: every 2nd round and the last (and the initial model), as server.federation.loop does.
     assert [r["round"] for r in rounds if r["val"]] == [0, 2, 4, 5]
     assert final["best_round"] in (2, 4, 5)
     loaded = report.load_run(run)
@@ -338,14 +338,14 @@ def test_roc_curves_from_histograms_have_the_recorded_auc():
 
 
 def test_class_names_match_the_site_labels():
-    from client.labels import DIAGNOSES, GRADES
+    from client.site.labels import DIAGNOSES, GRADES
 
     assert CLASS_NAMES["diagnosis"] == DIAGNOSES
     assert CLASS_NAMES["grade"] == tuple(f"WHO grade {g}" for g in GRADES)
 
 
 def test_the_fixture_follows_the_eval_contract():
-    """The hand-made records carry what server.loop's records carry (guards the tests' own input)."""
+    """The hand-made records carry what server.federation.loop's records carry (guards the tests' own input)."""
     rng = np.random.default_rng(0)
     rec = site_stats(rng, 10, 0.5).to_record()
     assert {"num-examples", "loss-sum", "suppressed", "km-groups", "diagnosis-confusion", "diagnosis-hist",

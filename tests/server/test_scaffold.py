@@ -1,4 +1,4 @@
-"""SCAFFOLD's server side (``federation.strategy: scaffold``; ``server.strategy.ControlVariates``
+"""SCAFFOLD's server side (``federation.strategy: scaffold``; ``server.aggregation.strategy.ControlVariates``
 inside ``GuardedStrategy``) on a quadratic problem worked out by hand.
 
 Site i has f_i(w) = h_i / 2 * ||w - a_i||^2 with its own curvature h_i, optimum a_i and example
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from server_fakes import config
 
-from server.messages import Reply
-from server.strategy import ControlVariates, GuardedStrategy, build_strategy
+from server.federation.messages import Reply
+from server.aggregation.strategy import ControlVariates, GuardedStrategy, build_strategy
 
 #: node -> (n_i, h_i, a_i): different curvatures and optima, weights 10 : 30 : 20.
 SITES = {11: (10, 0.5, [2.0, -1.0, 0.5]),
@@ -82,7 +82,7 @@ def site_controls(g: GuardedStrategy) -> dict[int, np.ndarray]:
 
 
 def scaffold_round(g: GuardedStrategy, r: int, x: np.ndarray, sites_c: dict[int, np.ndarray]) -> np.ndarray:
-    """One round as server.loop runs it: c over the round's nodes, the sites' replies, aggregate.
+    """One round as server.federation.loop runs it: c over the round's nodes, the sites' replies, aggregate.
     ``sites_c`` is the sites' own memory of their c_i (what Context.state keeps), updated here."""
     c = g.control.server_control(sorted(SITES))["w"]
     replies = [site_reply(nid, x, c, sites_c.get(nid)) for nid in sorted(SITES)]
@@ -230,7 +230,7 @@ def test_a_skipped_round_does_not_update_the_control_variates():
 
 def corrected_round(g: GuardedStrategy, r: int, x: np.ndarray, nodes=tuple(sorted(SITES)),
                     fault: dict[int, str] | None = None) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """One round as server.loop runs it now: each node gets ``correction(node, nodes)`` and runs
+    """One round as server.federation.loop runs it now: each node gets ``correction(node, nodes)`` and runs
     K steps of y -= lr (grad f_i(y) + d_i) (``local_round`` with c = d_i, c_i = 0: the site holds
     nothing). ``fault``: node -> "nan", that node's reply's control is non-finite (dropped)."""
     d = {nid: g.control.correction(nid, list(nodes))["w"] for nid in nodes}

@@ -19,9 +19,9 @@ from server_fakes import SENTINEL, FakeSite, config
 
 import server.app as server_app
 from server.app import APP_DIR, FlowerTransport, read_run_settings, reply_from_message
-from server.loop import resolved_config_text
-from server.messages import ARRAYS, CONFIG, METRICS, Instruction
-from server.wait import NodeWaitTimeout
+from server.federation.loop import resolved_config_text
+from server.federation.messages import ARRAYS, CONFIG, METRICS, Instruction
+from server.federation.wait import NodeWaitTimeout
 from smm_model.config import ConfigError
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from server_fakes import config
 
-from server.checkpoint import (CheckpointError, ServerState, capture_rng, load_checkpoint, load_latest, read_index,
+from server.runs.checkpoint import (CheckpointError, ServerState, capture_rng, load_checkpoint, load_latest, read_index,
                                restore_rng, save_checkpoint)
-from server.loop import initial_weights, resolved_config_text
-from server.messages import Reply
-from server.strategy import GuardedStrategy, build_strategy, strategy_state
-from smm_model.model import build_model
+from server.federation.loop import initial_weights, resolved_config_text
+from server.federation.messages import Reply
+from server.aggregation.strategy import GuardedStrategy, build_strategy, strategy_state
+from smm_model.nn.model import build_model
 
 CFG = config("federation.strategy=fedadam")
 
@@ -108,7 +108,7 @@ def test_no_valid_checkpoint_is_an_explicit_error(tmp_path):
 def test_a_crash_before_the_index_update_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     """C3: the new file is written but the index is not: the partial state is never picked up."""
     save_checkpoint(tmp_path, state(1))
-    import server.checkpoint as ck
+    import server.runs.checkpoint as ck
 
     def die(*a, **k):
         raise KeyboardInterrupt("killed between the checkpoint file and the index")

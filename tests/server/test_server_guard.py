@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from server_fakes import SENTINEL, FakeSite, config
 
-from server.guard import clean_train_metrics, flag_outliers, guard_replies, update_norms
-from server.loop import initial_weights, resolved_config_text
-from server.messages import TRAIN, Instruction, Reply, sanitize_error
-from server.strategy import GuardedStrategy, build_strategy
+from server.aggregation.guard import clean_train_metrics, flag_outliers, guard_replies, update_norms
+from server.federation.loop import initial_weights, resolved_config_text
+from server.federation.messages import TRAIN, Instruction, Reply, sanitize_error
+from server.aggregation.strategy import GuardedStrategy, build_strategy
 
 CFG = config("federation.max_examples_per_site=500")
 

@@ -1,6 +1,6 @@
 """Sites that really train: the server workflow around the local trainer learns (synthetic patients).
 
-The sites here are plain functions over ``client.train`` and ``client.synthetic`` (tests may import
+The sites here are plain functions over ``client.local.train`` and ``client.cohorts.synthetic`` (tests may import
 the site side; ``server`` never does). Two sites, two rounds of the tiny SMM model on the diagnosis
 task: the federated validation loss must fall below the initial model's, and the resumed run must
 give the same weights as the uninterrupted one with real gradient steps in between.
@@ -16,16 +16,16 @@ import torch
 from server_fakes import Crash, FakeSite, FakeTransport, config
 from torch.utils.data import DataLoader
 
-from client.collate import collate_patients
-from client.synthetic import SynthSpec, synthetic_patients
-from client.train import make_optimizer, predict, train_epochs
-from server.checkpoint import load_checkpoint
-from server.loop import run_federation
-from server.messages import KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LR, KEY_ROUND, TRAIN, Instruction, Reply
+from client.site.collate import collate_patients
+from client.cohorts.synthetic import SynthSpec, synthetic_patients
+from client.local.train import make_optimizer, predict, train_epochs
+from server.runs.checkpoint import load_checkpoint
+from server.federation.loop import run_federation
+from server.federation.messages import KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LR, KEY_ROUND, TRAIN, Instruction, Reply
 from smm_model.config import ExperimentConfig
-from smm_model.federated import confusion_counts
-from smm_model.model import build_model
-from smm_model.protocol import EvalStats
+from smm_model.metrics.federated import confusion_counts
+from smm_model.nn.model import build_model
+from smm_model.contract.protocol import EvalStats
 
 SPEC = SynthSpec(feature_dim=24, genes_tumour=10, genes_micro=14, min_patches=20, max_patches=60)
 

@@ -12,12 +12,12 @@ import torch
 import yaml
 from server_fakes import SENTINEL, Crash, FakeSite, FakeTransport, config, sites
 
-import server.loop as loop
-from server.checkpoint import load_checkpoint, load_latest
-from server.loop import RunDirInUse, initial_weights, resolved_config_text, round_lr, run_federation, sample_nodes
-from server.messages import EVALUATE, PREFLIGHT, TRAIN, arrays_nbytes
+import server.federation.loop as loop
+from server.runs.checkpoint import load_checkpoint, load_latest
+from server.federation.loop import RunDirInUse, initial_weights, resolved_config_text, round_lr, run_federation, sample_nodes
+from server.federation.messages import EVALUATE, PREFLIGHT, TRAIN, arrays_nbytes
 from smm_model.config import ConfigError, ExperimentConfig, ModelConfig, from_dict, to_dict
-from smm_model.model import build_model
+from smm_model.nn.model import build_model
 
 
 def read_rounds(run_dir):

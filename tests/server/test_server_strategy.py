@@ -8,8 +8,8 @@ from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMe
                                      Krum, MultiKrum)
 from server_fakes import config
 
-from server.messages import Reply
-from server.strategy import (DEFAULT_SERVER_LR, GuardedStrategy, build_strategy, restore_strategy_state,
+from server.federation.messages import Reply
+from server.aggregation.strategy import (DEFAULT_SERVER_LR, GuardedStrategy, build_strategy, restore_strategy_state,
                              strategy_state)
 from smm_model.config import ConfigError
 

@@ -7,8 +7,8 @@ import time
 import pytest
 from server_fakes import FakeTransport, config, sites
 
-from server.loop import run_federation
-from server.wait import NodeWaitTimeout, wait_for_nodes
+from server.federation.loop import run_federation
+from server.federation.wait import NodeWaitTimeout, wait_for_nodes
 
 
 def test_returns_at_once_when_enough_sites_are_connected():
@@ -55,13 +55,13 @@ def test_a_site_lost_for_good_mid_run_fails_the_run_not_hangs_it(tmp_path):
     transport = FakeTransport(sites(3), connected=lambda: alive)
 
     def crash_after_round_1(path, state, **kw):
-        from server.checkpoint import save_checkpoint
+        from server.runs.checkpoint import save_checkpoint
         out = save_checkpoint(path, state, **kw)
         if state.round == 1:
             alive[:] = [11]
         return out
 
-    import server.loop as loop
+    import server.federation.loop as loop
     orig = loop.save_checkpoint
     loop.save_checkpoint = crash_after_round_1
     try:
@@ -71,5 +71,5 @@ def test_a_site_lost_for_good_mid_run_fails_the_run_not_hangs_it(tmp_path):
         assert time.monotonic() - t0 < 10
     finally:
         loop.save_checkpoint = orig
-    from server.checkpoint import load_latest
+    from server.runs.checkpoint import load_latest
     assert load_latest(tmp_path / "run").round == 1

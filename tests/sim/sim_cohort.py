@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from client.synth import CohortSpec, write_cohort
+from client.cohorts.synth import CohortSpec, write_cohort
 
 #: A model small enough for a 2-core CI runner, all three tasks, spatial layout.
 SMALL = ["model.feature_dim=32", "model.genes_tumour=20", "model.genes_micro=30", "model.hidden_dim=16",

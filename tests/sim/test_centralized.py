@@ -1,5 +1,5 @@
-"""The centralized baseline, local-only runs and local evaluation (client/centralized.py,
-client/evaluate.py, client/runfolder.py) on a tiny synthetic cohort.
+"""The centralized baseline, local-only runs and local evaluation (client/baselines/centralized.py,
+client/baselines/evaluate.py, client/baselines/runfolder.py) on a tiny synthetic cohort.
 
 What must hold: a centralized run leaves the same run folder as a federated run (checked by running
 both: the site side may not import the server, so the formats are compared here, where both can be
@@ -19,10 +19,10 @@ import torch
 import yaml
 
 import client.app as client_app
-import client.runfolder as rf
-from client.centralized import run_centralized
-from client.evaluate import evaluate_sites, load_model_file
-from client.federated import simulation_site_dirs
+import client.baselines.runfolder as rf
+from client.baselines.centralized import run_centralized
+from client.baselines.evaluate import evaluate_sites, load_model_file
+from client.local.round import simulation_site_dirs
 from sim_cohort import SMALL, write_features_cohort
 from smm_model.cli import main as smm
 from smm_model.config import ExperimentConfig
@@ -76,7 +76,9 @@ def rounds_of(run_dir: Path) -> list[dict]:
 
 
 def test_centralized_writes_the_federated_run_folder_format(cohort, central, tmp_path, monkeypatch):
-    from server import atomic, checkpoint, loop, runlog
+    from server.federation import loop
+    from server.runs import checkpoint, runlog
+    from smm_model.contract import atomic
     from test_contract_inprocess import InProcessFlower
 
     # The constants the site side repeats agree with the server's.

@@ -22,9 +22,9 @@ from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Mes
 
 import client.app as client_app
 from server.app import reply_from_message
-from server.checkpoint import load_checkpoint, load_latest
-from server.loop import run_federation
-from server.messages import ARRAYS, CONFIG, CONTROL, TRAIN, Instruction, Reply, sanitize_error
+from server.runs.checkpoint import load_checkpoint, load_latest
+from server.federation.loop import run_federation
+from server.federation.messages import ARRAYS, CONFIG, CONTROL, TRAIN, Instruction, Reply, sanitize_error
 from sim_cohort import SMALL, write_features_cohort
 from smm_model.config import ExperimentConfig
 
@@ -190,7 +190,7 @@ def _assert_reply_is_the_model_only(content, model_keys):
 
 
 def test_a_persisting_site_keeps_its_optimizer_at_the_site_only(site_optimizer_runs):
-    from smm_model.model import build_model
+    from smm_model.nn.model import build_model
 
     run = site_optimizer_runs["persist"]
     model_keys = list(build_model(run["cfg"].model).state_dict())
@@ -217,7 +217,7 @@ def test_a_persisting_site_keeps_its_optimizer_at_the_site_only(site_optimizer_r
 
 
 def test_a_fresh_site_optimizer_keeps_nothing_and_round_one_is_the_same(site_optimizer_runs):
-    from smm_model.model import build_model
+    from smm_model.nn.model import build_model
 
     run = site_optimizer_runs["fresh"]
     model_keys = list(build_model(run["cfg"].model).state_dict())
@@ -278,8 +278,8 @@ def _assert_no_scaffold_state(state: RecordDict) -> None:
 
 
 def test_scaffold_sends_each_site_its_correction_and_the_site_keeps_nothing(scaffold_run):
-    from server.loop import model_parameters
-    from smm_model.model import build_model
+    from server.federation.loop import model_parameters
+    from smm_model.nn.model import build_model
 
     run = scaffold_run
     params = model_parameters(run["cfg"])

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import client.app as client_app
-import client.runfolder as rf
-from client.centralized import run_centralized
-from client.federated import simulation_site_dirs
-from server.loop import run_federation
+import client.baselines.runfolder as rf
+from client.baselines.centralized import run_centralized
+from client.local.round import simulation_site_dirs
+from server.federation.loop import run_federation
 from sim_cohort import IID, SMALL, write_features_cohort
 from smm_model.config import ExperimentConfig
 from test_contract_inprocess import InProcessFlower

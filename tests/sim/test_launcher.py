@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from server.simulate import (APP_DIR, ProcessTracker, dump_config, free_port, main, pids_with_env, resolve_config,
+from server.ops.simulate import (APP_DIR, ProcessTracker, dump_config, free_port, main, pids_with_env, resolve_config,
                              site_dirs, stage_app, write_run_config)
 from sim_cohort import SMALL, write_features_cohort
 from smm_model.config import ConfigError
@@ -62,7 +62,7 @@ def test_staged_app_holds_exactly_the_fab_files(tmp_path):
     staged = stage_app(APP_DIR, tmp_path / "app")
     files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
     assert "pyproject.toml" in files and "client/app.py" in files and "server/app.py" in files
-    assert "configs/demo.yaml" in files and "smm_model/model.py" in files
+    assert "configs/demo.yaml" in files and "smm_model/nn/model.py" in files
     assert not [f for f in files if f.startswith(("tests/", "benchmarks/", ".venv/", "runs/", "sites/"))]
     assert not [f for f in files if "__pycache__" in f]
     # Flower builds a FAB from it (the 10 MB limit is checked by flwr itself).

@@ -10,8 +10,8 @@ import re
 import pytest
 
 import client.app as client_app
-from server.loop import run_federation
-from server.report import METRICS_JSON, write_report
+from server.federation.loop import run_federation
+from server.report.build import METRICS_JSON, write_report
 from sim_cohort import SMALL, write_features_cohort
 from smm_model.config import ExperimentConfig
 from test_contract_inprocess import InProcessFlower

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.loop import initial_weights
-from server.simulate import pids_with_env
+from server.federation.loop import initial_weights
+from server.ops.simulate import pids_with_env
 from sim_cohort import SMALL, write_features_cohort
 from smm_model.config import ExperimentConfig
 

@@ -1,4 +1,4 @@
-"""Tests for smm_model.attention: GeneDeformableAttention, its position bias and its key mask."""
+"""Tests for smm_model.nn.attention: GeneDeformableAttention, its position bias and its key mask."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import smm_model.attention as attention_mod
-from smm_model.attention import ContinuousPositionBias, GeneDeformableAttention, _ExactPositionBias
+import smm_model.nn.attention as attention_mod
+from smm_model.nn.attention import ContinuousPositionBias, GeneDeformableAttention, _ExactPositionBias
 from smm_model.config import ModelConfig
 
 

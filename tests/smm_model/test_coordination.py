@@ -1,4 +1,4 @@
-"""Tests for smm_model.coordination: the projection rules, the decision direction, the C-index."""
+"""Tests for smm_model.objectives.coordination: the projection rules, the decision direction, the C-index."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from lifelines.utils import concordance_index as lifelines_ci
 
-from smm_model.batch import Batch
-from smm_model.coordination import batch_c_index, coordinate_gradients, project_conflicting
-from smm_model.layers import SplitHead
+from smm_model.nn.batch import Batch
+from smm_model.objectives.coordination import batch_c_index, coordinate_gradients, project_conflicting
+from smm_model.nn.layers import SplitHead
 
 # --------------------------------------------------------------------------- helpers
 

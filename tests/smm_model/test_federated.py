@@ -7,7 +7,7 @@ from lifelines.statistics import multivariate_logrank_test
 from lifelines.utils import concordance_index
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from smm_model.federated import (auc_from_histograms, c_index_counts, c_index_from_counts, confusion_counts,
+from smm_model.metrics.federated import (auc_from_histograms, c_index_counts, c_index_from_counts, confusion_counts,
                                  km_counts, km_from_counts, logrank_from_counts, metrics_from_confusion,
                                  score_histograms)
 

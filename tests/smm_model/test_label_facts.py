@@ -1,10 +1,10 @@
-"""smm_model.label_facts: which genomic feature names measure a label fact directly, and which do not."""
+"""smm_model.contract.label_facts: which genomic feature names measure a label fact directly, and which do not."""
 
 from __future__ import annotations
 
 import pytest
 
-from smm_model.label_facts import FACT_NAMES, LABEL_FACTS, fact, label_fact_of, label_feature_hits
+from smm_model.contract.label_facts import FACT_NAMES, LABEL_FACTS, fact, label_fact_of, label_feature_hits
 
 #: Spellings of a direct measurement of each fact (a site's own export, or a clinical column copied over).
 HITS = {
@@ -53,7 +53,7 @@ def test_the_module_stays_pure():
     import ast
     from pathlib import Path
 
-    import smm_model.label_facts as lf
+    import smm_model.contract.label_facts as lf
 
     tree = ast.parse(Path(lf.__file__).read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

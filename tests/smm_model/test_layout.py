@@ -1,4 +1,4 @@
-"""Tests for smm_model.layout: seed_tokens and spatial_tokens."""
+"""Tests for smm_model.nn.layout: seed_tokens and spatial_tokens."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from smm_model.layout import seed_tokens, spatial_tokens
+from smm_model.nn.layout import seed_tokens, spatial_tokens
 
 
 # --------------------------------------------------------------------------- #

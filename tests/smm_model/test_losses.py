@@ -1,4 +1,4 @@
-"""Tests for smm_model.losses: hand-computed values, masking, the consistency grouping, multitask sum."""
+"""Tests for smm_model.objectives.losses: hand-computed values, masking, the consistency grouping, multitask sum."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from smm_model.batch import Batch
+from smm_model.nn.batch import Batch
 from smm_model.config import LossConfig
-from smm_model.losses import (
+from smm_model.objectives.losses import (
     consistency_loss,
     logit_adjustment_offsets,
     multitask_loss,
@@ -17,7 +17,7 @@ from smm_model.losses import (
     relation_map,
     weighted_cross_entropy,
 )
-from smm_model.model import ModelOutput
+from smm_model.nn.model import ModelOutput
 
 # --------------------------------------------------------------------------- helpers
 

@@ -1,4 +1,4 @@
-"""Tests for smm_model.metrics: agreement with lifelines/sklearn, sign conventions, edge cases."""
+"""Tests for smm_model.metrics.exact: agreement with lifelines/sklearn, sign conventions, edge cases."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from smm_model.metrics import (
+from smm_model.metrics.exact import (
     MetricReport,
     c_index,
     classification_report,

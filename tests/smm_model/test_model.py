@@ -1,4 +1,4 @@
-"""Tests for smm_model.model: the SMM model, its branch and query fusion, and the baselines."""
+"""Tests for smm_model.nn.model: the SMM model, its branch and query fusion, and the baselines."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from smm_model.attention import GeneDeformableAttention
-from smm_model.batch import Batch
+from smm_model.nn.attention import GeneDeformableAttention
+from smm_model.nn.batch import Batch
 from smm_model.config import TASKS, LossConfig, ModelConfig
-from smm_model.losses import multitask_loss
-from smm_model.model import (ABMILModel, ConcatModel, QueryFusion, SMMModel, SNNModel, SubspaceBranch,
+from smm_model.objectives.losses import multitask_loss
+from smm_model.nn.model import (ABMILModel, ConcatModel, QueryFusion, SMMModel, SNNModel, SubspaceBranch,
                              build_model, count_parameters)
 
 # --------------------------------------------------------------------------- #
@@ -389,7 +389,7 @@ def test_reference_offset_network_gives_12x12_without_pooling(monkeypatch):
         def no_pool(*a, **k):
             raise AssertionError("adaptive pooling used at the reference setting")
 
-        monkeypatch.setattr("smm_model.attention.F.adaptive_avg_pool2d", no_pool)
+        monkeypatch.setattr("smm_model.nn.attention.F.adaptive_avg_pool2d", no_pool)
         off = attn._offsets(torch.randn(1, 512, 50, 50))
     assert off.shape == (8, 2, 12, 12)
 
@@ -405,7 +405,7 @@ def test_key_grid_is_independent_of_the_bag_size(monkeypatch):
     def no_pool(*a, **k):
         raise AssertionError("adaptive pooling used")
 
-    monkeypatch.setattr("smm_model.attention.F.adaptive_avg_pool2d", no_pool)
+    monkeypatch.setattr("smm_model.nn.attention.F.adaptive_avg_pool2d", no_pool)
     x = torch.randn(2, 16, 100, 100)
     with torch.no_grad():
         out, grid = attn(x, x)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from smm_model.config import ConfigError, ExperimentConfig
-from smm_model.federated import c_index_counts, confusion_counts, km_counts, score_histograms
-from smm_model.protocol import (PROTOCOL_VERSION, SURVIVAL_HIST_EDGES, EvalStats, SchemaMismatch, SharedStats, SiteSummary,
+from smm_model.metrics.federated import c_index_counts, confusion_counts, km_counts, score_histograms
+from smm_model.contract.protocol import (PROTOCOL_VERSION, SURVIVAL_HIST_EDGES, EvalStats, SchemaMismatch, SharedStats, SiteSummary,
                                 check_schemas, derive_shared, evaluation_round, metrics_from_eval,
                                 selection_lower_is_better, selection_terms, selection_value)
-from smm_model.stats import GenomicsStats
+from smm_model.contract.stats import GenomicsStats
 
 CFG = ExperimentConfig.from_yaml_text("", ["model.genes_tumour=2", "model.genes_micro=1", "model.feature_dim=8"])
 LOGIT_ADJUSTED = ExperimentConfig.from_yaml_text("", ["model.genes_tumour=2", "model.genes_micro=1",
@@ -134,7 +134,7 @@ def test_patch_standardisation_is_off_for_genomics_only_runs_and_when_disabled()
 
 
 def test_a_constant_feature_dimension_is_centred_not_blown_up():
-    from smm_model.protocol import PATCH_STD_FLOOR, merge_patch_stats
+    from smm_model.contract.protocol import PATCH_STD_FLOOR, merge_patch_stats
     p = np.random.default_rng(4).normal(0, 2, (500, 4))
     p[:, 2] = 7.0  # a dimension every site sees as constant
     mean, std = merge_patch_stats([{"n": 500, "sum": p.sum(0).tolist(), "sum_sq": (p * p).sum(0).tolist()}])

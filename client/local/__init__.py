@@ -1,0 +1,1 @@
+"""Local training at a site: the trainer and what a site does in one federated round."""

@@ -1,0 +1,551 @@
+"""What a site does in a federated round, as plain functions (no Flower types).
+
+``client/app.py`` is a thin Flower adapter over these four functions; everything here can be tested
+by calling it directly on a site folder:
+
+* ``resolve_site_dir``: which site folder this node serves (deployment: ``--node-config
+  'site-dir="..."'``; simulation: Flower's ``partition-id`` indexes the config's site list);
+* ``preflight_summary``: schema and aggregate statistics of the site (``SiteSummary``), from which the
+  server derives the shared preprocessing;
+* ``train_round``: load the global weights, train locally with the SHARED genomic standardisation,
+  survival bin edges and class weights, return the new weights and scalar metrics;
+* ``evaluate_round``: additive evaluation statistics (``EvalStats``) of one split, or a suppressed
+  reply for a site below ``federation.min_site_patients``.
+
+Why the errors look the way they do: Flower sends the text of any exception raised in a ClientApp
+handler back to the server (``"<class 'X'>:<'message'>"``), and our readers' messages name files
+and patients (that is what a site operator needs). So every failure here is re-raised as a
+``SiteError`` whose text is only a stage code and the original exception's class name, e.g.
+``"E_DATA: SiteDataError"``; the original exception stays attached as ``__cause__`` so the site can
+log it in full, locally (reliability B5, H4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from client.site.collate import collate_patients
+from client.site.dataset import SiteData, SiteDataset, find_genomics_file
+from client.site.folder import Manifest, file_sha256
+from client.site.labels import SPLITS
+from client.local.train import (load_optimizer_state, make_optimizer, optimizer_state_arrays, resolve_device, step_batches,
+                          train_epochs)
+from smm_model.config import TASK_CLASSES, ConfigError, DataConfig, ExperimentConfig
+from smm_model.metrics.federated import c_index_counts, confusion_counts, km_counts, score_histograms
+from smm_model.objectives.losses import logit_adjustment_offsets, nll_survival_loss, weighted_cross_entropy
+from smm_model.metrics.exact import risk_from_hazard_logits
+from smm_model.nn.model import build_model
+from smm_model.contract.protocol import SURVIVAL_HIST_EDGES, EvalStats, SharedStats, SiteSummary
+
+__all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "simulation_site_dirs", "resolve_site_dir", "site_label", "SITE_NAME_KEY", "load_site",
+           "data_digest", "preflight_summary", "train_round", "evaluate_round", "evaluate_dataset", "risk_groups", "SharedGenomicsStats"]
+
+#: Stage codes a site error carries (the only detail that leaves the site besides the class name).
+ERROR_CODES = {
+    "E_CONFIG": "the run's configuration or this node's node_config cannot be used",
+    "E_PROTOCOL": "a message lacks a field or holds an unreadable value",
+    "E_DATA": "the site folder cannot be read or validated",
+    "E_SCHEMA": "the shared statistics do not fit this site's data (gene set, feature order)",
+    "E_MODEL": "the global weights do not fit the configured model",
+    "E_TRAIN": "local training failed",
+    "E_EVAL": "local evaluation failed",
+    "E_INTERNAL": "an unexpected failure in the site's federated code",
+}
+#: The only keys a node_config may use to name its site folder (deployment).
+SITE_DIR_KEY = "site-dir"
+#: The optional node_config key of the site's display name in reports (deployment).
+SITE_NAME_KEY = "site-name"
+
+
+class SiteError(RuntimeError):
+    """A site-side failure whose text is safe to send to the server: ``"<code>: <ExceptionClass>"``.
+
+    It never holds a path, a patient id or a value; the full original exception is its
+    ``__cause__`` (for the site's own log only).
+    """
+
+    def __init__(self, code: str, cause_type: str) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown site error code {code!r}")
+        self.code = code
+        self.cause_type = cause_type
+        super().__init__(f"{code}: {cause_type}")
+
+
+@contextmanager
+def stage(code: str) -> Iterator[None]:
+    """Re-raise any exception of the block as a sanitized ``SiteError(code, class name)``, chained to
+    the original (a ``SiteError`` from an inner stage passes through unchanged)."""
+    try:
+        yield
+    except SiteError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure must leave the site sanitized
+        raise SiteError(code, type(e).__name__) from e
+
+
+# --------------------------------------------------------------------------------------------- #
+# which site folder
+# --------------------------------------------------------------------------------------------- #
+def simulation_site_dirs(data: DataConfig) -> list[Path]:
+    """The site folders of a simulated federation, sorted, so that ``partition-id`` k is always the
+    same folder: ``data.sites`` (relative ones under ``data.sites_root``) or, when it is empty, every
+    subfolder of ``data.sites_root`` holding a ``clinical.csv``.
+
+    ``server/ops/simulate.py`` counts sites with the same rule (it may not import the client side); a
+    test checks that both agree.
+    """
+    root = Path(data.sites_root) if data.sites_root else None
+    if data.sites:
+        dirs = [Path(s) if Path(s).is_absolute() or root is None else root / s for s in data.sites]
+    else:
+        if root is None:
+            raise ConfigError("data.sites_root: a simulation needs data.sites_root or data.sites")
+        if not root.is_dir():
+            raise ConfigError(f"data.sites_root: {root} is not a folder")
+        dirs = [p for p in root.iterdir() if p.is_dir() and (p / "clinical.csv").is_file()]
+    return sorted(dirs, key=lambda p: str(p))
+
+
+def resolve_site_dir(node_config: Mapping[str, Any], cfg: ExperimentConfig) -> Path:
+    """The site folder this node serves.
+
+    Deployment: ``node_config["site-dir"]`` (a SuperNode started with ``--node-config
+    'site-dir="/data/site"'``). Simulation: Flower only injects ``partition-id`` and
+    ``num-partitions``; the partition indexes ``simulation_site_dirs``. A simulation started with
+    another number of nodes than there are sites is refused (it would silently skip or repeat
+    sites).
+    """
+    if SITE_DIR_KEY in node_config:
+        value = node_config[SITE_DIR_KEY]
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"node_config[{SITE_DIR_KEY!r}]: expected a folder path (a non-empty string)")
+        return Path(value).expanduser()
+    if "partition-id" not in node_config:
+        raise ConfigError(f"node_config has neither {SITE_DIR_KEY!r} (deployment: start the SuperNode with "
+                          f"--node-config '{SITE_DIR_KEY}=\"/path/to/site\"') nor 'partition-id' (simulation)")
+    dirs = simulation_site_dirs(cfg.data)
+    pid = int(node_config["partition-id"])
+    n = int(node_config.get("num-partitions", len(dirs)))
+    if n != len(dirs):
+        raise ConfigError(f"the simulation has {n} nodes but the config lists {len(dirs)} site folders; "
+                          "set num-supernodes to the number of sites")
+    if not 0 <= pid < len(dirs):
+        raise ConfigError(f"partition-id {pid} is outside the {len(dirs)} site folders")
+    return dirs[pid]
+
+
+def site_label(node_config: Mapping[str, Any], site_dir: Path) -> str | None:
+    """The name this site appears under in the server's reports.
+
+    Deployment: only what the site chose (``--node-config 'site-dir="..." site-name="hospital-a"'``);
+    without it, None, since the folder's name is part of a local path and stays at the site.
+    Simulation: the site folder's name (the coordinator listed the folders, nothing leaves a site).
+    """
+    if SITE_NAME_KEY in node_config:
+        value = node_config[SITE_NAME_KEY]
+        if not isinstance(value, str) or not value.strip() or len(value) > 64:
+            raise ConfigError(f"node_config[{SITE_NAME_KEY!r}]: expected a short name (1-64 characters)")
+        return value.strip()
+    if SITE_DIR_KEY in node_config:
+        return None
+    return Path(site_dir).name
+
+
+# --------------------------------------------------------------------------------------------- #
+# site data
+# --------------------------------------------------------------------------------------------- #
+def load_site(site_dir: Path | str, cfg: ExperimentConfig, *, check_feature_dim: bool = True) -> SiteData:
+    """Load and validate the site folder for this run's model.
+
+    Genomics-only models (``snn``) open no feature file. ``check_feature_dim`` refuses features of
+    another width at load (training/evaluation); the preflight leaves it off so that the site's
+    real width reaches the server, whose schema check then names the site and the field.
+    """
+    histology = cfg.model.arch != "snn"
+    return SiteData.load(site_dir, cfg.data, require_features=histology,
+                         feature_dim=cfg.model.feature_dim if histology and check_feature_dim else None)
+
+
+class SharedGenomicsStats:
+    """The server's shared standardisation in the shape ``GenomicsData.encode`` reads (``features``,
+    ``mean()``, ``std()``).
+
+    Why not a ``GenomicsStats``: the server sends means and standard deviations, not counts and
+    sums, and rebuilding sums from them (sum_sq = n (std^2 + mean^2)) loses precision for features
+    whose mean dwarfs their spread.
+    """
+
+    def __init__(self, shared: SharedStats) -> None:
+        self.features = tuple(shared.genomics_features)
+        self._mean = np.asarray(shared.genomics_mean, dtype=np.float64)
+        self._std = np.asarray(shared.genomics_std, dtype=np.float64)
+        F = len(self.features)
+        if self._mean.shape != (F,) or self._std.shape != (F,):
+            raise ValueError(f"shared genomics statistics: {F} features but mean {self._mean.shape} and std "
+                             f"{self._std.shape}")
+        if not (np.isfinite(self._mean).all() and np.isfinite(self._std).all() and (self._std > 0).all()):
+            raise ValueError("shared genomics statistics: means must be finite and stds finite and positive")
+
+    def mean(self) -> np.ndarray:
+        return self._mean
+
+    def std(self) -> np.ndarray:
+        return self._std
+
+
+def _shared_inputs(site: SiteData, cfg: ExperimentConfig, shared: SharedStats
+                   ) -> tuple[SharedGenomicsStats, np.ndarray]:
+    """Shared genomic stats and survival bin edges, checked against this site (E_SCHEMA)."""
+    with stage("E_SCHEMA"):
+        stats = SharedGenomicsStats(shared)
+        if stats.features != tuple(site.geneset.features):
+            raise ValueError(f"the shared statistics describe {len(stats.features)} genomic features, the site's "
+                             f"gene set has {len(site.geneset.features)} (or another order)")
+        edges = np.asarray(shared.survival_bin_edges, dtype=np.float64)
+        n_bins = cfg.model.survival_bins
+        if "survival" in cfg.model.tasks and edges.shape != (n_bins - 1,):
+            raise ValueError(f"{len(edges)} shared survival bin edges for {n_bins} bins")
+        if edges.size == 0:
+            edges = np.zeros(n_bins - 1)
+        if not (np.isfinite(edges).all() and np.all(np.diff(edges) >= 0)):
+            raise ValueError("shared survival bin edges must be finite and non-decreasing")
+    return stats, edges
+
+
+def _dataset(site: SiteData, cfg: ExperimentConfig, shared: SharedStats, split: str) -> SiteDataset:
+    stats, edges = _shared_inputs(site, cfg, shared)
+    with stage("E_DATA"):
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+        grid = cfg.model.grid_size if cfg.model.layout == "spatial" else None
+        # ``stats`` is duck-typed: SiteDataset only calls features/mean()/std() (SharedGenomicsStats).
+        norm = shared.patch_norm() if cfg.model.arch != "snn" else None
+        if norm is not None and norm[0].shape != (cfg.model.feature_dim,):
+            raise ValueError(f"shared patch statistics have {norm[0].shape[0]} dimensions, model.feature_dim is "
+                             f"{cfg.model.feature_dim}")
+        return site.dataset(split, stats=stats, bin_edges=edges,  # type: ignore[arg-type]
+                            n_bins=cfg.model.survival_bins, grid_size=grid, patch_norm=norm)
+
+
+def _model(cfg: ExperimentConfig, state_dict: Mapping[str, Tensor], device: torch.device) -> nn.Module:
+    """The configured model with the global weights (strict: every key and shape must match)."""
+    with stage("E_MODEL"):
+        model = build_model(cfg.model)
+        model.load_state_dict(dict(state_dict), strict=True)
+        return model.to(device)
+
+
+# --------------------------------------------------------------------------------------------- #
+# preflight
+# --------------------------------------------------------------------------------------------- #
+#: Per-split keys of the preflight summary (aggregate counts only).
+SPLIT_KEYS = ("patients", "diagnosis", "diagnosis_unknown", "grade", "grade_unknown", "survival_labelled",
+              "events")
+
+
+def data_digest(site: SiteData) -> str:
+    """sha256 identifying the site's data: its tables' bytes, the feature schema and every usable
+    slide's feature-file checksum (as the manifest records it), so re-running extraction on the same
+    slides gives the same digest. It reveals nothing about the data; it only lets a report say
+    whether two runs saw the same files."""
+    layout = site.layout
+    tables = {p.name: file_sha256(p) for p in (layout.clinical, layout.slides, layout.geneset,
+                                                 find_genomics_file(layout)) if p.is_file()}
+    manifest = Manifest.load(layout.manifest)
+    used = sorted(s for sl in site.slides.values() for s in sl)
+    features = {s: manifest.slides.get(s, {}).get("checksum") for s in used}
+    blob = json.dumps({"tables": tables, "schema": manifest.schema, "features": features}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig, label: str | None = None, *,
+                      patch_sums: bool = True) -> SiteSummary:
+    """The site's schema and aggregate statistics (``smm_model.contract.protocol.SiteSummary``).
+
+    Everything in it is a count, a sum over training patients or a schema identifier: no patient
+    id, slide id, path or per-patient value. Survival histograms count TRAINING survival times on
+    the fixed ``SURVIVAL_HIST_EDGES``; a time beyond the last edge (30 years) is counted in the last
+    bin so the histogram totals equal the labelled counts. Histology runs with ``data.patch_norm:
+    standardize`` add per-dimension sums over every training patch (``SiteData.patch_sums``).
+    ``label`` is the site's chosen display name (never derived from a path here). ``patch_sums=False``
+    skips reading every training feature file where the statistics are not needed (evaluating a
+    model that carries its own).
+    """
+    with stage("E_DATA"):
+        site = load_site(site_dir, cfg, check_feature_dim=False)
+        patches = None
+        if patch_sums and cfg.model.arch != "snn" and cfg.data.patch_norm == "standardize":
+            patches = site.patch_sums("train")
+        source = Manifest.load(site.layout.manifest).data.get("source") or {}
+        agg = site.aggregate_stats()
+        schema = {"encoder": None, "feature_dim": None, **agg["schema"]}
+        splits = {s: {k: agg["splits"][s][k] for k in SPLIT_KEYS} for s in SPLITS}
+        pos = site.clinical.positions(site.patients("train"))
+        known = site.clinical.survival_known[pos]
+        t = site.clinical.survival_time[pos][known]
+        e = site.clinical.event[pos][known] > 0
+        t = np.clip(t, SURVIVAL_HIST_EDGES[0], SURVIVAL_HIST_EDGES[-1])
+        hist_all = np.histogram(t, bins=SURVIVAL_HIST_EDGES)[0]
+        hist_ev = np.histogram(t[e], bins=SURVIVAL_HIST_EDGES)[0]
+        return SiteSummary(schema=schema, splits=splits, genomics=agg.get("genomics_stats"),
+                           survival_hist_events=[int(x) for x in hist_ev],
+                           survival_hist_all=[int(x) for x in hist_all],
+                           excluded={str(k): int(v) for k, v in agg["excluded"].items()},
+                           patches=patches, label=label, data_digest=data_digest(site),
+                           synthetic=bool(source.get("synthetic", False)))
+
+
+# --------------------------------------------------------------------------------------------- #
+# train
+# --------------------------------------------------------------------------------------------- #
+def _class_weights(cfg: ExperimentConfig, shared: SharedStats, device: torch.device) -> dict[str, Tensor]:
+    out = {}
+    with stage("E_SCHEMA"):
+        for task in cfg.model.tasks:
+            if task in TASK_CLASSES and task in shared.class_weights:
+                w = torch.tensor(shared.class_weights[task], dtype=torch.float32)
+                if w.shape != (TASK_CLASSES[task],) or not torch.isfinite(w).all() or bool((w < 0).any()):
+                    raise ValueError(f"shared class weights of {task}: expected {TASK_CLASSES[task]} finite, "
+                                     "non-negative values")
+                out[task] = w.to(device)
+    return out
+
+
+def _logit_offsets(cfg: ExperimentConfig, site: SiteData, shared: SharedStats, device: torch.device
+                   ) -> dict[str, Tensor]:
+    """Per classification task the site's logit-adjustment offsets (``train.logit_adjustment``):
+    this site's training class counts against the pooled ones the server sent."""
+    tau = cfg.train.logit_adjustment
+    if tau <= 0:
+        return {}
+    with stage("E_SCHEMA"):
+        if not shared.class_counts:
+            raise ValueError("train.logit_adjustment needs the pooled class counts in the shared statistics")
+        own = site.aggregate_stats()["splits"]["train"]
+        return {task: logit_adjustment_offsets(own[task], shared.class_counts[task], tau).to(device)
+                for task in cfg.model.tasks if task in TASK_CLASSES}
+
+
+def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats, state_dict: Mapping[str, Tensor],
+                lr: float, local_epochs: int, proximal_mu: float = 0.0, *, server_round: int = 0,
+                local_steps: int = 0, optimizer_state: Mapping[str, Tensor] | None = None,
+                control: Mapping[str, Tensor] | None = None
+                ) -> tuple[dict[str, Tensor], dict[str, int | float], dict[str, Tensor], dict[str, Tensor] | None]:
+    """Train the global model locally; return (new state_dict on the CPU, metrics, optimizer state,
+    new SCAFFOLD control variate or None).
+
+    Local work: ``local_steps > 0`` optimizer steps (``client.local.train.step_batches``: the same count
+    at every site, whatever its size), else ``local_epochs`` passes over the training patients.
+    The learning rate is held at ``lr`` for the whole round (the server owns the schedule across
+    rounds). ``optimizer_state`` (``client.local.train.optimizer_state_arrays`` of this site's previous
+    round) continues the site's optimizer; None starts a fresh one. The optimizer state returned
+    is for the site to keep: it never goes into a reply. ``proximal_mu > 0`` adds FedProx's
+    (mu/2)||w - w_global||^2 with the weights received here; ``train.logit_adjustment > 0`` adds the
+    site's label-skew offsets to the classification logits inside the loss. ``control`` (SCAFFOLD,
+    Karimireddy et al. 2020: c - c_i, the server's control variate minus this site's own as the
+    server holds it, one tensor per model parameter) is added to every step's gradient, so that
+    local steps follow the federation's gradient rather than drift to the site's own optimum; the
+    returned control variate is the site's new c_i, the mean of its gradients over the round
+    (SCAFFOLD's option II, which for plain SGD without weight decay or clipping equals
+    c_i - c + (x - y) / (K lr), and stays a gradient estimate under momentum). Seeds derive from
+    ``train.seed`` and ``server_round``, so a rerun of a round is repeatable.
+
+    Metrics (the same keys at every site, as Flower's strategies require): ``num-examples`` (training
+    patients), ``train-loss`` (mean training loss of the last local epoch), ``steps`` (optimizer
+    steps taken), ``seconds`` (wall time of the round), and per task ``coord-<task>-tumour`` /
+    ``-micro`` / ``-conflicts``: gradient coordination counts summed over the round (0 when
+    coordination is off or the model has no split heads).
+    """
+    t0 = time.perf_counter()
+    with stage("E_CONFIG"):
+        if not (np.isfinite(lr) and lr > 0):
+            raise ValueError("lr must be a positive number")
+        if int(local_epochs) < 1:
+            raise ValueError("local-epochs must be >= 1")
+        if int(local_steps) < 0:
+            raise ValueError("local-steps must be >= 0")
+        if not (np.isfinite(proximal_mu) and proximal_mu >= 0):
+            raise ValueError("proximal-mu must be >= 0")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, proximal_mu=float(proximal_mu),
+                                                                 lr=float(lr)))
+        device = resolve_device(cfg.train.device)
+    with stage("E_DATA"):
+        site = load_site(site_dir, cfg)
+    ds = _dataset(site, cfg, shared, "train")
+    ds.set_epoch(server_round)  # another (deterministic) patch sample of capped bags every round
+    n_train = len(ds)
+    torch.manual_seed(cfg.train.seed + server_round)
+    model = _model(cfg, state_dict, device)
+    weights = _class_weights(cfg, shared, device)
+    offsets = _logit_offsets(cfg, site, shared, device)
+    with stage("E_TRAIN"):
+        bs = cfg.train.batch_size
+        generator = torch.Generator().manual_seed(cfg.train.seed + server_round)
+        if local_steps > 0:
+            loader = DataLoader(ds, batch_sampler=step_batches(n_train, int(local_steps), bs, generator),
+                                collate_fn=collate_patients, num_workers=cfg.train.num_workers)
+            epochs = 1
+        else:
+            # A site smaller than one batch still trains (on one partial batch) rather than on nothing.
+            loader = DataLoader(ds, batch_size=bs, shuffle=True, collate_fn=collate_patients,
+                                drop_last=cfg.train.drop_last and n_train >= bs, num_workers=cfg.train.num_workers,
+                                generator=generator)
+            epochs = int(local_epochs)
+        global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+        optimizer = make_optimizer(model, cfg.train, lr=float(lr))
+        if optimizer_state:
+            load_optimizer_state(optimizer, optimizer_state)
+            for g in optimizer.param_groups:  # the state keeps moments, never the previous round's lr
+                g["lr"] = float(lr)
+        constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+        correction, new_control = _scaffold_correction(model, control)
+        logs = train_epochs(model, loader, cfg, epochs=epochs, device=device, optimizer=optimizer,
+                            scheduler=constant, class_weights=weights, global_params=global_params,
+                            logit_offsets=offsets, grad_correction=correction, grad_mean=new_control)
+        metrics: dict[str, int | float] = {"num-examples": int(n_train), "train-loss": float(logs[-1].loss),
+                                           "steps": int(sum(log.steps for log in logs))}
+        for task in cfg.model.tasks:
+            for part in ("tumour", "micro", "conflicts"):
+                metrics[f"coord-{task}-{part}"] = int(sum(log.coordination.get(task, {}).get(part, 0)
+                                                          for log in logs))
+        new_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        new_optimizer_state = optimizer_state_arrays(optimizer)
+    metrics["seconds"] = float(time.perf_counter() - t0)
+    return new_state, metrics, new_optimizer_state, new_control
+
+
+def _scaffold_correction(model: nn.Module, control: Mapping[str, Tensor] | None
+                         ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
+    """(c - c_i per parameter, an empty dict for the new c_i), or (None, None) without SCAFFOLD; a
+    correction that does not fit the model's parameters is an E_PROTOCOL error."""
+    if control is None:
+        return None, None
+    with stage("E_PROTOCOL"):
+        shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
+        got = {k: tuple(v.shape) for k, v in control.items()}
+        if got != shapes:
+            wrong = sorted(set(got) ^ set(shapes)) or sorted(k for k in shapes if got[k] != shapes[k])
+            raise ValueError(f"the SCAFFOLD correction does not match the model's parameters (first: {wrong[0]!r})")
+        return {k: control[k].float() for k in shapes}, {}
+
+
+# --------------------------------------------------------------------------------------------- #
+# evaluate
+# --------------------------------------------------------------------------------------------- #
+def risk_groups(hazard_logits: np.ndarray) -> np.ndarray:
+    """Predicted risk group per patient: the first discrete-time bin in which the predicted survival
+    S_k = prod_{j<=k} (1 - sigmoid(logit_j)) drops below 0.5 (the predicted median-survival bin); the
+    last bin when it never does. Earlier group = higher risk."""
+    logits = np.asarray(hazard_logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] < 1:
+        raise ValueError(f"hazard logits must be (N, T), got {logits.shape}")
+    surv = np.cumprod(1.0 - 1.0 / (1.0 + np.exp(-logits)), axis=1)
+    below = surv < 0.5
+    return np.where(below.any(axis=1), below.argmax(axis=1), logits.shape[1] - 1).astype(np.int64)
+
+
+@torch.no_grad()
+def _per_patient(model: nn.Module, loader: DataLoader, cfg: ExperimentConfig,
+                 device: torch.device) -> tuple[float, dict[str, dict[str, np.ndarray]]]:
+    """One pass: summed per-patient loss and, per task, the labelled patients' outputs and labels."""
+    model.eval()
+    loss_sum = 0.0
+    out_t: dict[str, dict[str, list]] = {t: {} for t in cfg.model.tasks}
+    for batch in loader:
+        batch = batch.to(device)
+        out = model(batch)
+        for task, logits in out.logits.items():
+            mask = batch.task_mask(task)
+            w = cfg.loss.task_weight(task)
+            for i in range(batch.size):  # per patient: the loss must not depend on batch composition
+                if not bool(mask[i]):
+                    continue
+                if task == "survival":
+                    li = nll_survival_loss(logits[i:i + 1], batch.labels["survival_bin"][i:i + 1],
+                                           batch.labels["event"][i:i + 1], alpha=cfg.loss.survival_alpha)
+                else:
+                    li = weighted_cross_entropy(logits[i:i + 1], batch.labels[task][i:i + 1])
+                loss_sum += w * float(li)
+            acc = out_t[task]
+            if task == "survival":
+                acc.setdefault("logits", []).append(logits[mask].float().cpu().numpy())
+                acc.setdefault("time", []).append(batch.labels["survival_time"][mask].cpu().numpy())
+                acc.setdefault("event", []).append(batch.labels["event"][mask].cpu().numpy())
+            else:
+                acc.setdefault("probs", []).append(torch.softmax(logits[mask].float(), dim=1).cpu().numpy())
+                acc.setdefault("target", []).append(batch.labels[task][mask].cpu().numpy())
+    return loss_sum, {t: {k: np.concatenate(v) for k, v in d.items()} for t, d in out_t.items()}
+
+
+def evaluate_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats,
+                   state_dict: Mapping[str, Tensor], split: str) -> EvalStats:
+    """Additive evaluation statistics of the global model on one split of this site.
+
+    ``n``: patients evaluated. ``loss_sum``: the sum over those patients of each patient's own
+    multitask loss, sum_t task_weight(t) * loss_t(patient), where loss_t is the unweighted
+    cross-entropy (classification) or the discrete-time survival NLL (``loss.survival_alpha``), 0
+    for a task the patient has no label for. Class weights and the consistency terms are left out:
+    they depend on the federation's class balance and on which patients share a batch, and an
+    evaluation loss must be a plain per-patient sum so that adding sites' sums gives the pooled
+    loss (global loss = sum of loss_sum / sum of n). Per classification task: the confusion matrix
+    and the score histograms (``smm_model.metrics.federated``); survival: C-index pair counts on the risk
+    -sum(S) and Kaplan-Meier counts on ``shared.km_grid`` per predicted risk group
+    (``risk_groups``; ``survival_bins`` groups).
+
+    A split with fewer than ``federation.min_site_patients`` patients (or none) is reported as
+    ``EvalStats(n, suppressed=True)`` with no statistic at all (small-cell suppression, H2).
+    """
+    with stage("E_CONFIG"):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}")
+        device = resolve_device(cfg.train.device)
+    with stage("E_DATA"):
+        site = load_site(site_dir, cfg)
+    return evaluate_dataset(_dataset(site, cfg, shared, split), cfg, shared, state_dict, device)
+
+
+def evaluate_dataset(ds: SiteDataset, cfg: ExperimentConfig, shared: SharedStats, state_dict: Mapping[str, Tensor],
+                     device: torch.device) -> EvalStats:
+    """``evaluate_round`` on an already built dataset (its patients, the shared preprocessing):
+    the same statistics, the same small-cell suppression. ``smm evaluate --split all`` uses it on a
+    site's whole cohort."""
+    n = len(ds)
+    if n == 0 or n < cfg.federation.min_site_patients:
+        return EvalStats(n=n, suppressed=True)
+    model = _model(cfg, state_dict, device)
+    with stage("E_EVAL"):
+        loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=collate_patients,
+                            num_workers=cfg.train.num_workers)
+        loss_sum, per_task = _per_patient(model, loader, cfg, device)
+        stats = EvalStats(n=n, loss_sum=float(loss_sum))
+        n_classes = cfg.model.n_classes
+        for task in cfg.model.tasks:
+            d = per_task[task]
+            if task == "survival":
+                logits = d.get("logits", np.zeros((0, n_classes[task])))
+                time_, event = d.get("time", np.zeros(0)), d.get("event", np.zeros(0))
+                risk = risk_from_hazard_logits(logits) if len(logits) else np.zeros(0)
+                stats.cindex = c_index_counts(time_, event, risk).tolist()
+                groups = risk_groups(logits) if len(logits) else np.zeros(0, dtype=np.int64)
+                stats.km = km_counts(time_, event, groups, n_classes[task], shared.km_grid).ravel().tolist()
+                stats.km_groups = n_classes[task]
+            else:
+                C = n_classes[task]
+                probs = d.get("probs", np.zeros((0, C)))
+                target = d.get("target", np.zeros(0, dtype=np.int64)).astype(np.int64)
+                stats.confusion[task] = confusion_counts(target, probs.argmax(axis=1), C).ravel().tolist()
+                stats.histograms[task] = score_histograms(target, probs, C).ravel().tolist()
+    return stats

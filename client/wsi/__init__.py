@@ -1,0 +1,1 @@
+"""Whole-slide images to features: OpenSlide reading and tiling, patch encoders, ``smm extract``."""

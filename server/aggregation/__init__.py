@@ -1,0 +1,1 @@
+"""Aggregation: Flower's strategies behind the guards on the sites' replies."""

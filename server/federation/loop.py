@@ -1,0 +1,666 @@
+"""The server's federated workflow, over an abstract transport (no Flower types here).
+
+``run_federation(transport, cfg, run_dir)`` is the whole server side of a run (architecture.md,
+"Federated protocol"):
+
+1. wait (bounded) for ``federation.min_nodes`` sites; send every connected site the preflight
+   query; refuse sites whose schema differs (naming site and field) and go on with the rest if
+   enough remain; derive the shared statistics; check the strategy's site-count constraints.
+   A site that connects later (or a restarted SuperNode with a new node id) is preflighted when
+   it is first seen and joins from the next round if it matches the run; a refused site stays
+   refused for the run;
+2. round 0: the initial model (``build_model`` under ``torch.manual_seed(federation.seed)``) is
+   evaluated on the sites' validation splits, so learning can be shown against it;
+3. rounds 1..R: cosine learning rate over the rounds, train on the sampled sites (seeded sampler),
+   guard + aggregate (``server.aggregation.strategy.GuardedStrategy``), evaluate on "val" (every
+   ``federation.eval_every``-th round and the last), append a line to
+   ``rounds.jsonl``, checkpoint, track the best round by ``federation.selection_metric``;
+4. final: the best round's model is evaluated on every site's "test" split; ``final_metrics.json``
+   and ``model.pt`` are written.
+
+``resume=True`` continues from the newest valid checkpoint: same weights, optimiser state, shared
+statistics, sampler and RNG states, so rounds are numbered without gaps or duplicates and, with
+deterministic sites, the final weights equal an uninterrupted run's bit for bit.
+
+A ``transport`` has ``node_ids() -> list[int]`` and ``send(list[Instruction]) -> list[Reply]``
+(``server.federation.messages``); ``server.app.FlowerTransport`` is the Flower one, tests use in-process fakes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from smm_model.config import TASK_CLASSES, ConfigError, ExperimentConfig, to_dict
+from smm_model.metrics.exact import MetricReport
+from smm_model.nn.model import build_model
+from smm_model.contract.protocol import (config_text as resolved_config_text, evaluation_round, round_lr,
+                                selection_lower_is_better, selection_value)
+from smm_model.contract.protocol import (HISTOLOGY_FIELDS, PROTOCOL_VERSION, SCHEMA_FIELDS, SURVIVAL_HIST_EDGES, EvalStats,
+                                SchemaMismatch, SharedStats, SiteSummary, check_schemas, derive_shared,
+                                metrics_from_eval)
+from smm_model.contract.stats import GenomicsStats
+
+from smm_model.contract.atomic import atomic_write_bytes, sha256_bytes
+from server.runs.checkpoint import (CHECKPOINT_DIR, INDEX_FILE, ServerState, capture_rng, library_versions, load_checkpoint,
+                         load_latest, restore_rng, save_checkpoint)
+from server.aggregation.guard import guard_eval_replies
+from server.federation.messages import (EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LOCAL_STEPS, KEY_LR, KEY_PROXIMAL_MU, KEY_ROUND, KEY_SHARED,
+                       KEY_SPLIT, PREFLIGHT, SUMMARY, SUMMARY_JSON, TRAIN, Instruction, Reply, Transport)
+from server.runs.runlog import RunLog
+from server.aggregation.strategy import AggregateOutcome, ControlVariates, GuardedStrategy, build_strategy
+from server.federation.wait import NodeWaitTimeout, wait_for_nodes
+
+__all__ = ["run_federation", "RunDirInUse", "resolved_config_text", "round_lr", "sample_nodes", "initial_weights",
+           "selection_lower_is_better", "C_INDEX_NOTE", "MODEL_FORMAT"]
+
+log = logging.getLogger("fedsmm.server")
+
+#: Printed beside every federated C-index (smm_model.metrics.federated explains why).
+C_INDEX_NOTE = ("survival.c_index is the within-site C-index: concordance pairs are formed within each site only "
+                "(a site cannot compare its patients with another site's), and the pair counts are summed over sites")
+MODEL_FORMAT = "fedsmm-model"
+
+
+class RunDirInUse(RuntimeError):
+    """A fresh run was asked to write into a folder that already holds a run."""
+
+
+# --- small pure helpers ---------------------------------------------------------------------------------
+
+
+
+
+
+
+
+def sample_nodes(rng: random.Random, available: Sequence[int], fraction: float, minimum: int) -> list[int]:
+    """``max(int(n * fraction), minimum)`` of the ``n`` available nodes (capped at n), drawn with
+    ``rng`` from the sorted ids, so the draw depends only on the seed and the node set."""
+    nodes = sorted(int(n) for n in available)
+    k = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+    if k >= len(nodes):
+        return nodes
+    return sorted(rng.sample(nodes, k))
+
+
+def initial_weights(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
+    """The initial global model: ``build_model(cfg.model)`` under ``torch.manual_seed(federation.seed)``."""
+    torch.manual_seed(cfg.federation.seed)
+    model = build_model(cfg.model)
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def model_parameters(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
+    """The model's trainable parameters (names and shapes as the initial model's), the arrays a
+    SCAFFOLD control variate has."""
+    torch.manual_seed(cfg.federation.seed)
+    return {k: p.detach().cpu().numpy().copy() for k, p in build_model(cfg.model).named_parameters()}
+
+
+def _report_dict(report: MetricReport) -> dict[str, Any]:
+    return report.to_dict()
+
+
+# --- evaluation results ---------------------------------------------------------------------------------
+
+@dataclass
+class EvalOutcome:
+    """One evaluation of the global model over the sites' ``split``.
+
+    Suppressed sites (they said so, or they evaluated fewer than ``federation.min_site_patients``
+    patients) contribute nothing to the global metrics and get no per-site metrics: only their node
+    id is recorded.
+    """
+
+    split: str
+    global_report: MetricReport
+    per_site: dict[int, tuple[int, MetricReport]]
+    suppressed: list[int]
+    dropped: list[tuple[int, str]]
+    sampled: list[int]
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    pooled: EvalStats | None = None  # the summed statistics behind global_report (plots in reports)
+    km_grid: list[float] | None = None
+
+    @property
+    def patients(self) -> int:
+        return int(sum(n for n, _ in self.per_site.values()))
+
+    def to_record(self) -> dict[str, Any]:
+        # The pooled statistics (for the report's confusion matrices, ROC and Kaplan-Meier curves)
+        # are kept with the final test evaluation only; validation rounds keep their metrics.
+        pooled = {"stats": self.pooled.to_record()} if self.pooled is not None and self.split == "test" else {}
+        return {"split": self.split, "sampled": self.sampled, "patients": self.patients,
+                "global": {**_report_dict(self.global_report), **pooled}, "km_grid": self.km_grid,
+                "per_site": {str(n): {"patients": p, **_report_dict(r)} for n, (p, r) in sorted(self.per_site.items())},
+                "suppressed": self.suppressed,
+                "dropped": [{"node": n, "reason": c} for n, c in self.dropped]}
+
+
+def summarise_eval(replies: Sequence[Reply], cfg: ExperimentConfig, km_len: int | None, split: str,
+                   sampled: Sequence[int], km_grid: Sequence[float] | None = None) -> EvalOutcome:
+    """Guard evaluate replies, apply suppression, and compute global and per-site metrics (the
+    pooled statistics are kept too: reports draw confusion matrices, ROC and Kaplan-Meier curves
+    from them)."""
+    n_classes = cfg.model.n_classes
+    parsed, dropped = guard_eval_replies(replies, n_classes, km_len)
+    min_p = cfg.federation.min_site_patients
+    suppressed = sorted(n for n, s in parsed.items() if s.suppressed or s.n < min_p)
+    per_site: dict[int, tuple[int, MetricReport]] = {}
+    for nid in sorted(parsed):
+        if nid in suppressed:
+            continue
+        try:
+            per_site[nid] = (int(parsed[nid].n), metrics_from_eval(parsed[nid], n_classes))
+        except (ValueError, TypeError, KeyError):
+            dropped.append((nid, "E_BAD_METRICS"))
+            log.warning("dropped the evaluation reply of node %d: E_BAD_METRICS", nid)
+    total = EvalStats.merge([parsed[n] for n in sorted(per_site)])
+    return EvalOutcome(split=split, global_report=metrics_from_eval(total, n_classes), per_site=per_site,
+                       suppressed=suppressed, dropped=dropped, sampled=list(sampled),
+                       bytes_sent=sum(r.bytes_sent for r in replies),
+                       bytes_received=sum(r.bytes_received for r in replies), pooled=total,
+                       km_grid=list(km_grid) if km_grid is not None else None)
+
+
+# --- preflight ------------------------------------------------------------------------------------------
+
+def _parse_summary(reply: Reply, cfg: ExperimentConfig) -> SiteSummary | str:
+    """The site's summary, or a reason code (never the site's text)."""
+    if reply.error is not None:
+        return reply.error
+    text = reply.records.get(SUMMARY, {}).get(SUMMARY_JSON)
+    if not isinstance(text, str):
+        return "E_MISSING_SUMMARY"
+    try:
+        s = SiteSummary.from_json(text)
+        train = s.splits["train"]
+        for task, n_cls in TASK_CLASSES.items():  # derive_shared reads both, whatever the run's tasks
+            if len(train[task]) != n_cls:
+                return "E_BAD_SUMMARY"
+        if s.genomics:
+            GenomicsStats.from_dict(s.genomics)
+        n_hist = len(SURVIVAL_HIST_EDGES) - 1
+        if len(s.survival_hist_events) != n_hist or len(s.survival_hist_all) != n_hist:
+            return "E_BAD_SUMMARY"
+        if not isinstance(s.schema, dict):
+            return "E_BAD_SUMMARY"
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return "E_BAD_SUMMARY"
+    return s
+
+
+def _cross_site_fields(cfg: ExperimentConfig) -> list[str]:
+    """Schema fields that must agree *between* sites (the others are checked against the config)."""
+    against_config = {"genes_tumour", "genes_micro", "genomics_policy"}
+    if cfg.model.arch != "snn":
+        against_config.add("feature_dim")
+    return [k for k in SCHEMA_FIELDS
+            if k not in against_config and not (cfg.model.arch == "snn" and k in HISTOLOGY_FIELDS)]
+
+
+def _features(s: SiteSummary) -> tuple[str, ...]:
+    return tuple((s.genomics or {}).get("features", ()))
+
+
+def compare_with_reference(nid: int, s: SiteSummary, ref_nid: int, ref: SiteSummary,
+                           cfg: ExperimentConfig) -> str | None:
+    """Why site ``nid`` cannot join a run whose reference site is ``ref_nid`` (None: it can).
+
+    Checks the site against the config, then the fields that must agree between sites (encoder,
+    gene set) and the genomic feature list; the message names the site and the field.
+    """
+    try:
+        check_schemas({str(nid): s}, cfg)
+        check_schemas({str(ref_nid): ref, str(nid): s}, cfg)
+    except SchemaMismatch as e:
+        return str(e)[:500]
+    if _features(s) != _features(ref):
+        return (f"site {nid}: genomics features differ from site {ref_nid}'s ({len(_features(s))} vs "
+                f"{len(_features(ref))} features, or another order)")
+    return None
+
+
+def screen_sites(summaries: Mapping[int, SiteSummary], cfg: ExperimentConfig
+                 ) -> tuple[dict[int, SiteSummary], dict[int, str], int | None]:
+    """Accept the sites whose schema matches the run and the majority; refuse the others.
+
+    Returns (accepted, refused: node -> message naming site and field, the reference node). Each
+    site is first checked against the config (``check_schemas``); among those that pass, the largest
+    group agreeing on the cross-site fields (encoder, gene set, genomic feature list) is kept, ties
+    going to the group of the smallest node id, and every other site is refused with a message
+    comparing it with the reference site (the group's smallest node id).
+    """
+    refused: dict[int, str] = {}
+    ok: dict[int, SiteSummary] = {}
+    for nid in sorted(summaries):
+        try:
+            check_schemas({str(nid): summaries[nid]}, cfg)
+            ok[nid] = summaries[nid]
+        except SchemaMismatch as e:
+            refused[nid] = str(e)[:500]
+    fields = _cross_site_fields(cfg)
+    groups: dict[tuple, list[int]] = {}
+    for nid in sorted(ok):
+        key = tuple(repr(ok[nid].schema.get(f)) for f in fields) + (_features(ok[nid]),)
+        groups.setdefault(key, []).append(nid)
+    if not groups:
+        return {}, refused, None
+    ref = max(groups.values(), key=lambda ids: (len(ids), -ids[0]))[0]
+    accepted: dict[int, SiteSummary] = {}
+    for nid in sorted(ok):
+        why = compare_with_reference(nid, ok[nid], ref, ok[ref], cfg)
+        if why is None:
+            accepted[nid] = ok[nid]
+        else:
+            refused[nid] = why
+    return accepted, refused, ref
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Progress:
+    """What changes round by round (and is checkpointed)."""
+
+    weights: dict[str, np.ndarray]
+    round: int = 0
+    best_round: int | None = None
+    best_value: float | None = None
+    skipped: list[int] = field(default_factory=list)
+
+
+class FederationRun:
+    """One server run; ``run_federation`` is the public entry point."""
+
+    def __init__(self, transport: Transport, cfg: ExperimentConfig, run_dir: str | Path, resume: bool, *,
+                 keep_last: int, poll_s: float, clock: Callable[[], float], sleep: Callable[[float], None]) -> None:
+        self.transport, self.cfg, self.fed = transport, cfg, cfg.federation
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.keep_last, self.poll_s, self.clock, self.sleep = keep_last, poll_s, clock, sleep
+        self.lower_is_better = selection_lower_is_better(cfg)
+        self.config_text = resolved_config_text(cfg)
+        self.runlog = RunLog(self.run_dir)
+        self.accepted: list[int] = []
+        self.refused: dict[int, str] = {}
+        self.schema: dict[str, Any] = {}
+        self.reference: tuple[int, SiteSummary] | None = None  # set by preflight
+        self._guarded: GuardedStrategy | None = None  # built once the number of sites is known
+        self.shared_json = ""
+        self.km_len: int | None = None
+        self.km_grid: list[float] | None = None
+        self.sampler = random.Random(self.fed.seed)
+        self.site_info: dict[int, dict[str, Any]] = {}  # accepted sites' counts and provenance
+        self.started = time.monotonic()
+        self.resumed_after: int | None = None
+
+    @property
+    def guarded(self) -> GuardedStrategy:
+        if self._guarded is None:
+            raise RuntimeError("the strategy is built after preflight")
+        return self._guarded
+
+    # -- plumbing
+
+    def _wait(self) -> list[int]:
+        return wait_for_nodes(self.transport.node_ids, self.fed.min_nodes, self.fed.wait_for_nodes_s,
+                              poll_s=self.poll_s, clock=self.clock, sleep=self.sleep)
+
+    def _send(self, instructions: Sequence[Instruction]) -> list[Reply]:
+        """One reply per instruction, in order; a node that did not answer gets E_NO_REPLY."""
+        if not instructions:
+            return []
+        by_node: dict[int, Reply] = {}
+        for r in self.transport.send(list(instructions)):
+            if int(r.node_id) in by_node:
+                continue
+            by_node[int(r.node_id)] = r
+        out = []
+        for ins in instructions:
+            r = by_node.pop(ins.node_id, None)
+            if r is None:
+                log.warning("node %d did not reply (%s)", ins.node_id, ins.message_type)
+                r = Reply(ins.node_id, error="E_NO_REPLY")
+            out.append(r)
+        for nid in by_node:
+            log.warning("ignoring a reply from node %d, which was not asked", nid)
+        return out
+
+    def _base_config(self, server_round: int) -> dict[str, Any]:
+        return {KEY_EXPERIMENT: self.config_text, KEY_SHARED: self.shared_json, KEY_ROUND: int(server_round)}
+
+    # -- phases
+
+    def _ask_preflight(self, nodes: Sequence[int]) -> dict[int, SiteSummary]:
+        """Send the preflight query; sites whose answer is unusable are refused (with a code)."""
+        replies = self._send([Instruction(n, PREFLIGHT, {KEY_EXPERIMENT: self.config_text}) for n in nodes])
+        summaries: dict[int, SiteSummary] = {}
+        for r in replies:
+            parsed = _parse_summary(r, self.cfg)
+            if isinstance(parsed, str):
+                self.refused[int(r.node_id)] = f"site {r.node_id}: preflight failed ({parsed})"
+                log.error("refused site %d: %s", r.node_id, self.refused[int(r.node_id)])
+            else:
+                summaries[int(r.node_id)] = parsed
+        return summaries
+
+    def _preflight(self, nodes: Sequence[int]) -> dict[int, SiteSummary]:
+        summaries = self._ask_preflight(nodes)
+        accepted, refused, ref = screen_sites(summaries, self.cfg)
+        for nid, why in sorted(refused.items()):
+            self.refused[nid] = why
+            log.error("refused site %d: %s", nid, why)
+        if ref is None or len(accepted) < self.fed.min_nodes:
+            raise RuntimeError(f"only {len(accepted)} of {len(nodes)} connected sites passed preflight, "
+                               f"federation.min_nodes is {self.fed.min_nodes}; refused: "
+                               + ("; ".join(self.refused[n] for n in sorted(self.refused)) or "none"))
+        self.fed.check_sites(len(accepted))
+        self.accepted = sorted(accepted)
+        self.site_info.update({n: accepted[n].info() for n in self.accepted})
+        self.reference = (ref, accepted[ref])
+        self.schema = {k: accepted[ref].schema.get(k) for k in SCHEMA_FIELDS}
+        self.schema["protocol_version"] = PROTOCOL_VERSION
+        log.info("preflight: %d sites accepted (%s), %d refused", len(self.accepted),
+                 ", ".join(map(str, self.accepted)), len(self.refused))
+        return accepted
+
+    def _admit(self, nodes: Sequence[int], server_round: int) -> list[int]:
+        """Preflight sites that connected after the run started (a new site, or a restarted
+        SuperNode that came back with a new node id) and let those that match the run join.
+
+        The shared statistics were derived before they joined and stay as they are: every round
+        of a run uses the same preprocessing.
+        """
+        assert self.reference is not None, "preflight sets the reference site"
+        ref_nid, ref = self.reference
+        joined = []
+        for nid, s in sorted(self._ask_preflight(nodes).items()):
+            why = compare_with_reference(nid, s, ref_nid, ref, self.cfg)
+            if why is not None:
+                self.refused[nid] = why
+                log.error("refused site %d: %s", nid, why)
+                continue
+            self.accepted = sorted({*self.accepted, nid})
+            self.site_info[nid] = s.info()
+            joined.append(nid)
+            log.info("site %d joined before round %d (it did not shape the shared statistics)", nid, server_round)
+        return joined
+
+    def _available(self, server_round: int) -> tuple[list[int], list[int]]:
+        """(connected accepted sites, sites admitted now), waiting at most wait_for_nodes_s for
+        ``min_nodes`` of them; sites not seen before are preflighted first."""
+        start = self.clock()
+        joined: list[int] = []
+        while True:
+            remaining = max(0.0, self.fed.wait_for_nodes_s - (self.clock() - start))
+            nodes = wait_for_nodes(self.transport.node_ids, self.fed.min_nodes, remaining,
+                                   exclude=set(self.refused), poll_s=self.poll_s, clock=self.clock,
+                                   sleep=self.sleep)
+            new = [n for n in nodes if n not in self.accepted]
+            if new:
+                joined += self._admit(new, server_round)
+            available = [n for n in nodes if n in self.accepted]
+            if len(available) >= self.fed.min_nodes:
+                return available, joined
+            if not new:  # every connected site is accepted or refused by now; cannot happen, but never spin
+                raise NodeWaitTimeout(f"only {len(available)} of {self.fed.min_nodes} sites usable")
+
+    def _evaluate(self, server_round: int, split: str, weights: Mapping[str, np.ndarray],
+                  nodes: Sequence[int]) -> EvalOutcome:
+        config = {**self._base_config(server_round), KEY_SPLIT: split}
+        replies = self._send([Instruction(n, EVALUATE, config, weights) for n in nodes])
+        return summarise_eval(replies, self.cfg, self.km_len, split, nodes, self.km_grid)
+
+    def _selection_value(self, ev: EvalOutcome | None) -> float | None:
+        return None if ev is None else selection_value(ev.global_report.values, self.cfg)
+
+    def _is_better(self, v: float, best: float | None) -> bool:
+        return best is None or (v < best if self.lower_is_better else v > best)
+
+    def _checkpoint(self, p: _Progress) -> None:
+        t0 = time.perf_counter()
+        state = ServerState(round=p.round, weights=p.weights, config_text=self.config_text,
+                            shared_json=self.shared_json, strategy_state=self.guarded.state_dict(),
+                            sampler_state=self.sampler.getstate(), best_round=p.best_round, best_value=p.best_value,
+                            schema=self.schema, skipped_rounds=list(p.skipped), rng=capture_rng(),
+                            versions=library_versions())
+        save_checkpoint(self.run_dir, state, keep_last=self.keep_last)
+        log.debug("round %d checkpointed in %.2f s", p.round, time.perf_counter() - t0)
+
+    def _round_zero(self, p: _Progress) -> None:
+        t0 = self.clock()
+        available, _ = self._available(0)
+        nodes = sample_nodes(self.sampler, available, self.fed.fraction_evaluate, self.fed.min_nodes)
+        ev = self._evaluate(0, "val", p.weights, nodes)
+        record = {"round": 0, "status": "initial", "lr": None, "timings": {"evaluate": self.clock() - t0},
+                  "train": None, "val": ev.to_record(),
+                  "bytes": {"sent": ev.bytes_sent, "received": ev.bytes_received},
+                  "selection": {"metric": self.fed.selection_metric, "value": self._selection_value(ev),
+                                "best_round": None, "best_value": None}}
+        self.runlog.append_round(record)
+        self._checkpoint(p)
+        log.info("round 0 (initial model): val %s = %s", self.fed.selection_metric, _fmt(self._selection_value(ev)))
+
+    def _train_round(self, p: _Progress, r: int) -> None:
+        fed = self.fed
+        timings: dict[str, float] = {}
+        t = self.clock()
+        available, joined = self._available(r)
+        timings["wait"] = self.clock() - t
+        t = self.clock()
+        train_nodes = sample_nodes(self.sampler, available, fed.fraction_train, fed.min_nodes)
+        lr = round_lr(self.cfg.train, fed.rounds, r)
+        config = {**self._base_config(r), KEY_LR: lr, KEY_LOCAL_EPOCHS: int(fed.local_epochs),
+                  KEY_LOCAL_STEPS: int(fed.local_steps), KEY_PROXIMAL_MU: float(self.cfg.train.proximal_mu)}
+        control = self.guarded.control  # SCAFFOLD: each site gets c - c_i (ControlVariates.correction)
+        replies = self._send([Instruction(n, TRAIN, config, p.weights,
+                                          None if control is None else control.correction(n, train_nodes))
+                              for n in train_nodes])
+        timings["train"] = self.clock() - t
+        t = self.clock()
+        out: AggregateOutcome = self.guarded.aggregate(r, replies, p.weights)
+        timings["aggregate"] = self.clock() - t
+        ev = None
+        if out.arrays is not None:
+            p.weights = out.arrays
+        if out.arrays is not None and evaluation_round(r, fed.rounds, fed.eval_every) or self._unvalidated_end(p, r, out):
+            t = self.clock()
+            eval_nodes = sample_nodes(self.sampler, available, fed.fraction_evaluate, fed.min_nodes)
+            ev = self._evaluate(r, "val", p.weights, eval_nodes)
+            timings["evaluate"] = self.clock() - t
+        if out.arrays is None:
+            p.skipped.append(r)
+        p.round = r
+        value = self._selection_value(ev)
+        if value is not None and self._is_better(value, p.best_value):
+            p.best_round, p.best_value = r, value
+        record = {
+            "round": r, "status": "aggregated" if out.arrays is not None else "skipped",
+            "skip_reason": out.skip_reason, "lr": lr, "timings": timings, "joined": joined,
+            "train": {"sampled": train_nodes, "kept": out.kept,
+                      "dropped": [{"node": n, "reason": c} for n, c in out.dropped],
+                      "clamped": [{"node": n, "claimed": c, "used": u} for n, c, u in out.clamped],
+                      "per_site": {str(n): m for n, m in sorted(out.site_metrics.items())},
+                      "aggregate": out.metrics,
+                      "update_norms": {str(n): v for n, v in sorted(out.norms.items())},
+                      "norm_outliers": out.outliers,
+                      **({"control_norms": {str(n): v for n, v in sorted(out.control_norms.items())},
+                          "control_norm_outliers": out.control_outliers} if out.control_norms else {})},
+            "val": ev.to_record() if ev is not None else None,
+            "bytes": {"sent": sum(x.bytes_sent for x in replies) + (ev.bytes_sent if ev else 0),
+                      "received": sum(x.bytes_received for x in replies) + (ev.bytes_received if ev else 0)},
+            "selection": {"metric": fed.selection_metric, "value": value, "best_round": p.best_round,
+                          "best_value": p.best_value},
+        }
+        self.runlog.append_round(record)
+        self._checkpoint(p)
+        log.info("round %d/%d: %d of %d replies aggregated%s; val %s = %s (best round %s)", r, fed.rounds,
+                 len(out.kept) if out.arrays is not None else 0, len(train_nodes),
+                 f", skipped ({out.skip_reason})" if out.skip_reason else "", fed.selection_metric, _fmt(value),
+                 p.best_round)
+
+    def _unvalidated_end(self, p: _Progress, r: int, out: AggregateOutcome) -> bool:
+        """The last round was skipped and the newest aggregated weights were never validated
+        (``eval_every`` > 1): validate them now, under this round (whose checkpoint holds them), so
+        that selection can choose the final model, as ``evaluation_round`` promises."""
+        if out.arrays is not None or r != self.fed.rounds:
+            return False
+        aggregated = [k for k in range(1, r) if k not in p.skipped]
+        return bool(aggregated) and not evaluation_round(aggregated[-1], self.fed.rounds, self.fed.eval_every)
+
+    def _final(self, p: _Progress) -> dict[str, Any]:
+        aggregated = [r for r in range(1, p.round + 1) if r not in p.skipped]
+        if not aggregated:
+            raise RuntimeError(f"no round aggregated any update ({len(p.skipped)} rounds skipped); see "
+                               f"{self.runlog.rounds_path} for the reason codes")
+        note = None
+        best_round, best_value = p.best_round, p.best_value
+        if best_round is None:
+            best_round = aggregated[-1]
+            note = (f"no round had a finite validation {self.fed.selection_metric}; the last aggregated round "
+                    f"({best_round}) was selected")
+            log.warning(note)
+        weights = p.weights if best_round == p.round else load_checkpoint(self.run_dir, best_round).weights
+        available, _ = self._available(p.round + 1)
+        test = self._evaluate(best_round, "test", weights, available)
+        model_sha = self._write_model(weights, best_round, best_value)
+        rounds = self.runlog.read_rounds()
+        sent = sum(int((r.get("bytes") or {}).get("sent", 0)) for r in rounds) + test.bytes_sent
+        received = sum(int((r.get("bytes") or {}).get("received", 0)) for r in rounds) + test.bytes_received
+        final = {
+            "mode": "federated", "run": self.cfg.name, "rounds": p.round, "best_round": best_round,
+            "selection_metric": self.fed.selection_metric, "selection_value": best_value,
+            "lower_is_better": self.lower_is_better, "selection_note": note,
+            "test": test.to_record(),
+            "suppressed_sites": test.suppressed,
+            "notes": {"survival.c_index": C_INDEX_NOTE},
+            "sites": self.accepted, "refused_sites": {str(n): m for n, m in sorted(self.refused.items())},
+            "skipped_rounds": p.skipped,
+            "model": {"file": self.runlog.model_path.name, "sha256": model_sha},
+            "versions": library_versions(),
+            "strategy": self.fed.strategy,
+            "wall_s": time.monotonic() - self.started,  # this server process (a resumed run: since resuming)
+            "resumed_after_round": self.resumed_after,
+            "bytes": {"sent": sent, "received": received},
+            "config_sha256": sha256_bytes(self.config_text.encode("utf-8")),
+            "site_info": {str(n): self.site_info[n] for n in sorted(self.site_info)},
+        }
+        self.runlog.write_final(final)
+        log.info("final: round %d selected by val %s = %s; test %s = %s", best_round, self.fed.selection_metric,
+                 _fmt(best_value), self.fed.selection_metric, _fmt(selection_value(test.global_report.values, self.cfg)))
+        return final
+
+    def _write_model(self, weights: Mapping[str, np.ndarray], best_round: int, best_value: float | None) -> str:
+        """``model.pt``: the selected weights with what is needed to use them safely elsewhere
+        (model config to rebuild the network, the accepted site schema so ``smm evaluate`` can refuse
+        a mismatching site, the shared statistics to preprocess a site the same way)."""
+        payload = {"format": MODEL_FORMAT, "version": 1,
+                   "weights": {k: torch.from_numpy(np.array(v, copy=True)) for k, v in weights.items()},
+                   "model_config": to_dict(self.cfg.model), "schema": dict(self.schema),
+                   "shared": self.shared_json, "config": self.config_text, "round": int(best_round),
+                   "selection_metric": self.fed.selection_metric,
+                   "selection_value": None if best_value is None else float(best_value),
+                   "versions": library_versions()}
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        data = buf.getvalue()
+        atomic_write_bytes(self.runlog.model_path, data)
+        return sha256_bytes(data)
+
+    # -- the whole run
+
+    def run(self) -> dict[str, Any]:
+        state = self._load_state()
+        self.runlog.write_config(self.config_text)
+        available = self._wait()
+        summaries = self._preflight(available)
+        shared = derive_shared([summaries[n] for n in self.accepted], self.cfg)
+        if state is not None:
+            if shared.to_json() != state.shared_json:
+                log.warning("the sites' data summaries changed since the checkpoint; continuing with the "
+                            "checkpoint's shared statistics so that the resumed rounds match the earlier ones")
+            shared = SharedStats.from_json(state.shared_json)
+        self.shared_json = shared.to_json()
+        self.km_len = len(shared.km_grid)
+        self.km_grid = list(shared.km_grid)
+        control = ControlVariates(model_parameters(self.cfg)) if self.fed.strategy == "scaffold" else None
+        self._guarded = GuardedStrategy(build_strategy(self.fed, self.cfg.train, n_sites=len(self.accepted)),
+                                        self.fed, control=control)
+        if state is None:
+            p = _Progress(weights=initial_weights(self.cfg))
+            self._round_zero(p)
+        else:
+            p = _Progress(weights=state.weights, round=state.round, best_round=state.best_round,
+                          best_value=state.best_value, skipped=list(state.skipped_rounds))
+            self.guarded.load_state_dict(state.strategy_state)
+            if state.sampler_state is not None:
+                self.sampler.setstate(state.sampler_state)
+            restore_rng(state.rng)
+            self.runlog.truncate_rounds(state.round)
+            self.resumed_after = state.round
+            log.info("resuming after round %d of %d", state.round, self.fed.rounds)
+        for r in range(p.round + 1, self.fed.rounds + 1):
+            self._train_round(p, r)
+        return self._final(p)
+
+    def _load_state(self) -> ServerState | None:
+        has_run = (self.run_dir / CHECKPOINT_DIR / INDEX_FILE).exists() or self.runlog.rounds_path.exists()
+        if not self.resume:
+            if has_run:
+                raise RunDirInUse(f"{self.run_dir} already holds a run (checkpoints or rounds.jsonl); resume it "
+                                  f"(resume=true) or choose another run directory")
+            return None
+        state = load_latest(self.run_dir)
+        if state is None:
+            if self.runlog.rounds_path.exists():
+                raise RunDirInUse(f"{self.run_dir} has rounds.jsonl but no checkpoint to resume from")
+            log.info("resume requested but %s has no checkpoint yet: starting a new run", self.run_dir)
+            return None
+        saved = yaml.safe_load(state.config_text) or {}
+        if saved.get("model") != to_dict(self.cfg.model):
+            diff = sorted(k for k in set(saved.get("model", {})) | set(to_dict(self.cfg.model))
+                          if saved.get("model", {}).get(k) != to_dict(self.cfg.model).get(k))
+            raise ConfigError(f"model: the checkpoint of round {state.round} was trained with different model "
+                              f"settings ({', '.join('model.' + k for k in diff)}); its weights cannot be resumed")
+        if saved != to_dict(self.cfg):
+            changed = sorted(f"{sec}.{k}" for sec, v in to_dict(self.cfg).items() if isinstance(v, dict)
+                             for k in v if (saved.get(sec) or {}).get(k) != v[k])
+            log.warning("resuming with a config that differs from the checkpoint's in: %s",
+                        ", ".join(changed) or "name")
+        return state
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, *,
+                   keep_last: int = 3, poll_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Run the whole server workflow (module docstring) and return what ``final_metrics.json`` holds.
+
+    ``run_dir`` must not hold a run unless ``resume`` is true; ``keep_last`` checkpoints are kept
+    (plus the best round's). ``clock``/``sleep`` drive the bounded waits (injectable for tests).
+    Raises on anything that makes the run unusable (too few sites, schema refusals leaving fewer than
+    ``min_nodes``, no round aggregated), so a ServerApp ends ``finished:failed``.
+    """
+    fr = FederationRun(transport, cfg, run_dir, resume, keep_last=keep_last, poll_s=poll_s, clock=clock, sleep=sleep)
+    with fr.runlog.log_to_file():
+        try:
+            return fr.run()
+        except Exception as e:
+            log.error("the run failed: %s: %s", type(e).__name__, e)
+            raise

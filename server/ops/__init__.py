@@ -1,0 +1,1 @@
+"""Operating a federation: the ``smm simulate`` launcher and the ``smm certs`` credentials."""

@@ -1,0 +1,1 @@
+"""``smm report``: the evaluation report coordinators read (HTML, Markdown, metrics.json) and its figures."""

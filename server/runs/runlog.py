@@ -1,0 +1,120 @@
+"""The run folder: what a federated run leaves behind for people, reports and a resumed server.
+
+::
+
+    <run_dir>/config.yaml          the resolved configuration this run uses
+    <run_dir>/rounds.jsonl         one JSON object per round (0 = the initial model), in order
+    <run_dir>/final_metrics.json   best round, selection metric, test metrics (global + per site)
+    <run_dir>/model.pt             the selected model: weights + model config + site schema
+    <run_dir>/checkpoints/         server checkpoints (server.runs.checkpoint)
+    <run_dir>/server.log           the server's log lines (node ids, codes and aggregates only)
+
+Whole files are written atomically (``smm_model.contract.atomic``); ``rounds.jsonl`` grows by appending one
+whole, fsynced line per round. JSON is strict: an undefined metric is ``null``, and its reason is
+next to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from smm_model.contract.atomic import append_line, atomic_write_json, atomic_write_text, dumps
+
+__all__ = ["RunLog", "CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "LOG_FILE"]
+
+log = logging.getLogger("fedsmm.server.runlog")
+
+CONFIG_FILE = "config.yaml"
+ROUNDS_FILE = "rounds.jsonl"
+FINAL_FILE = "final_metrics.json"
+MODEL_FILE = "model.pt"
+LOG_FILE = "server.log"
+
+
+class RunLog:
+    """Reads and writes the files of one run folder (created on first use)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def rounds_path(self) -> Path:
+        return self.dir / ROUNDS_FILE
+
+    @property
+    def final_path(self) -> Path:
+        return self.dir / FINAL_FILE
+
+    @property
+    def model_path(self) -> Path:
+        return self.dir / MODEL_FILE
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / CONFIG_FILE
+
+    def write_config(self, text: str) -> None:
+        atomic_write_text(self.config_path, text)
+
+    def append_round(self, record: Mapping[str, Any]) -> None:
+        """Append one round's record as one fsynced line."""
+        append_line(self.rounds_path, dumps(record))
+
+    def read_rounds(self) -> list[dict[str, Any]]:
+        """All complete round records; a torn last line (a crash mid-append) is left out."""
+        if not self.rounds_path.exists():
+            return []
+        text = self.rounds_path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        records = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            torn = i == len(lines) - 1  # no newline after it
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if torn:
+                    log.warning("%s: ignoring a torn last line (the run stopped while writing it)", self.rounds_path)
+                    continue
+                raise ValueError(f"{self.rounds_path}: line {i + 1} is not valid JSON") from None
+            if torn:  # parsed, but written without its newline: treat as torn as well
+                records.pop()
+                log.warning("%s: ignoring an unterminated last line", self.rounds_path)
+        return records
+
+    def truncate_rounds(self, last_round: int) -> list[dict[str, Any]]:
+        """Keep the records of rounds ``<= last_round`` (resume: the rounds after the checkpoint are
+        redone, so their old records go), rewriting the file atomically. Returns the kept records."""
+        kept = [r for r in self.read_rounds() if int(r.get("round", -1)) <= last_round]
+        rounds = [int(r["round"]) for r in kept]
+        if rounds != list(range(len(rounds))):
+            raise ValueError(f"{self.rounds_path}: rounds {rounds} are not 0..{last_round} without gaps")
+        atomic_write_text(self.rounds_path, "".join(dumps(r) + "\n" for r in kept))
+        return kept
+
+    def write_final(self, metrics: Mapping[str, Any]) -> None:
+        atomic_write_json(self.final_path, metrics)
+
+    @contextlib.contextmanager
+    def log_to_file(self, logger_name: str = "fedsmm") -> Iterator[None]:
+        """Copy ``logger_name``'s records into ``server.log`` for the duration of the block."""
+        handler = logging.FileHandler(self.dir / LOG_FILE, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger(logger_name)
+        level = logger.level
+        if logger.getEffectiveLevel() > logging.INFO:  # the round summaries are INFO records
+            logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            handler.close()
