@@ -272,7 +272,8 @@ def require_clean(run_dir: Path, final: Mapping[str, Any]) -> None:
 
 def print_row(prefix: str, row: Mapping[str, Any]) -> None:
     v = row["values"]
-    print(f"{prefix} ({row['wall_s']:5.0f} s): "
+    wall = "reused" if row.get("wall_s") is None else f"{row['wall_s']:5.0f} s"  # a finished run read back
+    print(f"{prefix} ({wall}): "
           + ", ".join(f"{m} {v.get(m, float('nan')):.3f}" for m in PAPER_METRICS), flush=True)
 
 
