@@ -1,4 +1,4 @@
-"""Patch encoders by name: one factory, a site's own weights file, and an identity the server can check.
+"""Patch encoders by name: a registry, a site's own weights file, and an identity the server can check.
 
 A site turns patches into features with an encoder it has the weights for; nothing is downloaded
 (these machines have no route to model hubs, and a hospital should know exactly which weights ran).
@@ -8,15 +8,22 @@ for explicitly random weights, ``"none"`` for the parameter-free null encoder) a
 ``feature_dim``. The server refuses sites whose identities differ, so features from different
 weights are never mixed.
 
-Names understood by :func:`build_encoder`:
+Encoders live in a registry, :data:`ENCODERS`: one entry per family, registered with
+:func:`register` on a small builder function. The entry states what the rest of the pipeline
+needs to know (feature width, input size, normalisation, where the network comes from:
+torchvision, timm, TorchScript or none) and the builder only constructs the model and loads its
+weights; :func:`build_encoder` does the rest (device, memory format, autocast, dry run, transform)
+once for all of them. Adding an encoder is one entry, and the names accepted, the names listed in
+an unknown-name error and :data:`ENCODER_NAMES` are all read from the same table, so they cannot
+drift apart. Names understood by :func:`build_encoder` (the registry's order):
 
 * ``resnet50_trunc``: torchvision ResNet-50 up to ``layer3`` + global average pooling -> 1024 dims,
   ImageNet normalisation. The CLAM standard; loads a torchvision ``resnet50`` state dict (the
   ``layer4``/``fc`` keys are ignored).
 * ``timm:<name>``: any timm architecture, built with ``pretrained=False, num_classes=0`` (pooled
   features), normalised with the model's own mean/std, then the weights file loaded strictly.
-* ``torchscript:<path>`` or a path ending in ``.pt``/``.ts``: a TorchScript module taking
-  (B, 3, H, W) ImageNet-normalised floats and returning (B, D); D is found by a dry run.
+* ``torchscript:<path>`` or a path ending in ``.pt``/``.ts``/``.torchscript``: a TorchScript
+  module taking (B, 3, H, W) ImageNet-normalised floats and returning (B, D); D is found by a dry run.
 * ``null``: no network, a 4x4 pooled thumbnail per patch (48 numbers). For read/tile throughput
   benchmarks only; its id ``null`` tells a server to refuse it.
 
@@ -33,17 +40,18 @@ from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from client.site.folder import file_sha256
+from smm_model.contract.atomic import sha256_file
 
 __all__ = ["EncoderError", "PatchEncoder", "PatchTransform", "build_encoder", "load_state_dict_file",
            "ResNet50Trunc", "NullEncoder", "NullTransform", "ENCODER_NAMES", "IMAGENET_MEAN", "IMAGENET_STD",
-           "RANDOM_WEIGHTS", "NO_WEIGHTS"]
+           "RANDOM_WEIGHTS", "NO_WEIGHTS", "ENCODERS", "EncoderSpec", "BuildRequest", "Built", "register",
+           "resolve_encoder"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,8 +75,6 @@ STATE_DICT_PREFIXES = ("module.", "_orig_mod.", "_module.")
 STATE_DICT_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
 #: Keys of torchvision's resnet50 that the truncated trunk does not have.
 RESNET50_DROPPED_PREFIXES = ("layer4.", "fc.")
-
-ENCODER_NAMES = ("resnet50_trunc", "timm:<name>", "torchscript:<path>", "null")
 
 
 class EncoderError(ValueError):
@@ -269,7 +275,7 @@ def _load_strict(model: nn.Module, sd: Mapping[str, Tensor], path: Path, expecte
 
 
 # ----------------------------------------------------------------------------------------------
-# The factory
+# Helpers the factory and the builders share
 # ----------------------------------------------------------------------------------------------
 
 def _resolve_device(spec: str | torch.device) -> torch.device:
@@ -310,10 +316,207 @@ def _random_init(ctor: Callable[[], nn.Module]) -> nn.Module:
         return ctor()
 
 
+# ----------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------
+
+#: How an entry's patches are turned into network input: ImageNet mean/std, the timm model's own
+#: mean/std (ImageNet where its config has none), or the null encoder's pooled thumbnail.
+Normalisation = Literal["imagenet", "model", "thumbnail"]
+#: Where an entry's network comes from.
+Source = Literal["torchvision", "timm", "torchscript", "none"]
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What a builder is asked for: the full name, its argument, and the weights it may use.
+
+    ``arg`` is what follows a family's prefix (``timm:vit_small_patch16_224`` -> the architecture,
+    ``torchscript:enc.pt`` -> the path) and the whole name for a plain or suffix-matched entry.
+    """
+
+    name: str
+    arg: str
+    weights: Path | None
+    random_weights: bool
+
+    def need_weights(self) -> None:
+        """Refuse unless a weights file is named or random weights were asked for explicitly."""
+        if self.weights is None and not self.random_weights:
+            raise EncoderError(f"encoder {self.name} needs a weights file (--weights FILE): nothing is "
+                               "downloaded here. Pass --random-weights to run with random weights on "
+                               "purpose (tests and benchmarks only; the features are meaningless)")
+
+    def weights_sha256(self) -> str:
+        return RANDOM_WEIGHTS if self.weights is None else sha256_file(self.weights)
+
+
+@dataclass
+class Built:
+    """A builder's result: the model and its identity, plus what only the built model knows.
+
+    ``mean``/``std`` are read when the entry's normalisation is ``"model"``, ``input_size`` when
+    its input size is ``"model"``; ``None`` there means ImageNet statistics / patches as given.
+    """
+
+    model: nn.Module
+    encoder_id: str
+    weights_sha256: str
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input_size: int | None = None
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One registry entry: everything about an encoder family except the code that builds it.
+
+    ``name`` is a plain name (``resnet50_trunc``) or a family pattern (``timm:<name>``: every name
+    starting with ``timm:``); ``suffixes`` also route bare file names here. ``feature_dim`` is
+    the output width, ``None`` where it depends on the architecture or file and is found by a dry
+    run. ``input_size`` is the side patches are resized to: ``None`` = as given, an int = always that
+    side, ``"model"`` = the built model's fixed input size when it has one. ``channels_last`` is the
+    default memory format, ``None`` = channels-last when the built model has more than one conv.
+    """
+
+    name: str
+    source: Source
+    feature_dim: int | None
+    normalisation: Normalisation
+    input_size: int | Literal["model"] | None
+    channels_last: bool | None
+    build: Callable[[BuildRequest], Built]
+    suffixes: tuple[str, ...] = ()
+
+    @property
+    def prefix(self) -> str | None:
+        """``"timm:"`` for the pattern ``timm:<name>``; ``None`` for a plain name."""
+        return self.name.split("<", 1)[0] if "<" in self.name else None
+
+
+#: The encoder registry, in the order names are listed in docs and errors.
+ENCODERS: dict[str, EncoderSpec] = {}
+
+
+def register(name: str, *, source: Source, feature_dim: int | None, normalisation: Normalisation,
+             input_size: int | Literal["model"] | None, channels_last: bool | None,
+             suffixes: tuple[str, ...] = ()
+             ) -> Callable[[Callable[[BuildRequest], Built]], Callable[[BuildRequest], Built]]:
+    """Register the decorated builder under ``name``: ``@register("name", source=..., ...)``."""
+
+    def deco(build: Callable[[BuildRequest], Built]) -> Callable[[BuildRequest], Built]:
+        if name in ENCODERS:
+            raise ValueError(f"encoder {name!r} is registered twice")
+        ENCODERS[name] = EncoderSpec(name=name, source=source, feature_dim=feature_dim,
+                                     normalisation=normalisation, input_size=input_size,
+                                     channels_last=channels_last, build=build, suffixes=suffixes)
+        return build
+
+    return deco
+
+
+@register("resnet50_trunc", source="torchvision", feature_dim=ResNet50Trunc.feature_dim,
+          normalisation="imagenet", input_size=None, channels_last=True)
+def _build_resnet50_trunc(req: BuildRequest) -> Built:
+    """CLAM's ResNet-50 to layer3 + pooling, from a torchvision resnet50 state dict."""
+    req.need_weights()
+    model = _random_init(ResNet50Trunc)
+    if req.weights is not None:
+        sd = load_state_dict_file(req.weights)
+        sd = {k: v for k, v in sd.items() if not k.startswith(RESNET50_DROPPED_PREFIXES)}
+        _load_strict(model, sd, req.weights, "a torchvision resnet50 state dict (conv1, bn1, "
+                     "layer1-3; layer4/fc are ignored)")
+    return Built(model, "resnet50_trunc", req.weights_sha256())
+
+
+@register("timm:<name>", source="timm", feature_dim=None, normalisation="model", input_size="model",
+          channels_last=None)
+def _build_timm(req: BuildRequest) -> Built:
+    """Any timm architecture, num_classes=0 (pooled features), the weights file loaded strictly."""
+    arch = req.arg
+    import timm
+
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8] if arch else []
+        raise EncoderError(f"timm has no architecture {arch!r}"
+                           + (f"; similar: {', '.join(close)}" if close else ""))
+    req.need_weights()
+    model = _random_init(lambda: timm.create_model(arch, pretrained=False, num_classes=0))
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    if req.weights is not None:
+        sd = load_state_dict_file(req.weights)
+        heads = cfg.get("classifier") or ()
+        heads = (heads,) if isinstance(heads, str) else tuple(heads)
+        own = model.state_dict()
+        # num_classes=0 removes the classifier, so a full checkpoint's head keys are expected extras.
+        sd = {k: v for k, v in sd.items() if k in own or not any(k.startswith(h + ".") for h in heads)}
+        _load_strict(model, sd, req.weights, f"timm {arch} (num_classes=0)")
+    size = (int(cfg.get("input_size", (3, DRY_RUN_SIZE, DRY_RUN_SIZE))[-1])
+            if cfg.get("fixed_input_size") else None)
+    return Built(model, f"timm:{arch}", req.weights_sha256(), mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                 std=tuple(cfg.get("std", IMAGENET_STD)), input_size=size)
+
+
+@register("torchscript:<path>", source="torchscript", feature_dim=None, normalisation="imagenet",
+          input_size=None, channels_last=False, suffixes=TORCHSCRIPT_SUFFIXES)
+def _build_torchscript(req: BuildRequest) -> Built:
+    """A TorchScript file, (B, 3, H, W) ImageNet-normalised -> (B, D); carries its own weights."""
+    ts_path = Path(req.arg)
+    if req.weights is not None or req.random_weights:
+        raise EncoderError("a TorchScript file carries its own weights; drop --weights/--random-weights")
+    if not ts_path.is_file():
+        raise EncoderError(f"{ts_path}: TorchScript file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*jit.*deprecated.*")
+            model = torch.jit.load(str(ts_path), map_location="cpu")
+    except Exception as e:
+        raise EncoderError(f"{ts_path}: not a TorchScript module saved with torch.jit.save "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return Built(model, f"torchscript:{ts_path.name}", sha256_file(ts_path))
+
+
+@register("null", source="none", feature_dim=NullEncoder.feature_dim, normalisation="thumbnail",
+          input_size=None, channels_last=False)
+def _build_null(req: BuildRequest) -> Built:
+    """No network: a 4x4 pooled thumbnail per patch, for read-throughput tests only."""
+    if req.weights is not None:
+        raise EncoderError("the null encoder has no weights; drop --weights")
+    return Built(NullEncoder(), "null", NO_WEIGHTS)
+
+
+#: The names registered in this module, family patterns included (errors read :data:`ENCODERS` itself).
+ENCODER_NAMES = tuple(ENCODERS)
+
+
+def resolve_encoder(name: str) -> tuple[EncoderSpec, str]:
+    """The registry entry for ``name`` and the argument its builder gets.
+
+    A plain name matches itself; a family pattern (``timm:<name>``) matches by prefix; a name ending
+    in an entry's suffix (``enc.pt``) matches that entry. Unknown names raise :class:`EncoderError`
+    listing the registered names.
+    """
+    spec = ENCODERS.get(name)
+    if spec is not None and spec.prefix is None:
+        return spec, name
+    for spec in ENCODERS.values():
+        if spec.prefix is not None and name.startswith(spec.prefix):
+            return spec, name[len(spec.prefix):]
+    suffix = Path(name).suffix.lower()
+    for spec in ENCODERS.values():
+        if suffix and suffix in spec.suffixes:
+            return spec, name
+    raise EncoderError(f"unknown encoder {name!r}; expected one of {', '.join(ENCODERS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The factory
+# ----------------------------------------------------------------------------------------------
+
 def build_encoder(name: str, weights: str | Path | None = None, random_weights: bool = False,
                   device: str | torch.device = "auto", channels_last: bool | None = None,
                   input_size: int = DRY_RUN_SIZE) -> PatchEncoder:
-    """Build a patch encoder by name (see the module docstring for the names).
+    """Build a patch encoder by name (see :data:`ENCODERS` and the module docstring for the names).
 
     ``weights`` is a file the site holds; without it the factory refuses, unless
     ``random_weights=True`` says explicitly that random features are wanted (tests, benchmarks,
@@ -325,87 +528,30 @@ def build_encoder(name: str, weights: str | Path | None = None, random_weights: 
     dev = _resolve_device(device)
     if weights is not None and random_weights:
         raise EncoderError("give either a weights file or random_weights=True, not both")
-    weights_path = Path(weights) if weights is not None else None
+    spec, arg = resolve_encoder(name)
+    built = spec.build(BuildRequest(name=name, arg=arg, weights=None if weights is None else Path(weights),
+                                    random_weights=random_weights))
 
-    def need_weights(what: str) -> None:
-        if weights_path is None and not random_weights:
-            raise EncoderError(f"encoder {what} needs a weights file (--weights FILE): nothing is "
-                               "downloaded here. Pass --random-weights to run with random weights on "
-                               "purpose (tests and benchmarks only; the features are meaningless)")
-
-    mean: tuple[float, ...] | None = IMAGENET_MEAN
-    std: tuple[float, ...] | None = IMAGENET_STD
-    size: int | None = None
-    if name == "null":
-        if weights_path is not None:
-            raise EncoderError("the null encoder has no weights; drop --weights")
-        model: nn.Module = NullEncoder()
-        encoder_id, sha, mean, std, dim, convnet = "null", NO_WEIGHTS, None, None, NullEncoder.feature_dim, False
-    elif name == "resnet50_trunc":
-        need_weights(name)
-        model = _random_init(ResNet50Trunc)
-        if weights_path is not None:
-            sd = load_state_dict_file(weights_path)
-            sd = {k: v for k, v in sd.items() if not k.startswith(RESNET50_DROPPED_PREFIXES)}
-            _load_strict(model, sd, weights_path, "a torchvision resnet50 state dict (conv1, bn1, "
-                         "layer1-3; layer4/fc are ignored)")
-        encoder_id, dim, convnet = "resnet50_trunc", ResNet50Trunc.feature_dim, True
-        sha = RANDOM_WEIGHTS if weights_path is None else file_sha256(weights_path)
-    elif name.startswith("timm:"):
-        arch = name.split(":", 1)[1]
-        import timm
-
-        if not timm.is_model(arch):
-            close = timm.list_models(f"*{arch.split('_')[0]}*")[:8] if arch else []
-            raise EncoderError(f"timm has no architecture {arch!r}"
-                               + (f"; similar: {', '.join(close)}" if close else ""))
-        need_weights(name)
-        model = _random_init(lambda: timm.create_model(arch, pretrained=False, num_classes=0))
-        cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-        if weights_path is not None:
-            sd = load_state_dict_file(weights_path)
-            heads = cfg.get("classifier") or ()
-            heads = (heads,) if isinstance(heads, str) else tuple(heads)
-            own = model.state_dict()
-            # num_classes=0 removes the classifier, so a full checkpoint's head keys are expected extras.
-            sd = {k: v for k, v in sd.items() if k in own or not any(k.startswith(h + ".") for h in heads)}
-            _load_strict(model, sd, weights_path, f"timm {arch} (num_classes=0)")
-        mean = tuple(cfg.get("mean", IMAGENET_MEAN))
-        std = tuple(cfg.get("std", IMAGENET_STD))
-        if cfg.get("fixed_input_size"):
-            size = int(cfg.get("input_size", (3, DRY_RUN_SIZE, DRY_RUN_SIZE))[-1])
-        convnet = _n_convs(model) > 1
-        encoder_id = f"timm:{arch}"
-        sha = RANDOM_WEIGHTS if weights_path is None else file_sha256(weights_path)
-        dim = -1
-    elif name.startswith("torchscript:") or Path(name).suffix.lower() in TORCHSCRIPT_SUFFIXES:
-        ts_path = Path(name.split(":", 1)[1] if name.startswith("torchscript:") else name)
-        if weights_path is not None or random_weights:
-            raise EncoderError("a TorchScript file carries its own weights; drop --weights/--random-weights")
-        if not ts_path.is_file():
-            raise EncoderError(f"{ts_path}: TorchScript file not found")
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*jit.*deprecated.*")
-                model = torch.jit.load(str(ts_path), map_location="cpu")
-        except Exception as e:
-            raise EncoderError(f"{ts_path}: not a TorchScript module saved with torch.jit.save "
-                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        encoder_id, sha, dim, convnet = f"torchscript:{ts_path.name}", file_sha256(ts_path), -1, False
+    if spec.normalisation == "model":
+        mean, std = built.mean or IMAGENET_MEAN, built.std or IMAGENET_STD
     else:
-        raise EncoderError(f"unknown encoder {name!r}; expected one of {', '.join(ENCODER_NAMES)}")
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    size = built.input_size if spec.input_size == "model" else spec.input_size
+    convnet = _n_convs(built.model) > 1 if spec.channels_last is None else spec.channels_last
 
-    model = model.eval().to(dev)
+    model = built.model.eval().to(dev)
     use_cl = convnet if channels_last is None else bool(channels_last)
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    if dim < 0:
-        dim = _dry_run_dim(model, dev, size or input_size, encoder_id)
+    dim = spec.feature_dim
+    if dim is None:
+        dim = _dry_run_dim(model, dev, size or input_size, built.encoder_id)  # (1, 3, S, S) -> (1, D)
     amp = None
     if dev.type == "cuda":
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     transform: Callable[[np.ndarray], Tensor] = (
-        NullTransform(dev) if encoder_id == "null"
-        else PatchTransform(mean, std, dev, input_size=size, channels_last=use_cl))
-    return PatchEncoder(model=model, transform=transform, encoder_id=encoder_id, weights_sha256=sha,
-                        feature_dim=int(dim), device=dev, channels_last=use_cl, autocast_dtype=amp)
+        NullTransform(dev) if spec.normalisation == "thumbnail"          # (B, H, W, 3) -> (B, 3 * G * G)
+        else PatchTransform(mean, std, dev, input_size=size, channels_last=use_cl))  # -> (B, 3, S, S)
+    return PatchEncoder(model=model, transform=transform, encoder_id=built.encoder_id,
+                        weights_sha256=built.weights_sha256, feature_dim=int(dim), device=dev,
+                        channels_last=use_cl, autocast_dtype=amp)
