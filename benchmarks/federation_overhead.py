@@ -757,7 +757,7 @@ def main() -> int:
     import torch
     from flwr.app import Array, ArrayRecord
 
-    from client.local.round import simulation_site_dirs
+    from smm_model.contract.sites import simulation_site_dirs
     from client.cohorts.synth import CohortSpec, write_cohort
     from client.local.train import resolve_device
     from server.federation.loop import initial_weights

@@ -1,14 +1,6 @@
 """The Flower ClientApp: a thin adapter from messages to ``client/local/round.py``.
 
-Message contract (the ServerApp sends exactly these):
-
-* ``query.preflight``: config {"experiment": YAML} -> {"summary": ConfigRecord({"json": SiteSummary})}
-* ``train``: arrays + config {"experiment", "shared", "server-round", "lr", "local-epochs",
-  "local-steps", "proximal-mu"} [+ "control": SCAFFOLD's correction c - c_i] -> arrays + metrics
-  (``num-examples``, ``train-loss``, ``steps``, ``seconds``, ``coord-*``) [+ "control": the
-  site's new c_i]
-* ``evaluate``: arrays + config {"experiment", "shared", "server-round", "split": val|test} ->
-  metrics = ``EvalStats.to_record()``
+The message contract (types, record names, config keys) is ``smm_model.contract.wire``.
 
 Each handler parses the config once, finds the site folder (``site-dir`` in the SuperNode's
 node_config, or ``partition-id`` in simulation), calls one plain function and wraps the result.
@@ -40,6 +32,7 @@ from flwr.clientapp import ClientApp
 from client.local.round import (SITE_DIR_KEY, SiteError, evaluate_round, preflight_summary, resolve_site_dir,
                               site_label, stage, train_round)
 from smm_model.config import ExperimentConfig
+from smm_model.contract import wire
 from smm_model.contract.protocol import SharedStats
 
 __all__ = ["app", "LOG_DIR_ENV", "OPTIMIZER_STATE_KEY", "site_log_path"]
@@ -113,7 +106,7 @@ def _handle(kind: str, msg: Message, context: Context, work: Work) -> Message:
     site_dir: Path | None = None
     try:
         with stage("E_PROTOCOL"):
-            text = str(msg.content["config"]["experiment"])
+            text = str(msg.content[wire.CONFIG][wire.KEY_EXPERIMENT])
         with stage("E_CONFIG"):
             cfg = ExperimentConfig.from_yaml_text(text, source="the run's experiment config")
             site_dir = resolve_site_dir(node_config, cfg)
@@ -129,14 +122,14 @@ def _handle(kind: str, msg: Message, context: Context, work: Work) -> Message:
 
 def _shared(cfg_rec: ConfigRecord) -> SharedStats:
     with stage("E_PROTOCOL"):
-        return SharedStats.from_json(str(cfg_rec["shared"]))
+        return SharedStats.from_json(str(cfg_rec[wire.KEY_SHARED]))
 
 
 def _preflight(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger,
                label: str | None = None) -> RecordDict:
     summary = preflight_summary(site_dir, cfg, label=label)
     log.info("preflight: %s training patients", summary.splits["train"]["patients"])
-    return RecordDict({"summary": ConfigRecord({"json": summary.to_json()})})
+    return RecordDict({wire.SUMMARY: ConfigRecord({wire.SUMMARY_JSON: summary.to_json()})})
 
 
 def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger,
@@ -144,15 +137,15 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
     """One local round. With ``federation.site_optimizer: persist`` the optimizer's state is read
     from and written back to ``site_state`` (the node's ``Context.state``, which Flower keeps on the
     site across the messages of a run); it is never part of the reply."""
-    c = msg.content["config"]
+    c = msg.content[wire.CONFIG]
     shared = _shared(c)
     with stage("E_PROTOCOL"):
-        rnd = int(c["server-round"])
-        lr, epochs = float(c["lr"]), int(c["local-epochs"])
-        steps = int(c["local-steps"]) if "local-steps" in c else 0
-        mu = float(c["proximal-mu"]) if "proximal-mu" in c else 0.0
-        state = msg.content["arrays"].to_torch_state_dict()
-        control = msg.content["control"].to_torch_state_dict() if "control" in msg.content.array_records else None
+        rnd = int(c[wire.KEY_ROUND])
+        lr, epochs = float(c[wire.KEY_LR]), int(c[wire.KEY_LOCAL_EPOCHS])
+        steps = int(c[wire.KEY_LOCAL_STEPS]) if wire.KEY_LOCAL_STEPS in c else 0
+        mu = float(c[wire.KEY_PROXIMAL_MU]) if wire.KEY_PROXIMAL_MU in c else 0.0
+        state = msg.content[wire.ARRAYS].to_torch_state_dict()
+        control = msg.content[wire.CONTROL].to_torch_state_dict() if wire.CONTROL in msg.content.array_records else None
     persist = site_state is not None and cfg.federation.site_optimizer == "persist"
     previous = None
     with stage("E_TRAIN"):
@@ -163,11 +156,11 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
         control=control)
     if persist:
         site_state[OPTIMIZER_STATE_KEY] = ArrayRecord(optimizer_state)
-    reply = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
+    reply = RecordDict({wire.ARRAYS: ArrayRecord(new_state), wire.METRICS: MetricRecord(metrics)})
     if new_control is not None:  # SCAFFOLD: the site's new c_i (its mean gradient), for the server to average
-        reply["control"] = ArrayRecord(new_control)
-    log.info("train round %d: %d patients, %d steps, loss %.4f, %.1f s%s", rnd, metrics["num-examples"],
-             metrics["steps"], metrics["train-loss"], metrics["seconds"],
+        reply[wire.CONTROL] = ArrayRecord(new_control)
+    log.info("train round %d: %d patients, %d steps, loss %.4f, %.1f s%s", rnd, metrics[wire.NUM_EXAMPLES],
+             metrics[wire.STEPS], metrics[wire.TRAIN_LOSS], metrics[wire.SECONDS],
              "" if not persist else (", optimizer state continued from the previous round" if previous is not None
                                      else ", new optimizer state kept at the site"))
     if control is not None:
@@ -177,20 +170,20 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
 
 
 def _evaluate(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger) -> RecordDict:
-    c = msg.content["config"]
+    c = msg.content[wire.CONFIG]
     shared = _shared(c)
     with stage("E_PROTOCOL"):
-        rnd = int(c["server-round"]) if "server-round" in c else -1
-        split = str(c["split"])
-        state = msg.content["arrays"].to_torch_state_dict()
+        rnd = int(c[wire.KEY_ROUND]) if wire.KEY_ROUND in c else -1
+        split = str(c[wire.KEY_SPLIT])
+        state = msg.content[wire.ARRAYS].to_torch_state_dict()
     stats = evaluate_round(site_dir, cfg, shared, state, split)
     log.info("evaluate round %d on %s: %d patients%s", rnd, split, stats.n,
              " (suppressed: below federation.min_site_patients)" if stats.suppressed else
              f", loss {stats.loss_sum / max(stats.n, 1):.4f}")
-    return RecordDict({"metrics": MetricRecord(stats.to_record())})
+    return RecordDict({wire.METRICS: MetricRecord(stats.to_record())})
 
 
-@app.query("preflight")
+@app.query(wire.PREFLIGHT_HANDLER)
 def preflight(msg: Message, context: Context) -> Message:
     """Schema and aggregate statistics of this site."""
     node_config = dict(context.node_config)

@@ -20,7 +20,6 @@ failure propagates, so the run ends ``finished:failed`` rather than quietly "com
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,10 +31,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from smm_model.contract.runfolder import default_run_dir
 from smm_model.config import ConfigError, ExperimentConfig
 
 from server.federation.loop import run_federation
-from server.federation.messages import ARRAYS, CONFIG, CONTROL, METRICS, Instruction, Reply, sanitize_error
+from server.federation.messages import Instruction, Reply, sanitize_error
+from smm_model.contract.wire import ARRAYS, CONFIG, CONTROL, KEY_ROUND, METRICS
 
 __all__ = ["app", "main", "RunSettings", "read_run_settings", "parse_overrides", "load_experiment",
            "FlowerTransport", "instruction_message", "reply_from_message", "APP_DIR",
@@ -113,8 +114,7 @@ def load_experiment(settings: RunSettings) -> ExperimentConfig:
 
 
 def _default_run_dir(cfg: ExperimentConfig, cwd: Path | None = None) -> Path:
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return (cwd or Path.cwd()) / "runs" / f"{cfg.name}-{stamp}"
+    return (cwd or Path.cwd()) / default_run_dir(cfg.name)
 
 
 # --- neutral <-> Flower messages -------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def instruction_message(ins: Instruction, arrays: ArrayRecord | None, ttl: float
         content[ARRAYS] = arrays
     if control is not None:
         content[CONTROL] = control
-    group = ins.config.get("server-round")  # Flower's group id is conventionally the round
+    group = ins.config.get(KEY_ROUND)  # Flower's group id is conventionally the round
     return Message(content=content, dst_node_id=int(ins.node_id), message_type=ins.message_type, ttl=ttl,
                    group_id=None if group is None else str(group))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 __all__ = ["COMMANDS", "main"]
 
@@ -61,6 +62,24 @@ def config_command(argv: list[str]) -> int:
     return 0
 
 
+#: Commands that leave a run folder: the entry point, the one place that may name both sides, writes
+#: the run's report when they end (as every federated run does), passing ``report`` to them.
+REPORTED = ("centralized", "evaluate")
+
+
+def write_run_report(run_dir: Path, prog: str) -> Path | None:
+    """Write the run folder's report (``smm report``) and say where it is, or why it could not be
+    drawn (the finished run's results stay as they are)."""
+    from server.report.build import report_after_run  # matplotlib: only once a run has finished
+
+    path, problem = report_after_run(run_dir)
+    if path is None:
+        print(f"{prog}: {problem}", file=sys.stderr)
+    else:
+        print(f"{prog}: report {path}")
+    return path
+
+
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = ["usage: smm COMMAND [ARGS...]", "", "Federated subspace multimodal learning (fedsmm).", "",
@@ -80,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, _, func = COMMANDS[name][0].partition(":")
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    command = getattr(importlib.import_module(module), func)
+    if name in REPORTED:
+        return int(command(rest, report=write_run_report) or 0)
+    return int(command(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -336,7 +336,7 @@ class FederationConfig:
                  f"by '+', got {self.selection_metric!r}")
 
     def check_sites(self, n_sites: int) -> None:
-        """Strategy constraints that depend on the number of sites (reliability D5)."""
+        """Strategy constraints that depend on the number of sites."""
         p = "federation"
         _require(n_sites >= self.min_nodes, f"{p}.min_nodes",
                  f"{self.min_nodes} sites needed but the run has {n_sites}")

@@ -38,7 +38,6 @@ import io
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +46,12 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from client.site.collate import collate_patients
-from client.local.round import (SiteError, _class_weights, _dataset, evaluate_round, load_site, preflight_summary,
-                              simulation_site_dirs)
+from client.local.round import SiteError, _class_weights, _dataset, evaluate_round, load_site, preflight_summary
+from smm_model.contract.runfolder import LOCAL_ONLY_FILE, default_run_dir
+from smm_model.contract.sites import simulation_site_dirs
 from client.baselines.runfolder import (C_INDEX_NOTE, CONFIG_FILE, FINAL_FILE, MODEL_FILE, ROUNDS_FILE, append_jsonl,
                               atomic_write_bytes, config_text, eval_record, library_versions, model_payload,
-                              round_lr, selection_lower_is_better, site_names, write_json, write_model,
-                              write_run_report)
+                              round_lr, selection_lower_is_better, site_names, write_json, write_model)
 from client.local.train import make_optimizer, resolve_device, train_epochs
 from smm_model.config import ConfigError, ExperimentConfig
 from smm_model.nn.model import build_model
@@ -226,8 +225,8 @@ def run_local_only(cfg: ExperimentConfig, sites: Mapping[str, Path], run_dir: Pa
                    say: Callable[[str], None] = print) -> dict[str, Any]:
     """Each site alone: RUN_DIR/local/<site>/ (a run folder), plus RUN_DIR/local_only.json."""
     run_dir = Path(run_dir)
-    if (run_dir / "local_only.json").exists():
-        raise RunDirInUse(f"{run_dir} already holds a local-only run (local_only.json)")
+    if (run_dir / LOCAL_ONLY_FILE).exists():
+        raise RunDirInUse(f"{run_dir} already holds a local-only run ({LOCAL_ONLY_FILE})")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / CONFIG_FILE, config_text(cfg).encode("utf-8"))
     summaries = {n: preflight_summary(d, cfg) for n, d in sites.items()}
@@ -254,7 +253,7 @@ def run_local_only(cfg: ExperimentConfig, sites: Mapping[str, Path], run_dir: Pa
                                            "statistics of all sites' test splits, its own included)",
                          "survival.c_index": C_INDEX_NOTE},
                "sites": table, "versions": library_versions()}
-    write_json(run_dir / "local_only.json", summary)
+    write_json(run_dir / LOCAL_ONLY_FILE, summary)
     return summary
 
 
@@ -267,8 +266,12 @@ def _site_error_text(e: BaseException) -> str:
     return f"{e} ({type(cause).__name__}: {cause})" if isinstance(e, SiteError) and cause is not None else str(e)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``smm centralized CONFIG [--run-dir DIR] [--set key=value ...] [--local-only]``."""
+def main(argv: Sequence[str] | None = None, report: Callable[[Path, str], object] | None = None) -> int:
+    """``smm centralized CONFIG [--run-dir DIR] [--set key=value ...] [--local-only]``.
+    ``report``: called with the run folder and the program name once the run has finished; the
+    ``smm`` entry point passes one that writes the run's report (the site side never imports the
+    report, which is the server's).
+    """
     ap = argparse.ArgumentParser(prog="smm centralized", description=__doc__.split("\n\n")[0] + " See the module "
                                  "docstring of client/baselines/centralized.py for the equivalence with a federated run.")
     ap.add_argument("config", type=Path, help="YAML experiment config (its data.sites_root / data.sites)")
@@ -295,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     sites = dict(zip(site_names(dirs), dirs))
     kind = "local" if args.local_only else "centralized"
-    run_dir = args.run_dir or Path("runs") / f"{cfg.name}-{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = args.run_dir or default_run_dir(cfg.name, kind)
     print(f"{prog}: run folder {run_dir}")
     try:
         if args.local_only:
@@ -308,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SiteError, ValueError, FloatingPointError) as e:
         print(f"{prog}: {_site_error_text(e)}", file=sys.stderr)
         return 1
-    write_run_report(run_dir, prog)
+    if report is not None:
+        report(run_dir, prog)
     return 0
 
 

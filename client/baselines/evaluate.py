@@ -28,7 +28,7 @@ import hashlib
 import io
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,8 @@ from client.local.round import (SiteError, _shared_inputs, evaluate_dataset, eva
                               preflight_summary)
 from client.baselines.runfolder import (C_INDEX_NOTE, CHECKPOINT_FORMAT, CONFIG_FILE, FINAL_FILE, MODEL_FORMAT,
                               atomic_write_bytes, config_text, eval_record, library_versions,
-                              selection_lower_is_better, site_names, write_json, write_run_report)
-from client.site.folder import file_sha256
+                              selection_lower_is_better, site_names, write_json)
+from smm_model.contract.atomic import sha256_file
 from client.local.train import resolve_device
 from smm_model.config import ConfigError, ExperimentConfig, to_dict
 from smm_model.contract.protocol import HISTOLOGY_FIELDS, SharedStats, SiteSummary
@@ -161,7 +161,7 @@ def evaluate_sites(model: LoadedModel, site_dirs: Sequence[Path], out_dir: Path,
                           f"{split} split{'s' if split == 'all' else ''} of the given site folders, with the "
                           "model's stored preprocessing"},
         "split": split, "sites": names, "refused_sites": {}, "skipped_rounds": [],
-        "model": {"file": str(model.path), "sha256": file_sha256(model.path)},
+        "model": {"file": str(model.path), "sha256": sha256_file(model.path)},
         "versions": library_versions(),
         "site_info": info,
         "wall_s": time.perf_counter() - t0,
@@ -177,8 +177,12 @@ class SchemaRefused(ValueError):
     """A site's data does not fit the model (message names the site folder and the field)."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``smm evaluate MODEL SITE_DIR... [--out DIR] [--split test|val|all] [--device D]``."""
+def main(argv: Sequence[str] | None = None, report: Callable[[Path, str], object] | None = None) -> int:
+    """``smm evaluate MODEL SITE_DIR... [--out DIR] [--split test|val|all] [--device D]``.
+    ``report``: called with the run folder and the program name once the run has finished; the
+    ``smm`` entry point passes one that writes the run's report (the site side never imports the
+    report, which is the server's).
+    """
     ap = argparse.ArgumentParser(prog="smm evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", type=Path, help="a run's model.pt, or a server checkpoint (checkpoints/round_NNNN.pt)")
     ap.add_argument("sites", type=Path, nargs="+", metavar="SITE_DIR", help="site folder(s) to evaluate on")
@@ -206,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{prog}: {final['test']['patients']} patients at {len(final['sites'])} site(s) "
           f"({len(final['suppressed_sites'])} suppressed); {shown or 'no metric'}")
     print(f"{prog}: wrote {Path(args.out) / FINAL_FILE}")
-    write_run_report(Path(args.out), prog)
+    if report is not None:
+        report(Path(args.out), prog)
     return 0
 
 

@@ -1,18 +1,9 @@
 """Run-folder files written on the site side (``smm centralized``, ``smm evaluate``).
 
 A centralized or local-only run, and a local evaluation of a final model, leave the same files as a
-federated run (``server/runs/runlog.py``), so ``smm report`` reads them alike::
-
-    <run_dir>/config.yaml          the resolved configuration
-    <run_dir>/rounds.jsonl         one JSON object per round (0 = the initial model)
-    <run_dir>/final_metrics.json   best round, selection metric, test metrics (global + per site)
-    <run_dir>/model.pt             the selected model: format, weights, model_config, schema, shared, ...
-
-``client`` may not import ``server`` (architecture.md), so the few format constants are repeated
-here; ``tests/client/test_centralized.py`` runs both sides and checks that they agree. Per-site
-entries are keyed by the site folder's name here (a federated run keys them by node id).
-
-JSON is strict, as the server writes it: an undefined metric is ``null`` with its reason beside it.
+federated run, in the format ``smm_model.contract.runfolder`` defines, so ``smm report`` reads them
+alike. Per-site entries are keyed by the site folder's name here (a federated run keys them by
+node id). Every file is written through ``smm_model.contract.atomic`` (fsynced, then renamed).
 """
 
 from __future__ import annotations
@@ -22,43 +13,23 @@ import io
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from client.site.folder import atomic_path
 from smm_model.config import ExperimentConfig, to_dict
 from smm_model.contract.protocol import EvalStats, config_text, metrics_from_eval, round_lr, selection_lower_is_better
+from smm_model.contract.atomic import append_line, atomic_write_bytes, atomic_write_json
 from smm_model.contract.records import dumps, library_versions
+from smm_model.contract.runfolder import (C_INDEX_NOTE, CHECKPOINT_FORMAT, CONFIG_FILE, FEDERATED_KEYS, FINAL_FILE,
+                                          FINAL_KEYS, MODEL_FILE, MODEL_FORMAT, ROUNDS_FILE)
 
 __all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "MODEL_FORMAT", "CHECKPOINT_FORMAT",
            "C_INDEX_NOTE", "FINAL_KEYS", "FEDERATED_KEYS", "config_text", "selection_lower_is_better", "round_lr", "eval_record",
            "site_names", "library_versions", "dumps", "atomic_write_bytes", "write_json", "append_jsonl",
-           "model_payload", "write_model", "write_run_report"]
-
-CONFIG_FILE = "config.yaml"
-ROUNDS_FILE = "rounds.jsonl"
-FINAL_FILE = "final_metrics.json"
-MODEL_FILE = "model.pt"
-MODEL_FORMAT = "fedsmm-model"
-CHECKPOINT_FORMAT = "fedsmm-server-checkpoint"
-C_INDEX_NOTE = ("survival.c_index is the within-site C-index: concordance pairs are formed within each site only "
-                "(a site cannot compare its patients with another site's), and the pair counts are summed over sites")
-#: The keys every run folder's final_metrics.json has (federated: server.federation.loop; centralized, local-only).
-FINAL_KEYS = ("mode", "run", "rounds", "best_round", "selection_metric", "selection_value", "lower_is_better",
-              "selection_note", "test", "suppressed_sites", "notes", "sites", "refused_sites", "skipped_rounds",
-              "model", "versions", "wall_s", "config_sha256", "site_info")
-#: The keys only a federated run adds.
-FEDERATED_KEYS = ("strategy", "bytes", "resumed_after_round")
-
-
-
-
-
-
+           "model_payload", "write_model"]
 
 
 def site_names(dirs: Sequence[Path]) -> list[str]:
@@ -88,33 +59,15 @@ def eval_record(split: str, stats: Mapping[str, EvalStats], cfg: ExperimentConfi
 
 
 
-# --- strict JSON and atomic writes ----------------------------------------------------------------------
-
-
-
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """``client.site.folder.atomic_path``, with the data fsynced before the rename (run results)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
+# --- strict JSON ---------------------------------------------------------------------------------------
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (dumps(obj, indent=2) + "\n").encode("utf-8"))
+    atomic_write_json(path, obj)
 
 
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one whole line (one write on an O_APPEND descriptor), fsynced."""
-    data = (dumps(record) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Append one whole, fsynced line (``smm_model.contract.atomic.append_line``)."""
+    append_line(path, dumps(record))
 
 
 # --- model.pt -------------------------------------------------------------------------------------------
@@ -138,16 +91,3 @@ def write_model(path: Path, payload: Mapping[str, Any]) -> str:
     data = buf.getvalue()
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def write_run_report(run_dir: Path, prog: str) -> Path | None:
-    """Write the run folder's report (``smm report``), as every run does when it ends, and say
-    where it is, or why it could not be drawn (the finished run's results stay as they are)."""
-    from server.report.build import report_after_run  # matplotlib: only once a run has finished
-
-    path, problem = report_after_run(run_dir)
-    if path is None:
-        print(f"{prog}: {problem}", file=sys.stderr)
-    else:
-        print(f"{prog}: report {path}")
-    return path

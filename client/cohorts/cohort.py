@@ -27,14 +27,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from client.site.folder import SUBSPACES, Manifest, SiteLayout, atomic_path, atomic_write_text, file_sha256
+from client.site.folder import SUBSPACES, Manifest, SiteLayout
+from smm_model.contract.classes import DIAGNOSIS_KEYS, WHO2021_RULE, who2021_diagnosis
+from smm_model.contract.atomic import atomic_path, atomic_write_text, sha256_file
 
 __all__ = ["CLASS_NAMES", "CLINICAL_COLUMNS", "LABEL_ENCODING", "UNKNOWN", "CohortError", "prepare_out",
            "write_csv", "write_json", "gene_set_id", "who2021", "class_counts", "stratified_pick",
            "write_site_tables", "deal_iid", "deal_site_folders", "ONE_SITE"]
 
 #: WHO 2021 diagnosis classes, in label-index order (method.md Part B 2.4).
-CLASS_NAMES = ("gbm_idhwt", "astro_g4", "astro_lg", "oligo")
+CLASS_NAMES = DIAGNOSIS_KEYS
 #: Name used in summaries for patients whose class the written columns cannot determine.
 UNKNOWN = "unknown"
 #: Required clinical.csv columns, in the order written.
@@ -48,9 +50,7 @@ LABEL_ENCODING = {
     "survival_days": "days to death or last follow-up, empty = unknown",
     "event": "1 = death observed, 0 = censored, empty = unknown",
     "split": "train | val | test",
-    "who2021_rule": ("idh 0 -> gbm_idhwt; idh 1 & codel 1 -> oligo; idh 1 & codel 0 & (cdkn2ab 1 or "
-                     "grade 4) -> astro_g4; idh 1 & codel 0 & cdkn2ab 0 & grade 2/3 -> astro_lg; "
-                     "anything else undetermined -> unknown"),
+    "who2021_rule": WHO2021_RULE,
 }
 
 
@@ -110,29 +110,22 @@ def _json_default(o: Any) -> Any:
 
 def gene_set_id(path: Path) -> str:
     """The schema id of a gene-set file: first 16 hex digits of its sha256 (what sites must share)."""
-    return file_sha256(path)[:16]
+    return sha256_file(path)[:16]
 
 
 def who2021(clinical: pd.DataFrame) -> pd.Series:
     """WHO 2021 class index per row (``CLASS_NAMES`` order), ``<NA>`` where it cannot be determined.
 
-    Takes the encoded columns idh, codel_1p19q, cdkn2ab (1 = deletion) and grade. This is the
-    counting copy of the rule for cohort summaries; training labels come from the labels module.
+    Takes the encoded columns idh, codel_1p19q, cdkn2ab (1 = deletion) and grade, and applies the
+    one rule (``smm_model.contract.classes.who2021_diagnosis``).
     """
     for col in ("idh", "codel_1p19q", "cdkn2ab", "grade"):
         if col not in clinical.columns:
             raise CohortError(f"clinical table has no column {col!r}")
-    idh = pd.to_numeric(clinical["idh"]).astype("Float64")
-    codel = pd.to_numeric(clinical["codel_1p19q"]).astype("Float64")
-    cdkn = pd.to_numeric(clinical["cdkn2ab"]).astype("Float64")
-    grade = pd.to_numeric(clinical["grade"]).astype("Float64")
-    out = pd.Series(pd.NA, index=clinical.index, dtype="Int64")
-    astro = (idh == 1) & (codel == 0)
-    out[(idh == 0).fillna(False)] = 0
-    out[((idh == 1) & (codel == 1)).fillna(False)] = 3
-    out[(astro & ((cdkn == 1).fillna(False) | (grade == 4).fillna(False))).fillna(False)] = 1
-    out[(astro & (cdkn == 0) & grade.isin([2, 3])).fillna(False)] = 2
-    return out
+    cols = [pd.to_numeric(clinical[c]).astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+            for c in ("idh", "codel_1p19q", "cdkn2ab", "grade")]
+    diag = who2021_diagnosis(*cols)
+    return pd.Series(np.where(diag >= 0, diag, 0), index=clinical.index, dtype="Int64").mask(diag < 0)
 
 
 def class_counts(classes: pd.Series) -> dict[str, int]:

@@ -57,7 +57,8 @@ import pandas as pd
 
 from client.cohorts.cohort import (CLASS_NAMES, LABEL_ENCODING, CohortError, class_counts, prepare_out,
                      stratified_pick, who2021, write_csv, write_json, write_site_tables)
-from client.site.folder import Manifest, SiteLayout, atomic_path, write_features
+from client.site.folder import Manifest, SiteLayout, write_features
+from smm_model.contract.atomic import atomic_path
 from client.cohorts.synthetic import CLASS_PRIOR, Prototypes, SynthSpec
 
 __all__ = ["CohortSpec", "Layout", "Stain", "PatientState", "draw_layout", "render_slide",

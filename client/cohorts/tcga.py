@@ -84,7 +84,8 @@ from smm_model.contract.label_facts import fact, label_feature_hits
 
 from client.cohorts.cohort import (CLASS_NAMES, CLINICAL_COLUMNS, LABEL_ENCODING, CohortError, class_counts, deal_iid,
                      prepare_out, stratified_pick, who2021, write_json, write_site_tables)
-from client.site.folder import FeatureFileError, SiteLayout, atomic_path, file_sha256, read_features
+from client.site.folder import FeatureFileError, SiteLayout, read_features
+from smm_model.contract.atomic import atomic_path, sha256_file
 
 __all__ = ["PORPOISE", "GRADES", "SIGNATURES", "TSS_CENTERS", "SPLITS", "LEGACY_GBM_TSS", "LEGACY_SITE", "OTHER_SITE",
            "MICRO_GROUPS", "TUMOUR_GROUPS", "TUMOUR_PRIORITY", "DAYS_PER_MONTH", "GENOMIC_KINDS",
@@ -470,7 +471,7 @@ def write_cohort(out: Path, cohort: TcgaCohort, force: bool = False, features_di
                 src, n = found[sid]
                 dst = layout.feature_file(sid)
                 _link_or_copy(src, dst)
-                manifest.record(sid, "done", checksum=file_sha256(dst), n_patches=n)
+                manifest.record(sid, "done", checksum=sha256_file(dst), n_patches=n)
                 linked += 1
         if linked:
             manifest.save()
@@ -492,7 +493,7 @@ def write_cohort(out: Path, cohort: TcgaCohort, force: bool = False, features_di
     summary = {
         "kind": "tcga_gbmlgg", "generator": "smm tcga", "fold": fold, "seed": seed, "val_fraction": val_fraction,
         "min_site_patients": min_site_patients, "classes": list(CLASS_NAMES), "encoding": LABEL_ENCODING,
-        "sources": ({f: file_sha256(Path(tables) / f)[:16] for f in (PORPOISE, GRADES, SIGNATURES, TSS_CENTERS,
+        "sources": ({f: sha256_file(Path(tables) / f)[:16] for f in (PORPOISE, GRADES, SIGNATURES, TSS_CENTERS,
                                                                        SPLITS.format(fold=fold))}
                     if tables is not None else {}),
         "site_grouping": {

@@ -17,7 +17,7 @@ handler back to the server (``"<class 'X'>:<'message'>"``), and our readers' mes
 and patients (that is what a site operator needs). So every failure here is re-raised as a
 ``SiteError`` whose text is only a stage code and the original exception's class name, e.g.
 ``"E_DATA: SiteDataError"``; the original exception stays attached as ``__cause__`` so the site can
-log it in full, locally (reliability B5, H4).
+log it in full, locally.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader
 
 from client.site.collate import collate_patients
 from client.site.dataset import SiteData, SiteDataset, find_genomics_file
-from client.site.folder import Manifest, file_sha256
+from client.site.folder import Manifest
+from smm_model.contract.atomic import sha256_file
 from client.site.labels import SPLITS
 from client.local.train import (load_optimizer_state, make_optimizer, optimizer_state_arrays, resolve_device, step_batches,
                           train_epochs)
@@ -47,9 +48,11 @@ from smm_model.metrics.federated import c_index_counts, confusion_counts, km_cou
 from smm_model.objectives.losses import logit_adjustment_offsets, nll_survival_loss, weighted_cross_entropy
 from smm_model.metrics.exact import risk_from_hazard_logits
 from smm_model.nn.model import build_model
+from smm_model.contract import wire
+from smm_model.contract.sites import simulation_site_dirs
 from smm_model.contract.protocol import SURVIVAL_HIST_EDGES, EvalStats, SharedStats, SiteSummary
 
-__all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "simulation_site_dirs", "resolve_site_dir", "site_label", "SITE_NAME_KEY", "load_site",
+__all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "resolve_site_dir", "site_label", "SITE_NAME_KEY", "load_site",
            "data_digest", "preflight_summary", "train_round", "evaluate_round", "evaluate_dataset", "risk_groups", "SharedGenomicsStats"]
 
 #: Stage codes a site error carries (the only detail that leaves the site besides the class name).
@@ -99,32 +102,12 @@ def stage(code: str) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------- #
 # which site folder
 # --------------------------------------------------------------------------------------------- #
-def simulation_site_dirs(data: DataConfig) -> list[Path]:
-    """The site folders of a simulated federation, sorted, so that ``partition-id`` k is always the
-    same folder: ``data.sites`` (relative ones under ``data.sites_root``) or, when it is empty, every
-    subfolder of ``data.sites_root`` holding a ``clinical.csv``.
-
-    ``server/ops/simulate.py`` counts sites with the same rule (it may not import the client side); a
-    test checks that both agree.
-    """
-    root = Path(data.sites_root) if data.sites_root else None
-    if data.sites:
-        dirs = [Path(s) if Path(s).is_absolute() or root is None else root / s for s in data.sites]
-    else:
-        if root is None:
-            raise ConfigError("data.sites_root: a simulation needs data.sites_root or data.sites")
-        if not root.is_dir():
-            raise ConfigError(f"data.sites_root: {root} is not a folder")
-        dirs = [p for p in root.iterdir() if p.is_dir() and (p / "clinical.csv").is_file()]
-    return sorted(dirs, key=lambda p: str(p))
-
-
 def resolve_site_dir(node_config: Mapping[str, Any], cfg: ExperimentConfig) -> Path:
     """The site folder this node serves.
 
     Deployment: ``node_config["site-dir"]`` (a SuperNode started with ``--node-config
     'site-dir="/data/site"'``). Simulation: Flower only injects ``partition-id`` and
-    ``num-partitions``; the partition indexes ``simulation_site_dirs``. A simulation started with
+    ``num-partitions``; the partition indexes ``smm_model.contract.sites.simulation_site_dirs``. A simulation started with
     another number of nodes than there are sites is refused (it would silently skip or repeat
     sites).
     """
@@ -262,7 +245,7 @@ def data_digest(site: SiteData) -> str:
     slides gives the same digest. It reveals nothing about the data; it only lets a report say
     whether two runs saw the same files."""
     layout = site.layout
-    tables = {p.name: file_sha256(p) for p in (layout.clinical, layout.slides, layout.geneset,
+    tables = {p.name: sha256_file(p) for p in (layout.clinical, layout.slides, layout.geneset,
                                                  find_genomics_file(layout)) if p.is_file()}
     manifest = Manifest.load(layout.manifest)
     used = sorted(s for sl in site.slides.values() for s in sl)
@@ -415,15 +398,15 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
         logs = train_epochs(model, loader, cfg, epochs=epochs, device=device, optimizer=optimizer,
                             scheduler=constant, class_weights=weights, global_params=global_params,
                             logit_offsets=offsets, grad_correction=correction, grad_mean=new_control)
-        metrics: dict[str, int | float] = {"num-examples": int(n_train), "train-loss": float(logs[-1].loss),
-                                           "steps": int(sum(log.steps for log in logs))}
+        metrics: dict[str, int | float] = {wire.NUM_EXAMPLES: int(n_train), wire.TRAIN_LOSS: float(logs[-1].loss),
+                                           wire.STEPS: int(sum(log.steps for log in logs))}
         for task in cfg.model.tasks:
             for part in ("tumour", "micro", "conflicts"):
                 metrics[f"coord-{task}-{part}"] = int(sum(log.coordination.get(task, {}).get(part, 0)
                                                           for log in logs))
         new_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         new_optimizer_state = optimizer_state_arrays(optimizer)
-    metrics["seconds"] = float(time.perf_counter() - t0)
+    metrics[wire.SECONDS] = float(time.perf_counter() - t0)
     return new_state, metrics, new_optimizer_state, new_control
 
 
@@ -506,7 +489,7 @@ def evaluate_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedSt
     (``risk_groups``; ``survival_bins`` groups).
 
     A split with fewer than ``federation.min_site_patients`` patients (or none) is reported as
-    ``EvalStats(n, suppressed=True)`` with no statistic at all (small-cell suppression, H2).
+    ``EvalStats(n, suppressed=True)`` with no statistic at all (small-cell suppression).
     """
     with stage("E_CONFIG"):
         if split not in SPLITS:

@@ -32,9 +32,9 @@ if TYPE_CHECKING:  # the data modules (pandas, h5py, torch) load only when a che
 
 __all__ = ["main", "check_site", "MIN_TRAIN_EVENTS", "LEAKAGE_RANK_CORR"]
 
-#: Fewer training events than this makes the survival loss and C-index unreliable (reliability G8).
+#: Fewer training events than this makes the survival loss and C-index unreliable.
 MIN_TRAIN_EVENTS = 5
-#: A genomic feature whose rank correlation with survival time reaches this is suspect (G10).
+#: A genomic feature whose rank correlation with survival time reaches this is suspect.
 LEAKAGE_RANK_CORR = 0.99
 _DIAG_SHORT = ("GBM", "A4", "A2-3", "Oligo")
 

@@ -50,7 +50,8 @@ import torch.utils.data
 
 from client.site.genomics import GeneSet, GenomicsData, GenomicsStats, load_genomics, read_geneset
 from client.site.labels import DIAGNOSES, GRADES, SPLITS, ClinicalLabels, read_clinical
-from client.site.folder import FeatureFileError, Manifest, SiteLayout, file_sha256, read_features
+from client.site.folder import FeatureFileError, Manifest, SiteLayout, read_features
+from smm_model.contract.atomic import sha256_file
 from client.site.splits import Splits, make_splits
 from client.cohorts.synthetic import assign_bins, survival_bin_edges
 from client.site.validation import Report, SiteDataError, preview
@@ -144,8 +145,8 @@ def check_slides(layout: SiteLayout, rows: Sequence[tuple[str, str]], manifest: 
 
     The reference schema (encoder, feature_dim) is the manifest's when it declares one, else the
     most common one among readable files. ``feature_dim``/``encoder`` (from the run's config), when
-    given, must match it: a site whose features come from another encoder is refused as a whole
-    (reliability G6). ``checksums`` also compares each file's sha256 with the manifest (G5; reads
+    given, must match it: a site whose features come from another encoder is refused as a whole.
+    ``checksums`` also compares each file's sha256 with the manifest (reads
     every byte, so it is for ``smm site check``, not for every training start).
     """
     report = Report()
@@ -174,7 +175,7 @@ def check_slides(layout: SiteLayout, rows: Sequence[tuple[str, str]], manifest: 
             kind = "feature file missing" if not path.is_file() else "unreadable feature file"
             status[sid] = SlideStatus(sid, pid, False, str(e), kind=kind)
             continue
-        if checksums and rec.get("checksum") and file_sha256(path) != rec["checksum"]:
+        if checksums and rec.get("checksum") and sha256_file(path) != rec["checksum"]:
             status[sid] = SlideStatus(sid, pid, False, f"{path}: sha256 differs from {layout.manifest.name} "
                                       "(file changed or truncated since extraction)", kind="checksum mismatch")
             continue

@@ -18,19 +18,18 @@ crash never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-__all__ = ["SiteLayout", "atomic_path", "atomic_write_text", "file_sha256", "write_features",
+from smm_model.contract.atomic import atomic_path, atomic_write_text, sha256_file
+from smm_model.contract.sites import CLINICAL_FILE
+
+__all__ = ["SiteLayout", "write_features",
            "read_features", "FeatureFileError", "Manifest", "MANIFEST_VERSION", "SUBSPACES"]
 
 MANIFEST_VERSION = 1
@@ -51,7 +50,7 @@ class SiteLayout:
 
     @property
     def clinical(self) -> Path:
-        return self.root / "clinical.csv"
+        return self.root / CLINICAL_FILE
 
     @property
     def slides(self) -> Path:
@@ -75,43 +74,6 @@ class SiteLayout:
 
     def feature_file(self, slide_id: str) -> Path:
         return self.features_dir / f"{slide_id}.h5"
-
-
-@contextmanager
-def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it over ``target``.
-
-    On any exception the temporary file is removed and ``target`` is left as it was.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp creates 0600; give the file the mode a plain open() would (0666 less the umask), so
-    # outputs stay readable by the site's other accounts and containers as usual.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class FeatureFileError(ValueError):
@@ -143,7 +105,7 @@ def write_features(path: Path | str, features: np.ndarray, coords: np.ndarray, *
             f.create_dataset("coords", data=coords)
             for k, v in attrs.items():
                 f.attrs[k] = v if v is not None else ""
-    return file_sha256(path)
+    return sha256_file(path)
 
 
 def read_features(path: Path | str, load: bool = True) -> tuple[np.ndarray | None, np.ndarray | None, dict]:

@@ -62,7 +62,7 @@ class GeneSet:
     @property
     def digest(self) -> str:
         """sha256 of the ordered (subspace, feature) list: equal digests mean equal vector layouts,
-        so the server can refuse a site whose genes differ in name OR order (reliability G7)."""
+        so the server can refuse a site whose genes differ in name OR order."""
         text = "".join(f"{s}\t{f}\n" for s, fs in (("tumour", self.tumour), ("micro", self.micro)) for f in fs)
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from client.site.validation import MISSING_TOKENS, Report, SiteDataError, preview
+from smm_model.contract.classes import DIAGNOSES, GRADES, grade_index, who2021_diagnosis
 from smm_model.contract.label_facts import FACT_NAMES, fact
 
 __all__ = ["DIAGNOSIS_READS", "GRADE_READS", "LABEL_COLUMNS", "DIAGNOSES", "GRADES", "SPLITS", "CDKN2AB_CODINGS",
@@ -42,11 +43,6 @@ DIAGNOSIS_READS = FACT_NAMES
 GRADE_READS = (fact("grade").name,)
 #: Columns clinical.csv must have (cells may be empty where unknown).
 LABEL_COLUMNS = (*DIAGNOSIS_READS, "survival_days", "event")
-#: Diagnosis class index -> name (TASK_CLASSES["diagnosis"] == 4).
-DIAGNOSES = ("GBM, IDH-wildtype", "astrocytoma, IDH-mutant, grade 4", "astrocytoma, IDH-mutant, grade 2-3",
-             "oligodendroglioma, IDH-mutant, 1p/19q-codeleted")
-#: Grade class index -> WHO grade.
-GRADES = (2, 3, 4)
 SPLITS = ("train", "val", "test")
 #: How cdkn2ab integers are read: ``binary`` 1 = homozygous deletion; ``gistic`` -2/-1 = deleted,
 #: 0/1/2 = not; ``auto`` = gistic when any value is -2, -1 or 2, else binary.
@@ -76,31 +72,6 @@ def _f(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def who2021_diagnosis(idh, codel, cdkn2ab, grade) -> np.ndarray:
-    """WHO 2021 class per patient (int64; -1 = cannot be decided from the inputs).
-
-    Inputs are arrays of 1/0/NaN (``idh`` mutant, ``codel`` 1p/19q-codeleted, ``cdkn2ab``
-    homozygous deletion) and the WHO grade 2/3/4/NaN. Classes:
-
-    * 0 GBM: IDH-wildtype (whatever the rest);
-    * 3 oligodendroglioma: IDH-mutant and 1p/19q-codeleted;
-    * 1 astrocytoma grade 4: IDH-mutant, non-codeleted, and CDKN2A/B deleted OR grade 4;
-    * 2 lower-grade astrocytoma: IDH-mutant, non-codeleted, CDKN2A/B not deleted, grade 2 or 3.
-
-    Undecided (masked, never guessed): IDH missing; IDH-mutant with 1p/19q missing; IDH-mutant
-    non-codeleted with CDKN2A/B missing and grade not 4 (2, 3 or missing); IDH-mutant
-    non-codeleted, CDKN2A/B not deleted and grade missing (grade 4 histology would make it
-    class 1, so class 2 would be a guess).
-    """
-    idh, codel, cdkn, grade = _f(idh), _f(codel), _f(cdkn2ab), _f(grade)
-    mut_nc = (idh == 1) & (codel == 0)
-    g4 = grade == 4
-    low = (grade == 2) | (grade == 3)
-    return np.select(
-        [idh == 0, (idh == 1) & (codel == 1), mut_nc & ((cdkn == 1) | g4), mut_nc & (cdkn == 0) & low],
-        [0, 3, 1, 2], default=-1).astype(np.int64)
-
-
 def diagnosis_mask_reasons(idh, codel, cdkn2ab, grade) -> np.ndarray:
     """Why ``who2021_diagnosis`` is -1, per patient (object array; None where it is decided)."""
     idh, codel, cdkn, grade = _f(idh), _f(codel), _f(cdkn2ab), _f(grade)
@@ -112,12 +83,6 @@ def diagnosis_mask_reasons(idh, codel, cdkn2ab, grade) -> np.ndarray:
          "cdkn2ab missing and grade not 4 (IDH-mutant, non-codeleted)",
          "grade missing and cdkn2ab not deleted (IDH-mutant, non-codeleted)"], default="undecided")
     return np.where(diag >= 0, None, reason).astype(object)
-
-
-def grade_index(grade) -> np.ndarray:
-    """WHO grade 2/3/4 -> class 0/1/2 (int64; -1 where missing)."""
-    g = _f(grade)
-    return np.where(np.isin(g, GRADES), g - 2, -1).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -1,7 +1,7 @@
 """Patient-level, seeded, stratified splits (train/val/test, or k folds).
 
 Splits are over PATIENTS, never slides: all slides of a patient follow it (a slide-level split
-leaks a patient's tissue into the test set; reliability G9). A ``split`` column in clinical.csv
+leaks a patient's tissue into the test set). A ``split`` column in clinical.csv
 wins over drawing (a site may have agreed splits); otherwise splits are drawn with a seed.
 
 Stratification uses one label per patient: the diagnosis when known, else the grade, else the

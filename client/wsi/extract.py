@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from client.site.folder import Manifest, SiteLayout, file_sha256, write_features
+from client.site.folder import Manifest, SiteLayout, write_features
+from smm_model.contract.atomic import sha256_file
 from client.wsi.slides import (DEFAULT_MIN_TISSUE, DEFAULT_PATCH_SIZE, DEFAULT_TARGET_MPP, READ_TIMEOUT_S,
                      SLIDE_SUFFIXES, TISSUE_METHODS, PatchReader, Slide, SlideError, plan_patches)
 
@@ -298,7 +299,7 @@ def skip_reason(record: dict | None, feature_file: Path, schema: dict[str, Any],
         return False, "made with another encoder"
     if record.get("params") != params:
         return False, "made with other settings"
-    if file_sha256(feature_file) != record.get("checksum"):
+    if sha256_file(feature_file) != record.get("checksum"):
         return False, "feature file changed since it was written (checksum mismatch)"
     return True, "done"
 
@@ -533,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc = ap.add_argument_group("encoder")
     enc.add_argument("--encoder", default=DEFAULT_ENCODER, metavar="NAME",
                      help="resnet50_trunc (default; CLAM's ResNet-50 to layer3, 1024-d), timm:<architecture>, "
-                          "torchscript:<file> (or a .pt/.ts path), or null (no network: read-throughput tests)")
+                          "torchscript:<file> (or a .pt/.ts/.torchscript path), or null (no network: read-throughput tests)")
     w = enc.add_mutually_exclusive_group()
     w.add_argument("--weights", type=Path, metavar="FILE",
                    help="state dict file of the encoder (nothing is downloaded); its sha256 is recorded")

@@ -1,4 +1,4 @@
-"""Guards between the sites' replies and the aggregation (reliability.md 2.4, D1-D3, D6, D8, H1).
+"""Guards between the sites' replies and the aggregation.
 
 Flower's strategies trust their input: a NaN in one reply makes a NaN model, a wrong shape or a
 missing metric key raises ``InconsistentMessageReplies`` and ends the whole run, and a site that
@@ -26,7 +26,8 @@ from smm_model.config import FederationConfig
 from smm_model.metrics.federated import SCORE_BINS
 from smm_model.contract.protocol import EvalStats
 
-from server.federation.messages import NUM_EXAMPLES, Reply
+from server.federation.messages import Reply
+from smm_model.contract.wire import NUM_EXAMPLES
 
 __all__ = ["TRAIN_METRIC_KEY", "guard_replies", "clean_train_metrics", "update_norms", "control_norms", "flag_outliers",
            "guard_eval_replies"]
@@ -160,7 +161,7 @@ def control_norms(replies: Sequence[Reply]) -> dict[int, float]:
 
 
 def flag_outliers(norms: Mapping[int, float], k: float = 3.0) -> list[int]:
-    """Nodes whose update norm exceeds ``median + k * MAD`` (alert only, reliability D8).
+    """Nodes whose update norm exceeds ``median + k * MAD`` (alert only).
 
     Honest sites with unusual data (scanner, stain, case mix) look like outliers too, so this
     never drops a site; it names it in the round log for review. With fewer than three sites there

@@ -28,7 +28,8 @@ from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMe
 from smm_model.config import ConfigError, FederationConfig, TrainConfig
 
 from server.aggregation.guard import control_norms, flag_outliers, guard_replies, update_norms
-from server.federation.messages import ARRAYS, METRICS, NUM_EXAMPLES, Reply
+from server.federation.messages import Reply
+from smm_model.contract.wire import ARRAYS, METRICS, NUM_EXAMPLES
 
 __all__ = ["build_strategy", "GuardedStrategy", "AggregateOutcome", "strategy_state", "restore_strategy_state",
            "set_current_arrays", "ControlVariates", "OPTIMIZER_STATE_ATTRS", "DEFAULT_SERVER_LR"]
@@ -105,8 +106,8 @@ def build_strategy(fed: FederationConfig, train: TrainConfig | None = None, n_si
 
     ``train`` supplies FedProx's ``proximal_mu`` and FedOpt's client learning rate ``eta_l``
     (defaults: ``TrainConfig()``). With ``n_sites``, the site-count constraints are checked first
-    (``FederationConfig.check_sites``: FedTrimmedAvg must trim someone, Krum needs n > 2f + 2;
-    reliability D5) and MultiKrum's ``multikrum_keep=0`` resolves to ``n_sites - krum_byzantine``.
+    (``FederationConfig.check_sites``: FedTrimmedAvg must trim someone, Krum needs n > 2f + 2)
+    and MultiKrum's ``multikrum_keep=0`` resolves to ``n_sites - krum_byzantine``.
     """
     train = train or TrainConfig()
     if n_sites is not None:

@@ -55,8 +55,10 @@ from smm_model.contract.atomic import atomic_write_bytes, sha256_bytes
 from server.runs.checkpoint import (CHECKPOINT_DIR, INDEX_FILE, ServerState, capture_rng, library_versions, load_checkpoint,
                          load_latest, restore_rng, save_checkpoint)
 from server.aggregation.guard import guard_eval_replies
-from server.federation.messages import (EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LOCAL_STEPS, KEY_LR, KEY_PROXIMAL_MU, KEY_ROUND, KEY_SHARED,
-                       KEY_SPLIT, PREFLIGHT, SUMMARY, SUMMARY_JSON, TRAIN, Instruction, Reply, Transport)
+from smm_model.contract.runfolder import C_INDEX_NOTE, MODEL_FORMAT
+from server.federation.messages import Instruction, Reply, Transport
+from smm_model.contract.wire import (EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LOCAL_STEPS, KEY_LR, KEY_PROXIMAL_MU,
+                                     KEY_ROUND, KEY_SHARED, KEY_SPLIT, PREFLIGHT, SUMMARY, SUMMARY_JSON, TRAIN)
 from server.runs.runlog import RunLog
 from server.aggregation.strategy import AggregateOutcome, ControlVariates, GuardedStrategy, build_strategy
 from server.federation.wait import NodeWaitTimeout, wait_for_nodes
@@ -67,9 +69,6 @@ __all__ = ["run_federation", "RunDirInUse", "resolved_config_text", "round_lr", 
 log = logging.getLogger("fedsmm.server")
 
 #: Printed beside every federated C-index (smm_model.metrics.federated explains why).
-C_INDEX_NOTE = ("survival.c_index is the within-site C-index: concordance pairs are formed within each site only "
-                "(a site cannot compare its patients with another site's), and the pair counts are summed over sites")
-MODEL_FORMAT = "fedsmm-model"
 
 
 class RunDirInUse(RuntimeError):

@@ -6,21 +6,7 @@ turns an ``Instruction`` into a Flower ``Message`` and a reply ``Message`` back 
 a test transport calls plain Python site functions instead. Keeping Flower out of this module and
 out of the loop is what makes the whole server workflow testable in-process, in milliseconds.
 
-Message contract (the ClientApp implements the other end; ``Instruction.config`` becomes the
-``"config"`` ConfigRecord, ``Instruction.arrays`` the ``"arrays"`` ArrayRecord):
-
-==================  =======================================================================
-message_type        config keys -> reply content
-==================  =======================================================================
-``query.preflight`` ``experiment`` -> ConfigRecord ``"summary"`` = {``json``: SiteSummary JSON}
-``train``           ``experiment, shared, server-round, lr, local-epochs, local-steps, proximal-mu``
-                    + arrays [+ ArrayRecord ``"control"``: SCAFFOLD's correction c - c_i]
-                    -> ArrayRecord ``"arrays"`` [+ ``"control"``: the site's new control
-                    variate] + MetricRecord ``"metrics"`` (``num-examples``, ``train-loss``,
-                    ``steps``, ``seconds``, ``coord-<task>-{tumour,micro,conflicts}``)
-``evaluate``        ``experiment, shared, server-round, split`` + arrays
-                    -> MetricRecord ``"metrics"`` = ``EvalStats.to_record()``
-==================  =======================================================================
+The message contract (types, record names, config keys) is ``smm_model.contract.wire``.
 
 Error replies never carry free text into the server's logs: ``sanitize_error`` reduces them to a
 short code (the reason text of a Flower error reply is the site's exception message, which may name
@@ -41,31 +27,11 @@ __all__ = ["PREFLIGHT", "TRAIN", "EVALUATE", "ARRAYS", "CONTROL", "METRICS", "CO
            "KEY_SPLIT", "NUM_EXAMPLES", "ConfigValue", "MetricValue", "Instruction", "Reply", "Transport",
            "sanitize_error", "arrays_nbytes", "FLOWER_ERROR_CODES"]
 
-# Message types (Flower's MessageType.QUERY is "query"; ".preflight" names our handler).
-PREFLIGHT = "query.preflight"
-TRAIN = "train"
-EVALUATE = "evaluate"
-
-# Record names in a message's RecordDict.
-ARRAYS = "arrays"
-CONTROL = "control"  # SCAFFOLD: the site's correction c - c_i (train) / the site's new c_i (reply)
-METRICS = "metrics"
-CONFIG = "config"
-SUMMARY = "summary"
-SUMMARY_JSON = "json"
-
-# Keys of the "config" ConfigRecord the server sends.
-KEY_EXPERIMENT = "experiment"  # resolved config YAML: yaml.safe_dump(smm_model.config.to_dict(cfg))
-KEY_SHARED = "shared"  # SharedStats.to_json()
-KEY_ROUND = "server-round"
-KEY_LR = "lr"
-KEY_LOCAL_EPOCHS = "local-epochs"
-KEY_LOCAL_STEPS = "local-steps"  # optimizer steps per round (0: local-epochs passes instead)
-KEY_PROXIMAL_MU = "proximal-mu"
-KEY_SPLIT = "split"  # "val" | "test"
-
-#: The weighting key of every train reply (Flower's ``weighted_by_key``).
-NUM_EXAMPLES = "num-examples"
+# The names on the wire live in the contract (both ends read them there); re-exported for the loop's
+# transports.
+from smm_model.contract.wire import (ARRAYS, CONFIG, CONTROL, EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS,  # noqa: E402
+                                     KEY_LOCAL_STEPS, KEY_LR, KEY_PROXIMAL_MU, KEY_ROUND, KEY_SHARED, KEY_SPLIT, METRICS,
+                                     NUM_EXAMPLES, PREFLIGHT, SUMMARY, SUMMARY_JSON, TRAIN)
 
 ConfigValue = int | float | str | bool | bytes
 MetricValue = int | float | list[int] | list[float]

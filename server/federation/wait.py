@@ -1,4 +1,4 @@
-"""A bounded wait for sites (reliability B2).
+"""A bounded wait for sites.
 
 Flower's ``sample_nodes`` polls ``grid.get_node_ids()`` once a second *forever* until enough nodes
 are connected: a hospital that goes down for good hangs the run. Here the wait has a deadline

@@ -51,15 +51,16 @@ import time
 import tomllib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
 from smm_model.config import ConfigError, DataConfig, ExperimentConfig, to_dict
+from smm_model.contract.runfolder import CONFIG_FILE, default_run_dir
+from smm_model.contract.sites import simulation_site_dirs
 
-__all__ = ["APP_DIR", "CONNECTION", "SimulationError", "count_sites", "site_dirs", "resolve_config",
+__all__ = ["APP_DIR", "CONNECTION", "SimulationError", "count_sites", "resolve_config",
            "dump_config", "write_run_config", "stage_app", "free_port", "flwr_env", "pids_with_env",
            "ProcessTracker", "Simulation", "main"]
 
@@ -78,29 +79,9 @@ class SimulationError(RuntimeError):
 # --------------------------------------------------------------------------------------------- #
 # configuration
 # --------------------------------------------------------------------------------------------- #
-def site_dirs(data: DataConfig) -> list[Path]:
-    """The simulated sites' folders, sorted: ``data.sites`` (relative ones under ``data.sites_root``)
-    or every subfolder of ``data.sites_root`` with a ``clinical.csv``.
-
-    The same rule as ``client.local.round.simulation_site_dirs``, which maps ``partition-id`` k to the
-    k-th folder; written out twice because server and client never import each other (a test
-    checks that both agree).
-    """
-    root = Path(data.sites_root) if data.sites_root else None
-    if data.sites:
-        dirs = [Path(s) if Path(s).is_absolute() or root is None else root / s for s in data.sites]
-    else:
-        if root is None:
-            raise ConfigError("data.sites_root: a simulation needs data.sites_root or data.sites")
-        if not root.is_dir():
-            raise ConfigError(f"data.sites_root: {root} is not a folder")
-        dirs = [p for p in root.iterdir() if p.is_dir() and (p / "clinical.csv").is_file()]
-    return sorted(dirs, key=lambda p: str(p))
-
-
 def count_sites(data: DataConfig) -> int:
     """Number of simulated sites; every listed folder must exist."""
-    dirs = site_dirs(data)
+    dirs = simulation_site_dirs(data)
     missing = [str(d) for d in dirs if not d.is_dir()]
     if missing:
         raise ConfigError(f"data.sites: site folder(s) not found: {', '.join(missing)}")
@@ -368,7 +349,7 @@ class Simulation:
     # -- steps --------------------------------------------------------------------------------
     def prepare(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        (self.run_dir / CONFIG_FILE).write_text(dump_config(self.cfg))
         # One private temporary folder (short: Ray puts Unix sockets under it) for FLWR_HOME, the
         # staged app and Ray's session files; removed when the simulation stops.
         self._tmp = Path(tempfile.mkdtemp(prefix="fedsmm-"))
@@ -409,7 +390,7 @@ class Simulation:
 
     def submit(self, n_sites: int) -> int:
         run_config = write_run_config(self.run_dir / "run-config.toml", {
-            "config-path": str((self.run_dir / "config.yaml").resolve()), "overrides": "",
+            "config-path": str((self.run_dir / CONFIG_FILE).resolve()), "overrides": "",
             "run-dir": str(self.run_dir.resolve()), "resume": bool(self.resume)})
         f = self.cfg.federation
         fed = (f"num-supernodes={n_sites} client-resources-num-cpus={f.client_cpus:g} "
@@ -594,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"smm simulate: {e}", file=sys.stderr)
         return 2
-    run_dir = args.run_dir or Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = args.run_dir or default_run_dir(cfg.name)
     run_dir = run_dir.resolve()
     sim = Simulation(cfg, run_dir, resume=args.resume, timeout_s=args.timeout)
     sim._say(f"run folder: {run_dir}")

@@ -1,4 +1,4 @@
-"""Server checkpoints: complete, atomic, checksummed, resumable (reliability 2.6, C2-C5).
+"""Server checkpoints: complete, atomic, checksummed, resumable.
 
 Flower's SuperLink database is orchestration state, not training state; ``Strategy.start`` has no
 start round. So the server writes its own checkpoint after every round::
@@ -14,8 +14,8 @@ round so far, the accepted site schema, and library versions.
 
 Write order: the round file (temp + fsync + rename), then the index (same), then pruning. A crash
 before the index is renamed leaves a file no index names; it is never loaded and is removed by
-the next save (C3). ``load_latest`` verifies each file against the index's sha256 and falls back,
-with an explicit warning, to the newest checkpoint that verifies (C4).
+the next save. ``load_latest`` verifies each file against the index's sha256 and falls back,
+with an explicit warning, to the newest checkpoint that verifies.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 
 from smm_model.contract.records import library_versions
 
+from smm_model.contract.runfolder import CHECKPOINT_DIR, CHECKPOINT_FORMAT
 from smm_model.contract.atomic import atomic_write_bytes, atomic_write_json, sha256_bytes
 
 __all__ = ["CHECKPOINT_DIR", "INDEX_FILE", "CheckpointError", "ServerState", "capture_rng", "restore_rng",
@@ -42,9 +43,8 @@ __all__ = ["CHECKPOINT_DIR", "INDEX_FILE", "CheckpointError", "ServerState", "ca
 
 log = logging.getLogger("fedsmm.server.checkpoint")
 
-CHECKPOINT_DIR = "checkpoints"
 INDEX_FILE = "index.json"
-_FORMAT = "fedsmm-server-checkpoint"
+_FORMAT = CHECKPOINT_FORMAT
 _INDEX_FORMAT = "fedsmm-checkpoint-index"
 _VERSION = 1
 _ROUND_FILE = re.compile(r"^round_(\d{4,})\.pt$")
@@ -223,7 +223,7 @@ def load_latest(run_dir: str | Path) -> ServerState | None:
     """The newest checkpoint that verifies, or None when the run has none.
 
     A checkpoint that is missing, truncated or fails its checksum is skipped with a warning that
-    names it, and the previous one is tried (C4); if none verifies, ``CheckpointError``.
+    names it, and the previous one is tried; if none verifies, ``CheckpointError``.
     """
     index = read_index(run_dir)
     if index is None or not index["checkpoints"]:

@@ -24,16 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from smm_model.contract.atomic import append_line, atomic_write_json, atomic_write_text, dumps
+from smm_model.contract.runfolder import CONFIG_FILE, FINAL_FILE, LOG_FILE, MODEL_FILE, ROUNDS_FILE
 
 __all__ = ["RunLog", "CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "LOG_FILE"]
 
 log = logging.getLogger("fedsmm.server.runlog")
 
-CONFIG_FILE = "config.yaml"
-ROUNDS_FILE = "rounds.jsonl"
-FINAL_FILE = "final_metrics.json"
-MODEL_FILE = "model.pt"
-LOG_FILE = "server.log"
 
 
 class RunLog:

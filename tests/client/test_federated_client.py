@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 
 import client.app as client_app
 from client.site.collate import collate_patients
-from client.local.round import (SharedGenomicsStats, SiteError, evaluate_round, load_site, preflight_summary,
-                              resolve_site_dir, risk_groups, simulation_site_dirs, train_round)
+from client.local.round import (SharedGenomicsStats, SiteError, evaluate_round, load_site, preflight_summary, resolve_site_dir, risk_groups, train_round)
+from smm_model.contract.sites import simulation_site_dirs
 from client.site.labels import SPLITS
 from client.cohorts.synth import CohortSpec, write_cohort
 from smm_model.config import ConfigError, ExperimentConfig
@@ -146,13 +146,6 @@ def test_patches_are_standardised_with_the_shared_statistics(cfg, sites):
     plain = site.dataset("val", grid_size=cfg.model.grid_size)
     normed = site.dataset("val", grid_size=cfg.model.grid_size, patch_norm=(mean, std))
     np.testing.assert_allclose(normed[0]["patches"], (plain[0]["patches"] - mean) / std, rtol=1e-5, atol=1e-5)
-
-
-def test_launcher_counts_the_same_sites(cohort, cfg):
-    """server/ops/simulate.py may not import the client side; its copy of the rule must agree."""
-    from server.ops.simulate import site_dirs
-    for c in (cfg, make_cfg(cohort, "data.sites=[site_2, site_1]")):
-        assert site_dirs(c.data) == simulation_site_dirs(c.data)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ import pytest
 import torch
 from test_federated_client import _two_threads, make_cfg  # noqa: F401  (the module's autouse fixture)
 
-from client.local.round import SiteError, preflight_summary, simulation_site_dirs, train_round
+from client.local.round import SiteError, preflight_summary, train_round
+
+from smm_model.contract.sites import simulation_site_dirs
 from client.cohorts.synth import CohortSpec, write_cohort
 from client.local.train import step_batches
 from smm_model.nn.model import build_model

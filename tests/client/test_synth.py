@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.site.folder import Manifest, SiteLayout, file_sha256, read_features
+from client.site.folder import Manifest, SiteLayout, read_features
+from smm_model.contract.atomic import sha256_file
 from client.cohorts.synth import CohortSpec, PatientState, Stain, draw_layout, main, render_slide, write_cohort
 
 SMALL = replace(CohortSpec(), sites=2, patients_per_site=6, seed=7, slide_size=1024)
@@ -99,7 +100,7 @@ def test_site_folders_are_complete_and_consistent(slide_cohort):
             Path(r).name for r in slides["path"])
         assert lay.features_dir.is_dir() and not any(lay.features_dir.iterdir())  # for `smm extract`
         m = Manifest.load(lay.manifest)
-        assert m.schema == {"gene_set": file_sha256(lay.geneset)[:16]} and m.slides == {}
+        assert m.schema == {"gene_set": sha256_file(lay.geneset)[:16]} and m.slides == {}
     assert "smm extract" in summary["next_step"]
     truth = pd.read_csv(slide_cohort / "truth.csv")
     assert len(truth) == SMALL.sites * SMALL.patients_per_site
@@ -183,13 +184,13 @@ def test_features_only_mode_writes_valid_files_with_checksums(feature_cohort, sl
         slides = pd.read_csv(lay.slides)
         assert list(slides.columns) == ["slide_id", "patient_id"]  # no images, no path
         m = Manifest.load(lay.manifest)
-        assert m.schema == {"gene_set": file_sha256(lay.geneset)[:16], "encoder": "synthetic",
+        assert m.schema == {"gene_set": sha256_file(lay.geneset)[:16], "encoder": "synthetic",
                             "weights_sha256": "synthetic", "feature_dim": 64}
         assert sorted(m.slides) == sorted(slides["slide_id"])
         for sid in slides["slide_id"]:
             feats, coords, attrs = read_features(lay.feature_file(sid))
             rec = m.slides[sid]
-            assert rec["status"] == "done" and rec["checksum"] == file_sha256(lay.feature_file(sid))
+            assert rec["status"] == "done" and rec["checksum"] == sha256_file(lay.feature_file(sid))
             assert rec["n_patches"] == len(feats) >= 1 and feats.shape[1] == 64
             assert attrs == {"encoder": "synthetic", "weights_sha256": "synthetic", "feature_dim": 64,
                              "patch_size": 224, "mpp": 0.5, "level": 0}

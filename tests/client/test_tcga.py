@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.site.folder import Manifest, SiteLayout, file_sha256, write_features
+from client.site.folder import Manifest, SiteLayout, write_features
+from smm_model.contract.atomic import sha256_file
 from client.cohorts.tcga import main
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -172,7 +173,7 @@ def _gene_set_checks(out: Path, raw: dict[str, pd.DataFrame], feats: list[str]) 
         assert np.array_equal(g.set_index("patient_id")[feats].to_numpy(), pat.loc[g["patient_id"], feats].to_numpy())
         assert list(s["geneset"]["feature"]) == feats
         m = Manifest.load(out / name / "manifest.json")
-        assert m.schema["gene_set"] == file_sha256(out / name / "geneset.csv")[:16]
+        assert m.schema["gene_set"] == sha256_file(out / name / "geneset.csv")[:16]
     gs = s["geneset"].set_index("feature")["subspace"]
     group = {c: set(sig[c].dropna()) for c in sig.columns}
     micro = group["Cytokines and Growth Factors"] | group["Cell Differentiation Markers"]
@@ -250,7 +251,7 @@ def test_feature_files_are_linked_and_recorded(cohort, raw):
     for site in (p for p in cohort.iterdir() if p.is_dir()):
         lay, m = SiteLayout(site), Manifest.load(site / "manifest.json")
         for sid, rec in m.slides.items():
-            assert rec["status"] == "done" and rec["checksum"] == file_sha256(lay.feature_file(sid))
+            assert rec["status"] == "done" and rec["checksum"] == sha256_file(lay.feature_file(sid))
             assert rec["n_patches"] == 5 and sid in set(sids.iloc[:N_FEATURE_FILES])
             assert m.schema["encoder"] == "resnet50_trunc" and m.schema["feature_dim"] == 8
             found += 1

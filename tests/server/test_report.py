@@ -337,13 +337,6 @@ def test_roc_curves_from_histograms_have_the_recorded_auc():
         assert np.trapezoid(tpr, fpr) == pytest.approx(auc.values[f"auc_class_{c}"], abs=1e-12)
 
 
-def test_class_names_match_the_site_labels():
-    from client.site.labels import DIAGNOSES, GRADES
-
-    assert CLASS_NAMES["diagnosis"] == DIAGNOSES
-    assert CLASS_NAMES["grade"] == tuple(f"WHO grade {g}" for g in GRADES)
-
-
 def test_the_fixture_follows_the_eval_contract():
     """The hand-made records carry what server.federation.loop's records carry (guards the tests' own input)."""
     rng = np.random.default_rng(0)

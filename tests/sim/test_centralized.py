@@ -22,7 +22,7 @@ import client.app as client_app
 import client.baselines.runfolder as rf
 from client.baselines.centralized import run_centralized
 from client.baselines.evaluate import evaluate_sites, load_model_file
-from client.local.round import simulation_site_dirs
+from smm_model.contract.sites import simulation_site_dirs
 from sim_cohort import SMALL, write_features_cohort
 from smm_model.cli import main as smm
 from smm_model.config import ExperimentConfig
@@ -77,23 +77,10 @@ def rounds_of(run_dir: Path) -> list[dict]:
 
 def test_centralized_writes_the_federated_run_folder_format(cohort, central, tmp_path, monkeypatch):
     from server.federation import loop
-    from server.runs import checkpoint, runlog
-    from smm_model.contract import atomic
+    from smm_model.contract.runfolder import CHECKPOINT_DIR
     from test_contract_inprocess import InProcessFlower
 
-    # The constants the site side repeats agree with the server's.
-    assert (rf.CONFIG_FILE, rf.ROUNDS_FILE, rf.FINAL_FILE, rf.MODEL_FILE) == (
-        runlog.CONFIG_FILE, runlog.ROUNDS_FILE, runlog.FINAL_FILE, runlog.MODEL_FILE)
-    assert rf.MODEL_FORMAT == loop.MODEL_FORMAT and rf.C_INDEX_NOTE == loop.C_INDEX_NOTE
-    assert rf.CHECKPOINT_FORMAT == checkpoint._FORMAT
     cfg = cfg_for(cohort)
-    for r in range(1, 6):
-        assert rf.round_lr(cfg.train, 5, r) == loop.round_lr(cfg.train, 5, r)
-    for metric in ("loss", "diagnosis.auc", "survival.logrank_p", "survival.c_index"):
-        c = cfg_for(cohort, f"federation.selection_metric={metric}")
-        assert rf.selection_lower_is_better(c) == loop.selection_lower_is_better(c)
-    obj = {"a": [np.float32(1.5), float("nan")], "b": {1: np.int64(3)}}
-    assert rf.dumps(obj) == atomic.dumps(obj)
     assert (central / rf.CONFIG_FILE).read_text() == loop.resolved_config_text(cfg)
 
     # A (one-round) federated run of the same cohort through the real ClientApp.
@@ -128,7 +115,7 @@ def test_centralized_writes_the_federated_run_folder_format(cohort, central, tmp
     assert fed_model["schema"] == our_model["schema"] and fed_model["shared"] == our_model["shared"]
     assert fed_model["model_config"] == our_model["model_config"]
     # smm evaluate reads a server checkpoint too.
-    ck = load_model_file(fed_dir / checkpoint.CHECKPOINT_DIR / "round_0001.pt")
+    ck = load_model_file(fed_dir / CHECKPOINT_DIR / "round_0001.pt")
     out = evaluate_sites(ck, list(sites_of(cfg).values()), tmp_path / "ev-ck", "val")
     assert same_metrics(out["test"]["global"], fed_rounds[1]["val"]["global"])
 

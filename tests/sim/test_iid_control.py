@@ -15,7 +15,7 @@ import torch
 import client.app as client_app
 import client.baselines.runfolder as rf
 from client.baselines.centralized import run_centralized
-from client.local.round import simulation_site_dirs
+from smm_model.contract.sites import simulation_site_dirs
 from server.federation.loop import run_federation
 from sim_cohort import IID, SMALL, write_features_cohort
 from smm_model.config import ExperimentConfig

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from server.ops.simulate import (APP_DIR, ProcessTracker, dump_config, free_port, main, pids_with_env, resolve_config,
-                             site_dirs, stage_app, write_run_config)
+from server.ops.simulate import (APP_DIR, ProcessTracker, count_sites, dump_config, free_port, main, pids_with_env,
+                                 resolve_config, stage_app, write_run_config)
 from sim_cohort import SMALL, write_features_cohort
 from smm_model.config import ConfigError
 
@@ -33,7 +33,7 @@ def test_config_is_resolved_with_absolute_site_paths(cohort, tmp_path, monkeypat
     monkeypatch.chdir(cohort.parent)
     cfg = resolve_config(write_config(tmp_path / "c.yaml", cohort.name), SMALL)
     assert Path(cfg.data.sites_root) == cohort.resolve()
-    assert len(site_dirs(cfg.data)) == 3
+    assert count_sites(cfg.data) == 3
     text = dump_config(cfg)  # reads back as the same config (checked inside)
     assert str(cohort.resolve()) in text and "rounds: 2" in text
     with pytest.raises(ConfigError, match="federation.min_nodes"):
@@ -104,5 +104,7 @@ def test_tracker_stops_a_whole_process_tree_by_pid():
 def test_free_port_is_bindable():
     import socket
     port = free_port()
+    assert isinstance(port, int) and 1024 <= port <= 65535  # a real unprivileged port, never 0 ("any")
     with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+        s.bind(("127.0.0.1", port))  # OSError if the port were still taken
+        assert s.getsockname() == ("127.0.0.1", port)

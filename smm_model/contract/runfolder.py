@@ -1,0 +1,53 @@
+"""The run folder's format: what every run leaves behind, whoever wrote it.
+
+A federated run (``server.runs.runlog``, ``server.federation.loop``), a centralized or local-only
+run and a local evaluation (``client.baselines``) leave the same files, so that ``smm report`` and
+the benchmarks read them alike::
+
+    <run_dir>/config.yaml          the resolved configuration
+    <run_dir>/rounds.jsonl         one JSON object per round (0 = the initial model), in order
+    <run_dir>/final_metrics.json   best round, selection metric, test metrics (global + per site)
+    <run_dir>/model.pt             the selected model: format, weights, model_config, schema, shared, ...
+    <run_dir>/checkpoints/         server checkpoints (federated runs; server.runs.checkpoint)
+    <run_dir>/server.log           the server's log lines (federated runs)
+
+JSON is strict: an undefined metric is ``null`` with its reason beside it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+__all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "LOG_FILE", "LOCAL_ONLY_FILE", "CHECKPOINT_DIR", "MODEL_FORMAT",
+           "CHECKPOINT_FORMAT", "C_INDEX_NOTE", "FINAL_KEYS", "FEDERATED_KEYS", "RUNS_DIR", "default_run_dir"]
+
+CONFIG_FILE = "config.yaml"
+ROUNDS_FILE = "rounds.jsonl"
+FINAL_FILE = "final_metrics.json"
+MODEL_FILE = "model.pt"
+LOG_FILE = "server.log"
+#: A local-only run's summary over its per-site run folders (``RUN_DIR/local/<site>/``).
+LOCAL_ONLY_FILE = "local_only.json"
+CHECKPOINT_DIR = "checkpoints"
+#: ``model.pt``'s ``format`` field, and a server checkpoint's.
+MODEL_FORMAT = "fedsmm-model"
+CHECKPOINT_FORMAT = "fedsmm-server-checkpoint"
+#: What ``survival.c_index`` means in every run's results (a site cannot pair its patients with another's).
+C_INDEX_NOTE = ("survival.c_index is the within-site C-index: concordance pairs are formed within each site only "
+                "(a site cannot compare its patients with another site's), and the pair counts are summed over sites")
+#: The keys every run folder's final_metrics.json has (federated, centralized, local-only).
+FINAL_KEYS = ("mode", "run", "rounds", "best_round", "selection_metric", "selection_value", "lower_is_better",
+              "selection_note", "test", "suppressed_sites", "notes", "sites", "refused_sites", "skipped_rounds",
+              "model", "versions", "wall_s", "config_sha256", "site_info")
+#: The keys only a federated run adds.
+FEDERATED_KEYS = ("strategy", "bytes", "resumed_after_round")
+#: Where a run goes when no folder is named (relative to the working directory).
+RUNS_DIR = Path("runs")
+
+
+def default_run_dir(name: str, kind: str | None = None, now: datetime | None = None) -> Path:
+    """``runs/<name>[-<kind>]-<UTC time>``: the folder of a run that was given none. One clock (UTC)
+    for every command, so folders sort in the order the runs started wherever they ran."""
+    stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return RUNS_DIR / "-".join(p for p in (name, kind, stamp) if p)

@@ -1,0 +1,34 @@
+"""Which site folders a simulated federation has: the one rule both sides apply.
+
+The launcher (``server.ops.simulate``) counts the simulated sites with it, and each simulated
+ClientApp (``client.local.round.resolve_site_dir``) maps its ``partition-id`` k to the k-th folder
+of the same list; if the two differed, a site would be trained twice and another never. The rule
+reads the folder names on disk only, never a file's content.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from smm_model.config import ConfigError, DataConfig
+
+__all__ = ["CLINICAL_FILE", "simulation_site_dirs"]
+
+#: The file that makes a folder a site folder (its patients and labels; client/site/folder.py).
+CLINICAL_FILE = "clinical.csv"
+
+
+def simulation_site_dirs(data: DataConfig) -> list[Path]:
+    """The site folders of a simulated federation, sorted, so that ``partition-id`` k is always the
+    same folder: ``data.sites`` (relative ones under ``data.sites_root``) or, when it is empty, every
+    subfolder of ``data.sites_root`` holding a ``clinical.csv``."""
+    root = Path(data.sites_root) if data.sites_root else None
+    if data.sites:
+        dirs = [Path(s) if Path(s).is_absolute() or root is None else root / s for s in data.sites]
+    else:
+        if root is None:
+            raise ConfigError("data.sites_root: a simulation needs data.sites_root or data.sites")
+        if not root.is_dir():
+            raise ConfigError(f"data.sites_root: {root} is not a folder")
+        dirs = [p for p in root.iterdir() if p.is_dir() and (p / CLINICAL_FILE).is_file()]
+    return sorted(dirs, key=lambda p: str(p))

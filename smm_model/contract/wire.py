@@ -1,0 +1,57 @@
+"""The names on the wire: message types, record names and config keys, in one place.
+
+Both ends of a message read these names from here: the ServerApp's transport
+(``server.federation.messages`` and ``server.app``) when it builds an instruction and reads a
+reply, the ClientApp (``client.app``) when it reads an instruction and builds the reply. A key
+changed here changes on both sides at once.
+
+==================  =======================================================================
+message_type        config keys -> reply content
+==================  =======================================================================
+``query.preflight`` ``experiment`` -> ConfigRecord ``"summary"`` = {``json``: SiteSummary JSON}
+``train``           ``experiment, shared, server-round, lr, local-epochs, local-steps, proximal-mu``
+                    + arrays [+ ArrayRecord ``"control"``: SCAFFOLD's correction c - c_i]
+                    -> ArrayRecord ``"arrays"`` [+ ``"control"``: the site's new control
+                    variate] + MetricRecord ``"metrics"`` (``num-examples``, ``train-loss``,
+                    ``steps``, ``seconds``, ``coord-<task>-{tumour,micro,conflicts}``)
+``evaluate``        ``experiment, shared, server-round, split`` + arrays
+                    -> MetricRecord ``"metrics"`` = ``EvalStats.to_record()``
+==================  =======================================================================
+"""
+
+from __future__ import annotations
+
+__all__ = ["PREFLIGHT", "PREFLIGHT_HANDLER", "TRAIN", "EVALUATE", "ARRAYS", "CONTROL", "METRICS", "CONFIG", "SUMMARY",
+           "SUMMARY_JSON", "KEY_EXPERIMENT", "KEY_SHARED", "KEY_ROUND", "KEY_LR", "KEY_LOCAL_EPOCHS", "KEY_LOCAL_STEPS",
+           "KEY_PROXIMAL_MU", "KEY_SPLIT", "NUM_EXAMPLES", "TRAIN_LOSS", "STEPS", "SECONDS"]
+
+# Message types (Flower's MessageType.QUERY is "query"; ".preflight" names our handler).
+PREFLIGHT_HANDLER = "preflight"
+PREFLIGHT = f"query.{PREFLIGHT_HANDLER}"
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+# Record names in a message's RecordDict.
+ARRAYS = "arrays"
+CONTROL = "control"  # SCAFFOLD: the site's correction c - c_i (train) / the site's new c_i (reply)
+METRICS = "metrics"
+CONFIG = "config"
+SUMMARY = "summary"
+SUMMARY_JSON = "json"
+
+# Keys of the "config" ConfigRecord the server sends.
+KEY_EXPERIMENT = "experiment"  # resolved config YAML: smm_model.contract.protocol.config_text(cfg)
+KEY_SHARED = "shared"  # SharedStats.to_json()
+KEY_ROUND = "server-round"
+KEY_LR = "lr"
+KEY_LOCAL_EPOCHS = "local-epochs"
+KEY_LOCAL_STEPS = "local-steps"  # optimizer steps per round (0: local-epochs passes instead)
+KEY_PROXIMAL_MU = "proximal-mu"
+KEY_SPLIT = "split"  # "val" | "test"
+
+# Keys of a train reply's "metrics" MetricRecord.
+#: The weighting key of every train reply (Flower's ``weighted_by_key``).
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+STEPS = "steps"
+SECONDS = "seconds"
