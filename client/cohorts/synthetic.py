@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from client.site.labels import assign_bins, survival_bin_edges
+
 __all__ = ["SynthSpec", "Prototypes", "CLASS_PRIOR", "synthetic_patients", "survival_bin_edges",
-           "assign_bins"]
+           "assign_bins"]  # the survival bins are the labels module's, re-exported for the cohort writer
 
 # Class priors: GBM, astrocytoma G4, lower-grade astrocytoma, oligodendroglioma.
 CLASS_PRIOR = np.array([0.4, 0.12, 0.28, 0.2])
@@ -85,19 +87,6 @@ class Prototypes:
         tumour_mu = signal * (self.patch_class[y] + 0.8 * prolif * self.patch_prolif)
         stroma_mu = signal * (self.patch_stroma + immune * self.patch_immune)
         return tumour_mu, stroma_mu
-
-
-def survival_bin_edges(time: np.ndarray, event: np.ndarray, n_bins: int) -> np.ndarray:
-    """Inner bin edges (n_bins - 1) at quantiles of the observed-event times (training data only)."""
-    t = np.asarray(time, dtype=float)[np.asarray(event) > 0]
-    if t.size == 0:
-        t = np.asarray(time, dtype=float)
-    return np.quantile(t, np.linspace(0, 1, n_bins + 1)[1:-1])
-
-
-def assign_bins(time: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Bin index per time: 0 if t < edges[0], ..., len(edges) if t >= edges[-1]."""
-    return np.searchsorted(np.asarray(edges, dtype=float), np.asarray(time, dtype=float), side="right")
 
 
 def _tissue_cells(rng: np.random.Generator, n: int) -> np.ndarray:

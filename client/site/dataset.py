@@ -49,11 +49,10 @@ import pandas as pd
 import torch.utils.data
 
 from client.site.genomics import GeneSet, GenomicsData, GenomicsStats, load_genomics, read_geneset
-from client.site.labels import DIAGNOSES, GRADES, SPLITS, ClinicalLabels, read_clinical
+from client.site.labels import DIAGNOSES, GRADES, SPLITS, ClinicalLabels, assign_bins, read_clinical, survival_bin_edges
 from client.site.folder import FeatureFileError, Manifest, SiteLayout, read_features
 from smm_model.contract.atomic import sha256_file
 from client.site.splits import Splits, make_splits
-from client.cohorts.synthetic import assign_bins, survival_bin_edges
 from client.site.validation import Report, SiteDataError, preview
 from smm_model.config import DataConfig
 

@@ -72,6 +72,20 @@ def _f(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def survival_bin_edges(time: np.ndarray, event: np.ndarray, n_bins: int) -> np.ndarray:
+    """Inner bin edges (n_bins - 1) at quantiles of the observed-event times (training data only):
+    the discrete-time survival labels every site and the synthetic cohort writer use."""
+    t = np.asarray(time, dtype=float)[np.asarray(event) > 0]
+    if t.size == 0:
+        t = np.asarray(time, dtype=float)
+    return np.quantile(t, np.linspace(0, 1, n_bins + 1)[1:-1])
+
+
+def assign_bins(time: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin index per time: 0 if t < edges[0], ..., len(edges) if t >= edges[-1]."""
+    return np.searchsorted(np.asarray(edges, dtype=float), np.asarray(time, dtype=float), side="right")
+
+
 def diagnosis_mask_reasons(idh, codel, cdkn2ab, grade) -> np.ndarray:
     """Why ``who2021_diagnosis`` is -1, per patient (object array; None where it is decided)."""
     idh, codel, cdkn, grade = _f(idh), _f(codel), _f(cdkn2ab), _f(grade)

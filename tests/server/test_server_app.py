@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from server_fakes import SENTINEL, FakeSite, config
 
@@ -26,11 +27,29 @@ from smm_model.config import ConfigError
 
 
 @pytest.fixture
-def task_identity(monkeypatch):
-    """Flower builds instruction Messages from the running task's identity; pretend to be one."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def task_identity():
+    """Be the running ServerApp task, as Flower's runtime is before it calls ``main``.
+
+    ``server.app.instruction_message`` uses Flower's public instruction constructor
+    ``Message(content, dst_node_id, message_type, ...)``, which stamps ``run_id``, ``src_node_id``
+    and ``src_task_id`` from ``TaskIdentity``; its getters raise while no Flower runtime has set it
+    (``flwr.superlink.runtime.run_serverapp`` does, as do ``run_simulation`` and ``start_grid``). flwr
+    1.42 has no public API to set it, so this does what those runtimes do: assign through
+    ``TaskIdentity``'s property setters (never its private attributes), and restores the previous
+    identity afterwards (unset = None, which is what the setters store for "not set")."""
+    names = ("run_id", "node_id", "task_id")
+
+    def current(name: str) -> int | None:
+        try:
+            return getattr(TaskIdentity, name)
+        except RuntimeError:  # "TaskIdentity.<name> is not set."
+            return None
+
+    saved = {name: current(name) for name in names}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    yield
+    for name, value in saved.items():
+        setattr(TaskIdentity, name, value)
 
 
 class FakeGrid:
