@@ -8,23 +8,16 @@ node id). Every file is written through ``smm_model.contract.atomic`` (fsynced, 
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from smm_model.config import ExperimentConfig, to_dict
+from smm_model.config import ExperimentConfig
 from smm_model.contract.protocol import EvalStats, config_text, metrics_from_eval, round_lr, selection_lower_is_better
 from smm_model.contract.atomic import append_line, atomic_write_bytes, atomic_write_json
 from smm_model.contract.records import dumps, library_versions
 from smm_model.contract.runfolder import (C_INDEX_NOTE, CHECKPOINT_FORMAT, CONFIG_FILE, FEDERATED_KEYS, FINAL_FILE,
-                                          FINAL_KEYS, MODEL_FILE, MODEL_FORMAT, ROUNDS_FILE)
+                                          FINAL_KEYS, MODEL_FILE, MODEL_FORMAT, ROUNDS_FILE, model_payload, write_model)
 
 __all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "MODEL_FORMAT", "CHECKPOINT_FORMAT",
            "C_INDEX_NOTE", "FINAL_KEYS", "FEDERATED_KEYS", "config_text", "selection_lower_is_better", "round_lr", "eval_record",
@@ -57,8 +50,6 @@ def eval_record(split: str, stats: Mapping[str, EvalStats], cfg: ExperimentConfi
             "suppressed": suppressed, "dropped": []}
 
 
-
-
 # --- strict JSON ---------------------------------------------------------------------------------------
 
 def write_json(path: Path, obj: Any) -> None:
@@ -68,26 +59,3 @@ def write_json(path: Path, obj: Any) -> None:
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
     """Append one whole, fsynced line (``smm_model.contract.atomic.append_line``)."""
     append_line(path, dumps(record))
-
-
-# --- model.pt -------------------------------------------------------------------------------------------
-
-def model_payload(weights: Mapping[str, torch.Tensor], cfg: ExperimentConfig, schema: Mapping[str, Any],
-                  shared_json: str, best_round: int, best_value: float | None) -> dict[str, Any]:
-    """``model.pt``'s content, as a federated run writes it (server.federation.loop)."""
-    return {"format": MODEL_FORMAT, "version": 1,
-            "weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
-            "model_config": to_dict(cfg.model), "schema": dict(schema), "shared": shared_json,
-            "config": config_text(cfg), "round": int(best_round),
-            "selection_metric": cfg.federation.selection_metric,
-            "selection_value": None if best_value is None or not math.isfinite(best_value) else float(best_value),
-            "versions": library_versions()}
-
-
-def write_model(path: Path, payload: Mapping[str, Any]) -> str:
-    """Write ``model.pt`` atomically; returns its sha256."""
-    buf = io.BytesIO()
-    torch.save(dict(payload), buf)
-    data = buf.getvalue()
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()

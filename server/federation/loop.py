@@ -28,7 +28,6 @@ A ``transport`` has ``node_ids() -> list[int]`` and ``send(list[Instruction]) ->
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 import time
@@ -51,11 +50,11 @@ from smm_model.contract.protocol import (HISTOLOGY_FIELDS, PROTOCOL_VERSION, SCH
                                 metrics_from_eval)
 from smm_model.contract.stats import GenomicsStats
 
-from smm_model.contract.atomic import atomic_write_bytes, sha256_bytes
+from smm_model.contract.atomic import sha256_bytes
 from server.runs.checkpoint import (CHECKPOINT_DIR, INDEX_FILE, ServerState, capture_rng, library_versions, load_checkpoint,
                          load_latest, restore_rng, save_checkpoint)
 from server.aggregation.guard import guard_eval_replies
-from smm_model.contract.runfolder import C_INDEX_NOTE, MODEL_FORMAT
+from smm_model.contract.runfolder import C_INDEX_NOTE, MODEL_FORMAT, model_payload, write_model
 from server.federation.messages import Instruction, Reply, Transport
 from smm_model.contract.wire import (EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LOCAL_STEPS, KEY_LR, KEY_PROXIMAL_MU,
                                      KEY_ROUND, KEY_SHARED, KEY_SPLIT, PREFLIGHT, SUMMARY, SUMMARY_JSON, TRAIN)
@@ -563,21 +562,9 @@ class FederationRun:
         return final
 
     def _write_model(self, weights: Mapping[str, np.ndarray], best_round: int, best_value: float | None) -> str:
-        """``model.pt``: the selected weights with what is needed to use them safely elsewhere
-        (model config to rebuild the network, the accepted site schema so ``smm evaluate`` can refuse
-        a mismatching site, the shared statistics to preprocess a site the same way)."""
-        payload = {"format": MODEL_FORMAT, "version": 1,
-                   "weights": {k: torch.from_numpy(np.array(v, copy=True)) for k, v in weights.items()},
-                   "model_config": to_dict(self.cfg.model), "schema": dict(self.schema),
-                   "shared": self.shared_json, "config": self.config_text, "round": int(best_round),
-                   "selection_metric": self.fed.selection_metric,
-                   "selection_value": None if best_value is None else float(best_value),
-                   "versions": library_versions()}
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        data = buf.getvalue()
-        atomic_write_bytes(self.runlog.model_path, data)
-        return sha256_bytes(data)
+        """``model.pt`` of the selected round (``smm_model.contract.runfolder.model_payload``)."""
+        return write_model(self.runlog.model_path, model_payload(weights, self.cfg, self.schema, self.shared_json,
+                                                                  best_round, best_value))
 
     # -- the whole run
 

@@ -16,11 +16,24 @@ JSON is strict: an undefined metric is ``null`` with its reason beside it.
 
 from __future__ import annotations
 
+import io
+import math
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smm_model.config import ExperimentConfig, to_dict
+from smm_model.contract.atomic import atomic_write_bytes, sha256_bytes
+from smm_model.contract.protocol import config_text
+from smm_model.contract.records import library_versions
 
 __all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "LOG_FILE", "LOCAL_ONLY_FILE", "CHECKPOINT_DIR", "MODEL_FORMAT",
-           "CHECKPOINT_FORMAT", "C_INDEX_NOTE", "FINAL_KEYS", "FEDERATED_KEYS", "RUNS_DIR", "default_run_dir"]
+           "CHECKPOINT_FORMAT", "C_INDEX_NOTE", "FINAL_KEYS", "FEDERATED_KEYS", "RUNS_DIR", "default_run_dir",
+           "model_payload", "write_model"]
 
 CONFIG_FILE = "config.yaml"
 ROUNDS_FILE = "rounds.jsonl"
@@ -51,3 +64,28 @@ def default_run_dir(name: str, kind: str | None = None, now: datetime | None = N
     for every command, so folders sort in the order the runs started wherever they ran."""
     stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return RUNS_DIR / "-".join(p for p in (name, kind, stamp) if p)
+
+
+def model_payload(weights: Mapping[str, torch.Tensor | np.ndarray], cfg: ExperimentConfig, schema: Mapping[str, Any],
+                  shared_json: str, best_round: int, best_value: float | None) -> dict[str, Any]:
+    """``model.pt``'s content, whoever selected the model (the federation loop, a pooled run): the
+    weights with what is needed to use them safely elsewhere (the model config to rebuild the
+    network, the accepted site schema so ``smm evaluate`` can refuse a mismatching site, the shared
+    statistics to preprocess a site the same way). Weights are copied (tensors or arrays)."""
+    return {"format": MODEL_FORMAT, "version": 1,
+            "weights": {k: torch.from_numpy(np.array(v, copy=True)) if isinstance(v, np.ndarray)
+                        else v.detach().cpu().clone() for k, v in weights.items()},
+            "model_config": to_dict(cfg.model), "schema": dict(schema), "shared": shared_json,
+            "config": config_text(cfg), "round": int(best_round),
+            "selection_metric": cfg.federation.selection_metric,
+            "selection_value": None if best_value is None or not math.isfinite(best_value) else float(best_value),
+            "versions": library_versions()}
+
+
+def write_model(path: Path, payload: Mapping[str, Any]) -> str:
+    """Write ``model.pt`` atomically; returns its sha256."""
+    buf = io.BytesIO()
+    torch.save(dict(payload), buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
