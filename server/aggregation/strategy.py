@@ -1,12 +1,16 @@
-"""The aggregation strategy: Flower's math behind our guards.
+"""The aggregation strategy: Flower's averaging behind our guards, with our own server optimisers.
 
-``build_strategy`` maps ``federation.strategy`` to a Flower Message-API strategy; ``GuardedStrategy``
-is what the server loop calls each round. It runs the guards of ``server.aggregation.guard`` on neutral
-``Reply`` objects, hands the surviving replies to the Flower strategy's ``aggregate_train`` (so
-FedAvg, FedMedian, Krum, FedAdam... are Flower's own, tested implementations) and checks what comes
-back. It is not a ``flwr`` ``Strategy`` subclass: the loop does its own sampling, messaging, waiting
-and evaluation (Flower's ``Strategy.start`` waits for nodes forever and lets one malformed reply end
-the run), and only borrows the aggregation.
+``build_strategy`` maps ``federation.strategy`` to an ``AggregationRule``: a Flower Message-API
+strategy that combines the replies (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum:
+Flower's own, tested implementations, all stateless between rounds) and, for FedAvgM, FedAdam,
+FedYogi and FedAdagrad, a server optimiser of ours (``server.aggregation.server_opt``) that steps
+along FedAvg's mean and owns its moments. ``GuardedStrategy`` is what the server loop calls each
+round: it runs the guards of ``server.aggregation.guard`` on neutral ``Reply`` objects, hands the
+survivors to the Flower strategy's public ``aggregate_train``, applies the server step and checks
+the result. It is not a ``flwr`` ``Strategy`` subclass: the loop does its own sampling, messaging,
+waiting and evaluation (Flower's ``Strategy.start`` waits for nodes forever and lets one malformed
+reply end the run), and only borrows the aggregation. Nothing here reads or writes a Flower
+strategy's attributes beyond its constructor arguments.
 
 This module and ``server.app`` are the only server modules that import ``flwr``.
 """
@@ -22,28 +26,19 @@ from typing import Any
 
 import numpy as np
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
-                                     Krum, MultiKrum, Strategy)
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from smm_model.config import ConfigError, FederationConfig, TrainConfig
 
 from server.aggregation.guard import control_norms, flag_outliers, guard_replies, update_norms
+from server.aggregation.server_opt import ServerOptimizer, build_server_optimizer
 from server.federation.messages import Reply
 from smm_model.contract.wire import ARRAYS, METRICS, NUM_EXAMPLES
 
-__all__ = ["build_strategy", "GuardedStrategy", "AggregateOutcome", "strategy_state", "restore_strategy_state",
-           "set_current_arrays", "ControlVariates", "OPTIMIZER_STATE_ATTRS", "DEFAULT_SERVER_LR"]
+__all__ = ["build_strategy", "AggregationRule", "GuardedStrategy", "AggregateOutcome", "strategy_state",
+           "restore_strategy_state", "ControlVariates"]
 
 log = logging.getLogger("fedsmm.server.strategy")
-
-#: What the FedOpt family (FedAdam, FedYogi, FedAdagrad) keeps between rounds in flwr 1.42
-#: (``flwr/serverapp/strategy/fedopt.py``): the arrays sent this round and the first and second
-#: moments, each a ``dict[str, ndarray]`` or None before the first aggregation.
-OPTIMIZER_STATE_ATTRS = ("current_arrays", "m_t", "v_t")
-#: Server learning rates when ``federation.server_lr`` is null: FedOpt's customary eta, and plain
-#: averaging for FedAvgM.
-DEFAULT_SERVER_LR = {"fedopt": 0.01, "fedavgm": 1.0}
-
 
 class ControlVariates:
     """SCAFFOLD's server side (Karimireddy et al. 2020): each site's latest control variate c_i and
@@ -101,8 +96,26 @@ class ControlVariates:
                       for n, v in (state.get("sites") or {}).items()}
 
 
-def build_strategy(fed: FederationConfig, train: TrainConfig | None = None, n_sites: int | None = None) -> Strategy:
-    """The Flower strategy named by ``fed.strategy``, configured from the run's config.
+@dataclass
+class AggregationRule:
+    """What ``federation.strategy`` names: a Flower strategy that combines the replies (FedAvg's
+    weighted mean, FedMedian, FedTrimmedAvg, (Multi)Krum, FedProx) and, for FedAvgM and the FedOpt
+    family, a server optimiser of our own (``server.aggregation.server_opt``) stepping from the
+    round's global model along FedAvg's mean. Flower's strategies are used only where they hold no
+    state between rounds, so a checkpoint holds exactly the state this server owns."""
+
+    averaging: Strategy
+    server_opt: ServerOptimizer | None = None
+
+    @property
+    def name(self) -> str:
+        """The class name recorded in checkpoints (FedAvg, FedAdam, Krum...)."""
+        return self.server_opt.name if self.server_opt is not None else type(self.averaging).__name__
+
+
+def build_strategy(fed: FederationConfig, train: TrainConfig | None = None, n_sites: int | None = None
+                   ) -> AggregationRule:
+    """The aggregation ``fed.strategy`` names, configured from the run's config.
 
     ``train`` supplies FedProx's ``proximal_mu`` and FedOpt's client learning rate ``eta_l``
     (defaults: ``TrainConfig()``). With ``n_sites``, the site-count constraints are checked first
@@ -115,82 +128,44 @@ def build_strategy(fed: FederationConfig, train: TrainConfig | None = None, n_si
     common: dict[str, Any] = dict(fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                                   min_train_nodes=fed.min_nodes, min_evaluate_nodes=fed.min_nodes,
                                   min_available_nodes=fed.min_nodes)
-    opt = dict(eta=fed.server_lr if fed.server_lr is not None else DEFAULT_SERVER_LR["fedopt"], eta_l=train.lr,
-               tau=fed.server_tau)
     name = fed.strategy
-    if name in ("fedavg", "scaffold"):  # SCAFFOLD: FedAvg of the weights + ControlVariates
-        return FedAvg(**common)
-    if name == "fedavgm":
-        return FedAvgM(**common, server_momentum=fed.server_momentum,
-                       server_learning_rate=fed.server_lr if fed.server_lr is not None else DEFAULT_SERVER_LR["fedavgm"])
+    server_opt = build_server_optimizer(fed, train.lr)
+    if server_opt is not None or name in ("fedavg", "scaffold"):  # SCAFFOLD: FedAvg + ControlVariates
+        return AggregationRule(FedAvg(**common), server_opt)
     if name == "fedprox":
-        return FedProx(**common, proximal_mu=train.proximal_mu)
-    if name == "fedadam":
-        return FedAdam(**common, **opt, beta_1=fed.server_beta_1, beta_2=fed.server_beta_2)
-    if name == "fedyogi":
-        return FedYogi(**common, **opt, beta_1=fed.server_beta_1, beta_2=fed.server_beta_2)
-    if name == "fedadagrad":
-        return FedAdagrad(**common, **opt)
+        return AggregationRule(FedProx(**common, proximal_mu=train.proximal_mu))
     if name == "fedmedian":
-        return FedMedian(**common)
+        return AggregationRule(FedMedian(**common))
     if name == "fedtrimmedavg":
-        return FedTrimmedAvg(**common, beta=fed.trimmed_beta)
+        return AggregationRule(FedTrimmedAvg(**common, beta=fed.trimmed_beta))
     if name == "krum":
-        return Krum(**common, num_malicious_nodes=fed.krum_byzantine)
+        return AggregationRule(Krum(**common, num_malicious_nodes=fed.krum_byzantine))
     if name == "multikrum":
         keep = fed.multikrum_keep or (max(1, n_sites - fed.krum_byzantine) if n_sites else 1)
         if n_sites is not None and keep > n_sites:
             raise ConfigError(f"federation.multikrum_keep: keeps {keep} updates but the run has {n_sites} sites")
-        return MultiKrum(**common, num_malicious_nodes=fed.krum_byzantine, num_nodes_to_select=keep)
+        return AggregationRule(MultiKrum(**common, num_malicious_nodes=fed.krum_byzantine, num_nodes_to_select=keep))
     raise ConfigError(f"federation.strategy: unknown {name!r}")  # config validation makes this unreachable
 
 
-def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """The server-side optimiser state a checkpoint must hold to resume bit-exactly.
-
-    FedAvg, FedProx, FedMedian, FedTrimmedAvg and (Multi)Krum are stateless between rounds; the
-    FedOpt family keeps ``OPTIMIZER_STATE_ATTRS``. Arrays are copied, so later rounds cannot alter
-    a captured state.
-    """
-    out: dict[str, Any] = {"class": type(strategy).__name__}
-    if isinstance(strategy, FedAvgM):
-        # FedAvgM (flwr/serverapp/strategy/fedavgm.py) keeps the arrays sent this round as an
-        # ArrayRecord and its momentum buffer as a list of ndarrays in the arrays' order.
-        arrays, momentum = strategy.current_arrays, strategy.momentum_vector
-        out["current_arrays"] = None if arrays is None else {k: np.array(a.numpy(), copy=True) for k, a in arrays.items()}
-        out["momentum_vector"] = None if momentum is None else [np.array(x, copy=True) for x in momentum]
-    elif all(hasattr(strategy, a) for a in OPTIMIZER_STATE_ATTRS):
-        for a in OPTIMIZER_STATE_ATTRS:
-            v = getattr(strategy, a)
-            out[a] = None if v is None else {k: np.array(x, copy=True) for k, x in v.items()}
+def strategy_state(rule: AggregationRule) -> dict[str, Any]:
+    """The server-side optimiser state a checkpoint must hold to resume bit-exactly: the rule's
+    class name and, for the server optimisers, their moments (copied). The averaging strategies
+    are stateless between rounds."""
+    out: dict[str, Any] = {"class": rule.name}
+    if rule.server_opt is not None:
+        out.update(rule.server_opt.state_dict())
     return out
 
 
-def set_current_arrays(strategy: Strategy, arrays: Mapping[str, np.ndarray]) -> None:
-    """Tell a stateful strategy which arrays this round sent (Flower's ``configure_train`` records
-    them; the loop sends them itself): FedOpt keeps a dict of ndarrays, FedAvgM an ArrayRecord."""
-    if isinstance(strategy, FedAvgM):
-        strategy.current_arrays = ArrayRecord({k: Array(np.array(v, copy=True)) for k, v in arrays.items()})
-    elif hasattr(strategy, "current_arrays"):
-        strategy.current_arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
-
-
-def restore_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
+def restore_strategy_state(rule: AggregationRule, state: Mapping[str, Any]) -> None:
     """Put a ``strategy_state`` back; refuses a state captured from another strategy class."""
     cls = state.get("class")
-    if cls != type(strategy).__name__:
-        raise ValueError(f"strategy state was saved by {cls}, cannot restore it into {type(strategy).__name__} "
+    if cls != rule.name:
+        raise ValueError(f"strategy state was saved by {cls}, cannot restore it into {rule.name} "
                          f"(federation.strategy changed since the checkpoint?)")
-    if isinstance(strategy, FedAvgM):
-        arrays, momentum = state.get("current_arrays"), state.get("momentum_vector")
-        strategy.current_arrays = None if arrays is None else ArrayRecord(
-            {k: Array(np.array(x, copy=True)) for k, x in arrays.items()})
-        strategy.momentum_vector = None if momentum is None else [np.array(x, copy=True) for x in momentum]
-        return
-    for a in OPTIMIZER_STATE_ATTRS:
-        if a in state:
-            v = state[a]
-            setattr(strategy, a, None if v is None else {k: np.array(x, copy=True) for k, x in v.items()})
+    if rule.server_opt is not None:
+        rule.server_opt.load_state_dict(state)
 
 
 @dataclass
@@ -216,17 +191,20 @@ class AggregateOutcome:
 
 
 def _reply_message(reply: Reply, metric_keys: Sequence[str], server_round: int, order: Sequence[str]) -> Message:
-    """A Flower reply Message for ``aggregate_train``, built outside a Flower runtime.
+    """A Flower reply Message for ``aggregate_train``, built from ``flwr.app``'s public classes.
 
-    Instruction/reply constructors need a live task identity, so the metadata is given explicitly
-    (as Flower's own strategy tests do). Arrays are copied into fresh ``Array`` objects: FedMedian
-    and FedTrimmedAvg pop arrays out of the records they are given.
+    The reply Message's public constructor derives its metadata from the instruction it answers,
+    and an instruction's from the Flower runtime's task identity, which plain functions and tests
+    do not have; so the metadata is given explicitly (``flwr.app.Metadata``), as Flower's own
+    strategy tests build replies: a TRAIN reply from ``reply.node_id`` in the round's group. The
+    strategies read only its ``src_node_id`` (for their logs) and the content. Arrays are copied
+    into fresh ``Array`` objects: FedMedian and FedTrimmedAvg pop arrays out of the records.
     """
     assert reply.arrays is not None and reply.metrics is not None
     md = Metadata(run_id=0, message_id=f"guarded-{reply.node_id}-{server_round}", src_node_id=int(reply.node_id),
                   dst_node_id=0, reply_to_message_id="", group_id=str(server_round), created_at=time.time(),
                   ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
-    # In the global model's key order: FedAvgM pairs the aggregate with the current arrays by position.
+    # In the global model's key order, so the aggregate comes back in that order.
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(reply.arrays[k])) for k in order})
     metrics = MetricRecord({k: reply.metrics[k] for k in metric_keys})
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), metadata=md)
@@ -290,22 +268,23 @@ class GuardedStrategy:
         # Same metric keys on every reply, or Flower's consistency check ends the run.
         keys = sorted(set.intersection(*(set(r.metrics or {}) for r in kept)))
         messages = [_reply_message(r, keys, server_round, list(global_arrays)) for r in kept]
+        averaging, server_opt = self.strategy.averaging, self.strategy.server_opt
         snapshot = strategy_state(self.strategy)
-        set_current_arrays(self.strategy, global_arrays)
         try:
-            arrays, metrics = self.strategy.aggregate_train(server_round, messages)
+            arrays, metrics = averaging.aggregate_train(server_round, messages)
+            mean = None if arrays is None else self._as_global(arrays, global_arrays, cast=server_opt is None)
+            new = mean if server_opt is None or mean is None else self._checked(
+                server_opt.step(server_round, global_arrays, mean), global_arrays)
         except Exception as e:  # Flower's AggregationError, InconsistentMessageReplies, numeric errors
             restore_strategy_state(self.strategy, snapshot)
             out.skip_reason = "E_AGGREGATION"
             log.error("round %d skipped: the %s aggregation failed (%s); the global model is unchanged",
-                      server_round, type(self.strategy).__name__, type(e).__name__)
+                      server_round, self.strategy.name, type(e).__name__)
             return out
         if arrays is None:
-            restore_strategy_state(self.strategy, snapshot)
             out.skip_reason = "E_AGGREGATION"
             log.error("round %d skipped: the strategy returned no arrays", server_round)
             return out
-        new = self._as_global(arrays, global_arrays)
         if new is None:
             restore_strategy_state(self.strategy, snapshot)
             out.skip_reason = "E_NONFINITE_AGGREGATE"
@@ -321,7 +300,7 @@ class GuardedStrategy:
 
     def _per_round_settings(self, n_kept: int, server_round: int) -> None:
         """Settings that depend on how many replies survived this round."""
-        s, cfg = self.strategy, self.cfg
+        s, cfg = self.strategy.averaging, self.cfg
         if isinstance(s, MultiKrum) and not isinstance(s, Krum) and cfg.multikrum_keep == 0:
             s.num_nodes_to_select = max(1, n_kept - cfg.krum_byzantine)
         if isinstance(s, (Krum, MultiKrum)) and n_kept <= 2 * cfg.krum_byzantine + 2:
@@ -332,18 +311,31 @@ class GuardedStrategy:
                         s.beta, n_kept)
 
     @staticmethod
-    def _as_global(arrays: ArrayRecord, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-        """The aggregate in the global model's key order and dtypes, or None if unusable.
+    def _as_global(arrays: ArrayRecord, reference: Mapping[str, np.ndarray], cast: bool = True
+                   ) -> dict[str, np.ndarray] | None:
+        """Flower's aggregate as ndarrays in the global model's key order, checked (and, with
+        ``cast``, in the model's dtypes), or None if unusable. A server optimiser steps from the
+        uncast mean, as Flower's own FedOpt does."""
+        if set(arrays.keys()) != set(reference):
+            return None
+        mean = {k: arrays[k].numpy() for k in reference}
+        return GuardedStrategy._checked(mean, reference) if cast else (
+            mean if all(mean[k].shape == ref.shape for k, ref in reference.items()) else None)
+
+    @staticmethod
+    def _checked(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """``arrays`` in the reference's key order and dtypes, or None if a key, a shape or a value
+        is unusable.
 
         FedAdam's bias-corrected step is a float64 scalar, so its result is float64; the model is
         float32 and sites must get float32 back (the guard compares dtypes). Integer buffers are
         rounded, not truncated, before the cast.
         """
-        if set(arrays.keys()) != set(reference):
+        if set(arrays) != set(reference):
             return None
         out: dict[str, np.ndarray] = {}
         for k, ref in reference.items():
-            a = arrays[k].numpy()
+            a = np.asarray(arrays[k])
             if a.shape != ref.shape:
                 return None
             if ref.dtype.kind in "iub" and a.dtype.kind == "f":

@@ -162,7 +162,7 @@ def test_resume_after_a_crash_between_log_line_and_checkpoint(tmp_path, uninterr
 
 
 def test_resume_continues_fedavgm_momentum_bit_exactly(tmp_path):
-    """FedAvgM keeps an ArrayRecord and a list of momentum arrays: both go through the checkpoint."""
+    """FedAvgM's momentum buffer (one array per parameter) goes through the checkpoint."""
     cfg = config("federation.rounds=4", "federation.strategy=fedavgm", "federation.server_momentum=0.9",
                  "federation.server_lr=0.8")
     whole = tmp_path / "whole"
@@ -173,7 +173,8 @@ def test_resume_continues_fedavgm_momentum_bit_exactly(tmp_path):
         run_federation(crash, cfg, run)
     saved = load_latest(run)
     assert saved.round == 2 and saved.strategy_state["class"] == "FedAvgM"
-    assert [m.shape for m in saved.strategy_state["momentum_vector"]] == [w.shape for w in saved.weights.values()]
+    momentum = saved.strategy_state["momentum_vector"]
+    assert {k: m.shape for k, m in momentum.items()} == {k: w.shape for k, w in saved.weights.items()}
     run_federation(FakeTransport(sites(3)), cfg, run, resume=True)
     assert_same_run(whole, run)
 

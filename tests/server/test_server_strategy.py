@@ -1,16 +1,16 @@
-"""Strategies from config (D5), hand-computed aggregation (D7) and server-optimiser state."""
+"""Strategies from config, hand-computed aggregation and server-optimiser state."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
-                                     Krum, MultiKrum)
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 from server_fakes import config
 
 from server.federation.messages import Reply
-from server.aggregation.strategy import (DEFAULT_SERVER_LR, GuardedStrategy, build_strategy, restore_strategy_state,
-                             strategy_state)
+from server.aggregation import server_opt
+from server.aggregation.server_opt import DEFAULT_SERVER_LR
+from server.aggregation.strategy import GuardedStrategy, build_strategy, restore_strategy_state, strategy_state
 from smm_model.config import ConfigError
 
 
@@ -26,39 +26,43 @@ def reply(nid: int, n: int, **arrays) -> Reply:
 GLOBAL = {"w": np.zeros(3, dtype=np.float32), "b": np.zeros((2, 2), dtype=np.float32)}
 
 
-@pytest.mark.parametrize("name, cls", [("fedavg", FedAvg), ("fedavgm", FedAvgM), ("fedprox", FedProx),
-                                       ("fedadam", FedAdam), ("fedyogi", FedYogi), ("fedadagrad", FedAdagrad),
-                                       ("fedmedian", FedMedian), ("fedtrimmedavg", FedTrimmedAvg), ("krum", Krum),
-                                       ("multikrum", MultiKrum)])
-def test_every_configured_strategy_builds(name, cls):
+@pytest.mark.parametrize("name, averaging, opt", [
+    ("fedavg", FedAvg, None), ("scaffold", FedAvg, None), ("fedavgm", FedAvg, server_opt.FedAvgM),
+    ("fedprox", FedProx, None), ("fedadam", FedAvg, server_opt.FedAdam), ("fedyogi", FedAvg, server_opt.FedYogi),
+    ("fedadagrad", FedAvg, server_opt.FedAdagrad), ("fedmedian", FedMedian, None),
+    ("fedtrimmedavg", FedTrimmedAvg, None), ("krum", Krum, None), ("multikrum", MultiKrum, None)])
+def test_every_configured_strategy_builds(name, averaging, opt):
+    """Flower's strategy averages; the server optimisers are ours, named as Flower names them."""
     cfg = config(f"federation.strategy={name}", "federation.min_nodes=3", "train.proximal_mu=0.01",
                  "federation.trimmed_beta=0.3")
-    s = build_strategy(cfg.federation, cfg.train, n_sites=10)
-    assert type(s) is cls
+    rule = build_strategy(cfg.federation, cfg.train, n_sites=10)
+    assert type(rule.averaging) is averaging and (rule.server_opt is None if opt is None else type(rule.server_opt) is opt)
+    s = rule.averaging
     assert s.min_train_nodes == s.min_evaluate_nodes == s.min_available_nodes == 3
+    assert rule.name == (opt.name if opt else averaging.__name__)
 
 
 def test_strategy_parameters_come_from_the_config():
     cfg = config("federation.strategy=fedadam", "federation.server_lr=0.05", "federation.server_beta_1=0.8",
                  "federation.server_beta_2=0.95", "federation.server_tau=0.01", "train.lr=0.003")
-    s = build_strategy(cfg.federation, cfg.train)
+    s = build_strategy(cfg.federation, cfg.train).server_opt
     assert (s.eta, s.eta_l, s.beta_1, s.beta_2, s.tau) == (0.05, 0.003, 0.8, 0.95, 0.01)
     cfg = config("federation.strategy=fedprox", "train.proximal_mu=0.1")
-    assert build_strategy(cfg.federation, cfg.train).proximal_mu == 0.1
+    assert build_strategy(cfg.federation, cfg.train).averaging.proximal_mu == 0.1
     s = build_strategy(fed("federation.strategy=fedavgm", "federation.server_momentum=0.9",
-                           "federation.server_lr=0.5"))
+                           "federation.server_lr=0.5")).server_opt
     assert (s.server_momentum, s.server_learning_rate, s.server_opt) == (0.9, 0.5, True)
     # server_lr: null means the strategy's own default: FedOpt's customary eta, plain averaging for FedAvgM.
     assert DEFAULT_SERVER_LR == {"fedopt": 0.01, "fedavgm": 1.0}
-    assert build_strategy(fed("federation.strategy=fedadam")).eta == 0.01
-    s = build_strategy(fed("federation.strategy=fedavgm"))
+    assert build_strategy(fed("federation.strategy=fedadam")).server_opt.eta == 0.01
+    s = build_strategy(fed("federation.strategy=fedavgm")).server_opt
     assert (s.server_learning_rate, s.server_momentum, s.server_opt) == (1.0, 0.0, False)
-    s = build_strategy(fed("federation.strategy=fedtrimmedavg", "federation.trimmed_beta=0.25"), n_sites=8)
+    s = build_strategy(fed("federation.strategy=fedtrimmedavg", "federation.trimmed_beta=0.25"), n_sites=8).averaging
     assert s.beta == 0.25
-    s = build_strategy(fed("federation.strategy=multikrum", "federation.krum_byzantine=1"), n_sites=6)
+    s = build_strategy(fed("federation.strategy=multikrum", "federation.krum_byzantine=1"), n_sites=6).averaging
     assert (s.num_malicious_nodes, s.num_nodes_to_select) == (1, 5)  # multikrum_keep=0 -> n - f
     s = build_strategy(fed("federation.strategy=multikrum", "federation.krum_byzantine=1",
-                           "federation.multikrum_keep=2"), n_sites=6)
+                           "federation.multikrum_keep=2"), n_sites=6).averaging
     assert s.num_nodes_to_select == 2
 
 
@@ -194,9 +198,9 @@ def test_fedavgm_is_the_hand_computed_momentum_step_and_survives_a_state_round_t
         np.testing.assert_allclose(g1[k], want1[k], rtol=1e-6, atol=1e-6)
         assert g1[k].dtype == np.float32 and g1[k].shape == START[k].shape
     state = strategy_state(a.strategy)
-    assert state["class"] == "FedAvgM" and list(state["current_arrays"]) == ["w", "b"]
-    assert isinstance(state["momentum_vector"], list) and len(state["momentum_vector"]) == 2
-    for got, k in zip(state["momentum_vector"], ["w", "b"]):  # round 1's buffer is its pseudo-gradient
+    assert state["class"] == "FedAvgM" and set(state) == {"class", "momentum_vector"}
+    assert list(state["momentum_vector"]) == ["w", "b"]
+    for k, got in state["momentum_vector"].items():  # round 1's buffer is its pseudo-gradient
         np.testing.assert_allclose(got, m1[k], rtol=1e-6, atol=1e-6)
 
     replies = quadratic_replies(g1)
