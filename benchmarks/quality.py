@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 import provenance  # noqa: E402
 
+from smm_model.contract.runfolder import FINAL_FILE, LOCAL_ONLY_FILE, ROUNDS_FILE, read_rounds_file  # noqa: E402
+
 #: Flower and Ray settings every federated subprocess gets (environment.md / flower.md)
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -86,7 +88,7 @@ def smm(args: Sequence[str], log: Path, *, timeout: float = 7200.0) -> float:
 
 
 def load_final(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "final_metrics.json"
+    path = run_dir / FINAL_FILE
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -100,12 +102,16 @@ def test_values(run_dir: Path) -> dict[str, float]:
 
 
 def round_records(run_dir: Path) -> list[dict[str, Any]]:
-    """Every record of a run folder's ``rounds.jsonl`` (round 0, the initial evaluation, included);
-    an unreadable file is an error naming it."""
-    path = run_dir / "rounds.jsonl"
+    """Every record of a run folder's ``rounds.jsonl`` (round 0, the initial evaluation, included),
+    read strictly: a benchmark measures finished runs, so an unreadable file, a torn last line or
+    a line that is not a round record is an error naming the file."""
+    path = run_dir / ROUNDS_FILE
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
+        rounds = read_rounds_file(path)
+        if rounds.torn:
+            raise ValueError(f"{path}: the last line is incomplete (the run stopped while writing it)")
+        return rounds.strict()
+    except (OSError, ValueError) as e:
         raise BenchmarkError(f"{path}: cannot read the run's rounds ({e})") from e
 
 
@@ -124,7 +130,7 @@ def training_rounds(run_dir: Path) -> list[dict[str, Any]]:
     """The training rounds of a run folder's ``rounds.jsonl`` (round 0, the initial model's
     evaluation, left out). A round that was not aggregated has no timings to measure, so it is an
     error naming the round and its reason, not a gap in a median."""
-    path = run_dir / "rounds.jsonl"
+    path = run_dir / ROUNDS_FILE
     out = []
     for rec in round_records(run_dir):
         r = int(rec["round"])
@@ -218,7 +224,7 @@ def finished(mode: str, run_dir: Path, config: Path, sets: Sequence[str]) -> boo
     from smm_model.config import ExperimentConfig
     from smm_model.contract.protocol import config_text
 
-    if not (run_dir / ("local_only.json" if mode == "local-only" else "final_metrics.json")).is_file():
+    if not (run_dir / (LOCAL_ONLY_FILE if mode == "local-only" else FINAL_FILE)).is_file():
         return False
     want = config_text(ExperimentConfig.from_yaml_text(config.read_text(), [str(s) for s in sets], source=str(config)))
     saved = run_dir / "config.yaml"
@@ -260,7 +266,7 @@ def require_clean(run_dir: Path, final: Mapping[str, Any]) -> None:
     result of the protocol."""
     if not final["test"].get("patients"):
         raise BenchmarkError(f"{run_dir}: the final test covers no patients ({final['test'].get('reason')})")
-    path = run_dir / "rounds.jsonl"
+    path = run_dir / ROUNDS_FILE
     for rec in round_records(run_dir):
         if int(rec.get("round", 0)) == 0:
             continue

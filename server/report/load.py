@@ -28,7 +28,7 @@ import yaml
 
 from smm_model.config import TASKS
 from smm_model.contract.protocol import evaluation_round
-from smm_model.contract.runfolder import CONFIG_FILE, FINAL_FILE, LOCAL_ONLY_FILE, ROUNDS_FILE
+from smm_model.contract.runfolder import CONFIG_FILE, FINAL_FILE, LOCAL_ONLY_FILE, ROUNDS_FILE, read_rounds_file
 
 __all__ = ["NOT_RECORDED", "MODES", "ReportError", "RunData", "load_run", "label_runs", "fmt_sites", "natural_key"]
 
@@ -152,32 +152,14 @@ def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
 
 
 def _read_rounds(path: Path, problems: list[str]) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
+    """The report's reading of ``rounds.jsonl``: lenient, each line left out said in ``problems``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        rounds = read_rounds_file(path)
     except OSError as e:
         problems.append(f"{path.name} cannot be read ({e.strerror}); no round is shown")
         return []
-    lines = text.split("\n")
-    by_round: dict[int, dict[str, Any]] = {}
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        torn = i == len(lines) - 1  # no newline after it: the run stopped while writing it
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            rec = None
-        if torn:
-            problems.append(f"the last line of {path.name} is incomplete (the run stopped while writing it); "
-                            "it is left out")
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("round"), int):
-            problems.append(f"{path.name} line {i + 1} is not a round record; it is left out")
-            continue
-        by_round[int(rec["round"])] = rec  # a repeated round (an old resume): the later record wins
-    return [by_round[r] for r in sorted(by_round)]
+    problems.extend(rounds.problems())
+    return rounds.by_round()
 
 
 def _guess_mode(final: dict[str, Any] | None, rounds: list[dict[str, Any]], has_local: bool) -> str:

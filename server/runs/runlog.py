@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from smm_model.contract.atomic import append_line, atomic_write_json, atomic_write_text, dumps
-from smm_model.contract.runfolder import CONFIG_FILE, FINAL_FILE, LOG_FILE, MODEL_FILE, ROUNDS_FILE
+from smm_model.contract.runfolder import CONFIG_FILE, FINAL_FILE, LOG_FILE, MODEL_FILE, ROUNDS_FILE, read_rounds_file
 
 __all__ = ["RunLog", "CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "LOG_FILE"]
 
@@ -63,27 +63,12 @@ class RunLog:
         append_line(self.rounds_path, dumps(record))
 
     def read_rounds(self) -> list[dict[str, Any]]:
-        """All complete round records; a torn last line (a crash mid-append) is left out."""
-        if not self.rounds_path.exists():
-            return []
-        text = self.rounds_path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        records = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            torn = i == len(lines) - 1  # no newline after it
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                if torn:
-                    log.warning("%s: ignoring a torn last line (the run stopped while writing it)", self.rounds_path)
-                    continue
-                raise ValueError(f"{self.rounds_path}: line {i + 1} is not valid JSON") from None
-            if torn:  # parsed, but written without its newline: treat as torn as well
-                records.pop()
-                log.warning("%s: ignoring an unterminated last line", self.rounds_path)
-        return records
+        """All complete round records; a torn last line (a crash mid-append) is left out with a
+        warning, any other unreadable line is an error naming the file and line."""
+        rounds = read_rounds_file(self.rounds_path)
+        if rounds.torn:
+            log.warning("%s: ignoring a torn last line (the run stopped while writing it)", self.rounds_path)
+        return rounds.strict()
 
     def truncate_rounds(self, last_round: int) -> list[dict[str, Any]]:
         """Keep the records of rounds ``<= last_round`` (resume: the rounds after the checkpoint are

@@ -17,8 +17,10 @@ JSON is strict: an undefined metric is ``null`` with its reason beside it.
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from smm_model.contract.records import library_versions
 
 __all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "LOG_FILE", "LOCAL_ONLY_FILE", "CHECKPOINT_DIR", "MODEL_FORMAT",
            "CHECKPOINT_FORMAT", "C_INDEX_NOTE", "FINAL_KEYS", "FEDERATED_KEYS", "RUNS_DIR", "default_run_dir",
-           "model_payload", "write_model"]
+           "model_payload", "write_model", "RoundsFile", "read_rounds_file"]
 
 CONFIG_FILE = "config.yaml"
 ROUNDS_FILE = "rounds.jsonl"
@@ -89,3 +91,66 @@ def write_model(path: Path, payload: Mapping[str, Any]) -> str:
     data = buf.getvalue()
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
+
+
+@dataclass
+class RoundsFile:
+    """What ``rounds.jsonl`` holds, read once for every reader (the server's resume, the report,
+    the benchmarks), each deciding how strict to be.
+
+    ``records``: the round records in file order (dicts with an integer ``round``). ``torn``: the
+    last line had no newline (the run stopped while appending it, ``atomic.append_line``); it is
+    left out even when it parses. ``bad_lines``: 1-based numbers of other lines that are not round
+    records, left out.
+    """
+
+    path: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+    torn: bool = False
+    bad_lines: list[int] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """What was left out, in words a report can show."""
+        out = [f"{self.path.name} line {n} is not a round record; it is left out" for n in self.bad_lines]
+        if self.torn:
+            out.append(f"the last line of {self.path.name} is incomplete (the run stopped while writing it); "
+                       "it is left out")
+        return out
+
+    def strict(self) -> list[dict[str, Any]]:
+        """The records, or a ValueError naming the file and line when a line other than a torn
+        last one is not a round record."""
+        if self.bad_lines:
+            raise ValueError(f"{self.path}: line {self.bad_lines[0]} is not a valid round record (a JSON object "
+                             "with an integer 'round')")
+        return self.records
+
+    def by_round(self) -> list[dict[str, Any]]:
+        """One record per round, in round order; a repeated round (a run resumed by an older
+        version that appended instead of truncating) counts with its later record."""
+        latest = {int(r["round"]): r for r in self.records}
+        return [latest[k] for k in sorted(latest)]
+
+
+def read_rounds_file(path: Path) -> RoundsFile:
+    """Read a run folder's ``rounds.jsonl`` (absent: no records). An unreadable file raises
+    ``OSError``; the caller names what it was doing."""
+    out = RoundsFile(path)
+    if not path.exists():
+        return out
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        if i == len(lines) - 1:  # no newline after it
+            out.torn = True
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("round"), int) and not isinstance(rec["round"], bool):
+            out.records.append(rec)
+        else:
+            out.bad_lines.append(i + 1)
+    return out

@@ -17,11 +17,15 @@ from server.runs.checkpoint import load_checkpoint, load_latest
 from server.federation.loop import RunDirInUse, initial_weights, resolved_config_text, round_lr, run_federation, sample_nodes
 from server.federation.messages import EVALUATE, PREFLIGHT, TRAIN, arrays_nbytes
 from smm_model.config import ConfigError, ExperimentConfig, ModelConfig, from_dict, to_dict
+from smm_model.contract.runfolder import ROUNDS_FILE, read_rounds_file
 from smm_model.nn.model import build_model
 
 
 def read_rounds(run_dir):
-    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    """Strict: every line of a finished run's rounds.jsonl is a complete round record."""
+    rounds = read_rounds_file(run_dir / ROUNDS_FILE)
+    assert not rounds.torn
+    return rounds.strict()
 
 
 def without_timings(records):

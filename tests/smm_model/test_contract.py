@@ -100,3 +100,24 @@ def test_the_who2021_rule_on_its_defining_cases():
     assert got.tolist() == [c[4] for c in cases]
     assert len(classes.DIAGNOSES) == len(classes.DIAGNOSIS_KEYS) == len(classes.DIAGNOSIS_SHORT) == 4
     assert classes.grade_index([2, 3, 4, nan, 1]).tolist() == [0, 1, 2, -1, -1]
+
+
+def test_rounds_file_reader_leaves_out_a_torn_line_and_names_bad_ones(tmp_path):
+    """One reader of rounds.jsonl for the resume, the report and the benchmarks."""
+    from smm_model.contract.runfolder import read_rounds_file
+
+    path = tmp_path / "rounds.jsonl"
+    assert read_rounds_file(path).records == []  # no file yet: no rounds
+    path.write_text('{"round": 0}\n{"round": 1, "v": 1}\nnot json\n[1, 2]\n{"round": true}\n{"round": 1, "v": 2}\n'
+                    '{"round": 2}')
+    rounds = read_rounds_file(path)
+    assert [r["round"] for r in rounds.records] == [0, 1, 1]
+    assert rounds.torn and rounds.bad_lines == [3, 4, 5]
+    assert [(r["round"], r.get("v")) for r in rounds.by_round()] == [(0, None), (1, 2)]
+    assert any("line 3 is not a round record" in p for p in rounds.problems())
+    assert any("last line of rounds.jsonl is incomplete" in p for p in rounds.problems())
+    with pytest.raises(ValueError, match=r"rounds.jsonl: line 3 is not a valid round record"):
+        rounds.strict()
+    path.write_text('{"round": 0}\n{"round": 1}\n')
+    clean = read_rounds_file(path)
+    assert not clean.torn and clean.strict() == [{"round": 0}, {"round": 1}]
