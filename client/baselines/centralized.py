@@ -33,7 +33,6 @@ tabulates both, labelled.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import sys
 import time
@@ -41,22 +40,22 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from client.site.collate import collate_patients
 from client.local.round import SiteError, _class_weights, _dataset, evaluate_round, load_site, preflight_summary
-from smm_model.contract.runfolder import LOCAL_ONLY_FILE, default_run_dir
-from smm_model.contract.sites import simulation_site_dirs
 from client.baselines.runfolder import (C_INDEX_NOTE, CONFIG_FILE, FINAL_FILE, MODEL_FILE, ROUNDS_FILE, append_jsonl,
-                              atomic_write_bytes, config_text, eval_record, library_versions, model_payload,
-                              round_lr, selection_lower_is_better, site_names, write_json, write_model)
+                                        atomic_write_bytes, config_text, eval_record, library_versions, model_payload,
+                                        round_lr, selection_lower_is_better, site_names, write_json, write_model)
 from client.local.train import make_optimizer, resolve_device, train_epochs
 from smm_model.config import ConfigError, ExperimentConfig
-from smm_model.nn.model import build_model
 from smm_model.contract.protocol import (PROTOCOL_VERSION, SCHEMA_FIELDS, SchemaMismatch, SharedStats, SiteSummary,
-                                check_schemas, derive_shared, evaluation_round, selection_value)
+                                         check_schemas, derive_shared, evaluation_round, selection_value)
+from smm_model.contract.runfolder import LOCAL_ONLY_FILE, default_run_dir
+from smm_model.contract.selection import Selection, final_record
+from smm_model.contract.sites import simulation_site_dirs
+from smm_model.nn.model import build_model
 
 __all__ = ["RunDirInUse", "check_sites", "run_centralized", "run_local_only", "main"]
 
@@ -118,7 +117,7 @@ def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_
     run_dir = Path(run_dir)
     eval_sites = dict(eval_sites or train_sites)
     fed = cfg.federation
-    lower = selection_lower_is_better(cfg)
+    selection = Selection.for_config(cfg)
     _check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     text = config_text(cfg)
@@ -159,11 +158,8 @@ def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_
     value = _select_value(val, cfg)
     append_jsonl(rounds_path, {"round": 0, "status": "initial", "lr": None,
                                "timings": {"evaluate": time.perf_counter() - t0}, "train": None, "val": val,
-                               "selection": {"metric": fed.selection_metric, "value": value, "best_round": None,
-                                             "best_value": None}})
+                               "selection": selection.record(value)})
     say(f"[{mode}] round 0 (initial model): val {fed.selection_metric} = {_fmt(value)}")
-    best_round: int | None = None
-    best_value: float | None = None
     best_state = state()
     for r in range(1, fed.rounds + 1):
         lr = round_lr(cfg.train, fed.rounds, r)
@@ -181,40 +177,30 @@ def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_
                if evaluation_round(r, fed.rounds, fed.eval_every) else None)
         t_eval = time.perf_counter() - t
         value = _select_value(val, cfg)
-        if value is not None and (best_value is None or (value < best_value if lower else value > best_value)):
-            best_round, best_value, best_state = r, value, state()
+        if selection.offer(r, value):
+            best_state = state()
         append_jsonl(rounds_path, {
             "round": r, "status": "trained", "lr": lr, "timings": {"train": t_train, "evaluate": t_eval},
             "train": {"sites": list(train_sites), "epochs": fed.local_epochs,
                       "epoch_losses": [float(x.loss) for x in logs],
                       "aggregate": {"num-examples": n_train, "train-loss": float(logs[-1].loss)}},
             "val": val,
-            "selection": {"metric": fed.selection_metric, "value": value, "best_round": best_round,
-                          "best_value": best_value}})
+            "selection": selection.record(value)})
         say(f"[{mode}] round {r}/{fed.rounds}: train loss {logs[-1].loss:.4g}; val {fed.selection_metric} = "
-            f"{_fmt(value)} (best round {best_round})")
-    note = None
-    if best_round is None:
-        best_round, best_state = fed.rounds, state()
-        note = (f"no round had a finite validation {fed.selection_metric}; the last round ({best_round}) "
-                "was selected")
+            f"{_fmt(value)} (best round {selection.best_round})")
+    best_round, note = selection.chosen(fed.rounds)
+    if note is not None:
+        best_state = state()
         say(f"[{mode}] {note}")
     test = _evaluate(eval_sites, cfg, shared, best_state, "test")
     sha = write_model(run_dir / MODEL_FILE, model_payload(best_state, cfg, schema, shared_json, best_round,
-                                                          best_value))
-    final = {
-        "mode": mode, "run": cfg.name, "rounds": fed.rounds, "best_round": best_round,
-        "selection_metric": fed.selection_metric, "selection_value": best_value, "lower_is_better": lower,
-        "selection_note": note, "test": test, "suppressed_sites": test["suppressed"],
-        "notes": {"survival.c_index": C_INDEX_NOTE, "mode": MODE_NOTES[mode]},
-        "sites": list(eval_sites), "training_sites": list(train_sites), "refused_sites": {}, "skipped_rounds": [],
-        "epochs": fed.rounds * fed.local_epochs, "model": {"file": MODEL_FILE, "sha256": sha},
-        "versions": library_versions(),
-        "wall_s": time.perf_counter() - t0,
-        "config_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "site_info": {n: {**s.info(), "label": n} for n, s in all_summaries.items()
-                      if n in eval_sites or n in train_sites},
-    }
+                                                          selection.best_value))
+    final = final_record(
+        mode=mode, cfg=cfg, rounds=fed.rounds, selection=selection, best_round=best_round, note=note, test=test,
+        sites=list(eval_sites), model_file=MODEL_FILE, model_sha256=sha, wall_s=time.perf_counter() - t0,
+        config_text=text, notes={"mode": MODE_NOTES[mode]},
+        site_info={n: {**s.info(), "label": n} for n, s in all_summaries.items() if n in eval_sites or n in train_sites},
+        epochs=fed.rounds * fed.local_epochs, training_sites=list(train_sites))
     write_json(run_dir / FINAL_FILE, final)
     say(f"[{mode}] final: round {best_round} selected; test {fed.selection_metric} = "
         f"{_fmt(_select_value(test, cfg))} over {test['patients']} patients")

@@ -40,30 +40,29 @@ import numpy as np
 import torch
 import yaml
 
+from server.aggregation.guard import guard_eval_replies
+from server.aggregation.strategy import AggregateOutcome, ControlVariates, GuardedStrategy, build_strategy
+from server.federation.messages import Instruction, Reply, Transport
+from server.federation.wait import NodeWaitTimeout, wait_for_nodes
+from server.runs.checkpoint import (CHECKPOINT_DIR, INDEX_FILE, ServerState, capture_rng, library_versions,
+                                    load_checkpoint, load_latest, restore_rng, save_checkpoint)
+from server.runs.runlog import RunLog
 from smm_model.config import TASK_CLASSES, ConfigError, ExperimentConfig, to_dict
+from smm_model.contract.protocol import (HISTOLOGY_FIELDS, PROTOCOL_VERSION, SCHEMA_FIELDS, SURVIVAL_HIST_EDGES,
+                                         EvalStats, SchemaMismatch, SharedStats, SiteSummary, check_schemas,
+                                         derive_shared, evaluation_round, metrics_from_eval, round_lr,
+                                         selection_value)
+from smm_model.contract.protocol import config_text as resolved_config_text
+from smm_model.contract.runfolder import model_payload, write_model
+from smm_model.contract.selection import Selection, final_record
+from smm_model.contract.stats import GenomicsStats
+from smm_model.contract.wire import (EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LOCAL_STEPS, KEY_LR,
+                                     KEY_PROXIMAL_MU, KEY_ROUND, KEY_SHARED, KEY_SPLIT, PREFLIGHT, SUMMARY,
+                                     SUMMARY_JSON, TRAIN)
 from smm_model.metrics.exact import MetricReport
 from smm_model.nn.model import build_model
-from smm_model.contract.protocol import (config_text as resolved_config_text, evaluation_round, round_lr,
-                                selection_lower_is_better, selection_value)
-from smm_model.contract.protocol import (HISTOLOGY_FIELDS, PROTOCOL_VERSION, SCHEMA_FIELDS, SURVIVAL_HIST_EDGES, EvalStats,
-                                SchemaMismatch, SharedStats, SiteSummary, check_schemas, derive_shared,
-                                metrics_from_eval)
-from smm_model.contract.stats import GenomicsStats
 
-from smm_model.contract.atomic import sha256_bytes
-from server.runs.checkpoint import (CHECKPOINT_DIR, INDEX_FILE, ServerState, capture_rng, library_versions, load_checkpoint,
-                         load_latest, restore_rng, save_checkpoint)
-from server.aggregation.guard import guard_eval_replies
-from smm_model.contract.runfolder import C_INDEX_NOTE, MODEL_FORMAT, model_payload, write_model
-from server.federation.messages import Instruction, Reply, Transport
-from smm_model.contract.wire import (EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LOCAL_STEPS, KEY_LR, KEY_PROXIMAL_MU,
-                                     KEY_ROUND, KEY_SHARED, KEY_SPLIT, PREFLIGHT, SUMMARY, SUMMARY_JSON, TRAIN)
-from server.runs.runlog import RunLog
-from server.aggregation.strategy import AggregateOutcome, ControlVariates, GuardedStrategy, build_strategy
-from server.federation.wait import NodeWaitTimeout, wait_for_nodes
-
-__all__ = ["run_federation", "RunDirInUse", "resolved_config_text", "round_lr", "sample_nodes", "initial_weights",
-           "selection_lower_is_better", "C_INDEX_NOTE", "MODEL_FORMAT"]
+__all__ = ["run_federation", "RunDirInUse", "resolved_config_text", "round_lr", "sample_nodes", "initial_weights"]
 
 log = logging.getLogger("fedsmm.server")
 
@@ -275,8 +274,7 @@ class _Progress:
 
     weights: dict[str, np.ndarray]
     round: int = 0
-    best_round: int | None = None
-    best_value: float | None = None
+    selection: Selection | None = None  # the best validated round so far
     skipped: list[int] = field(default_factory=list)
 
 
@@ -289,7 +287,7 @@ class FederationRun:
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.keep_last, self.poll_s, self.clock, self.sleep = keep_last, poll_s, clock, sleep
-        self.lower_is_better = selection_lower_is_better(cfg)
+        Selection.for_config(cfg)  # an unknown or disabled selection metric fails before any site is asked
         self.config_text = resolved_config_text(cfg)
         self.runlog = RunLog(self.run_dir)
         self.accepted: list[int] = []
@@ -425,14 +423,12 @@ class FederationRun:
     def _selection_value(self, ev: EvalOutcome | None) -> float | None:
         return None if ev is None else selection_value(ev.global_report.values, self.cfg)
 
-    def _is_better(self, v: float, best: float | None) -> bool:
-        return best is None or (v < best if self.lower_is_better else v > best)
-
     def _checkpoint(self, p: _Progress) -> None:
         t0 = time.perf_counter()
         state = ServerState(round=p.round, weights=p.weights, config_text=self.config_text,
                             shared_json=self.shared_json, strategy_state=self.guarded.state_dict(),
-                            sampler_state=self.sampler.getstate(), best_round=p.best_round, best_value=p.best_value,
+                            sampler_state=self.sampler.getstate(), best_round=p.selection.best_round,
+                            best_value=p.selection.best_value,
                             schema=self.schema, skipped_rounds=list(p.skipped), rng=capture_rng(),
                             versions=library_versions())
         save_checkpoint(self.run_dir, state, keep_last=self.keep_last)
@@ -446,8 +442,7 @@ class FederationRun:
         record = {"round": 0, "status": "initial", "lr": None, "timings": {"evaluate": self.clock() - t0},
                   "train": None, "val": ev.to_record(),
                   "bytes": {"sent": ev.bytes_sent, "received": ev.bytes_received},
-                  "selection": {"metric": self.fed.selection_metric, "value": self._selection_value(ev),
-                                "best_round": None, "best_value": None}}
+                  "selection": p.selection.record(self._selection_value(ev))}
         self.runlog.append_round(record)
         self._checkpoint(p)
         log.info("round 0 (initial model): val %s = %s", self.fed.selection_metric, _fmt(self._selection_value(ev)))
@@ -483,8 +478,7 @@ class FederationRun:
             p.skipped.append(r)
         p.round = r
         value = self._selection_value(ev)
-        if value is not None and self._is_better(value, p.best_value):
-            p.best_round, p.best_value = r, value
+        p.selection.offer(r, value)
         record = {
             "round": r, "status": "aggregated" if out.arrays is not None else "skipped",
             "skip_reason": out.skip_reason, "lr": lr, "timings": timings, "joined": joined,
@@ -500,15 +494,14 @@ class FederationRun:
             "val": ev.to_record() if ev is not None else None,
             "bytes": {"sent": sum(x.bytes_sent for x in replies) + (ev.bytes_sent if ev else 0),
                       "received": sum(x.bytes_received for x in replies) + (ev.bytes_received if ev else 0)},
-            "selection": {"metric": fed.selection_metric, "value": value, "best_round": p.best_round,
-                          "best_value": p.best_value},
+            "selection": p.selection.record(value),
         }
         self.runlog.append_round(record)
         self._checkpoint(p)
         log.info("round %d/%d: %d of %d replies aggregated%s; val %s = %s (best round %s)", r, fed.rounds,
                  len(out.kept) if out.arrays is not None else 0, len(train_nodes),
                  f", skipped ({out.skip_reason})" if out.skip_reason else "", fed.selection_metric, _fmt(value),
-                 p.best_round)
+                 p.selection.best_round)
 
     def _unvalidated_end(self, p: _Progress, r: int, out: AggregateOutcome) -> bool:
         """The last round was skipped and the newest aggregated weights were never validated
@@ -524,13 +517,10 @@ class FederationRun:
         if not aggregated:
             raise RuntimeError(f"no round aggregated any update ({len(p.skipped)} rounds skipped); see "
                                f"{self.runlog.rounds_path} for the reason codes")
-        note = None
-        best_round, best_value = p.best_round, p.best_value
-        if best_round is None:
-            best_round = aggregated[-1]
-            note = (f"no round had a finite validation {self.fed.selection_metric}; the last aggregated round "
-                    f"({best_round}) was selected")
+        best_round, note = p.selection.chosen(aggregated[-1], "aggregated round")
+        if note is not None:
             log.warning(note)
+        best_value = p.selection.best_value
         weights = p.weights if best_round == p.round else load_checkpoint(self.run_dir, best_round).weights
         available, _ = self._available(p.round + 1)
         test = self._evaluate(best_round, "test", weights, available)
@@ -538,24 +528,14 @@ class FederationRun:
         rounds = self.runlog.read_rounds()
         sent = sum(int((r.get("bytes") or {}).get("sent", 0)) for r in rounds) + test.bytes_sent
         received = sum(int((r.get("bytes") or {}).get("received", 0)) for r in rounds) + test.bytes_received
-        final = {
-            "mode": "federated", "run": self.cfg.name, "rounds": p.round, "best_round": best_round,
-            "selection_metric": self.fed.selection_metric, "selection_value": best_value,
-            "lower_is_better": self.lower_is_better, "selection_note": note,
-            "test": test.to_record(),
-            "suppressed_sites": test.suppressed,
-            "notes": {"survival.c_index": C_INDEX_NOTE},
-            "sites": self.accepted, "refused_sites": {str(n): m for n, m in sorted(self.refused.items())},
-            "skipped_rounds": p.skipped,
-            "model": {"file": self.runlog.model_path.name, "sha256": model_sha},
-            "versions": library_versions(),
-            "strategy": self.fed.strategy,
-            "wall_s": time.monotonic() - self.started,  # this server process (a resumed run: since resuming)
-            "resumed_after_round": self.resumed_after,
-            "bytes": {"sent": sent, "received": received},
-            "config_sha256": sha256_bytes(self.config_text.encode("utf-8")),
-            "site_info": {str(n): self.site_info[n] for n in sorted(self.site_info)},
-        }
+        final = final_record(
+            mode="federated", cfg=self.cfg, rounds=p.round, selection=p.selection, best_round=best_round, note=note,
+            test=test.to_record(), sites=self.accepted, model_file=self.runlog.model_path.name,
+            model_sha256=model_sha, wall_s=time.monotonic() - self.started,  # this server process (resumed: since)
+            config_text=self.config_text, site_info={str(n): self.site_info[n] for n in sorted(self.site_info)},
+            refused_sites={str(n): m for n, m in sorted(self.refused.items())}, skipped_rounds=p.skipped,
+            strategy=self.fed.strategy, bytes={"sent": sent, "received": received},
+            resumed_after_round=self.resumed_after)
         self.runlog.write_final(final)
         log.info("final: round %d selected by val %s = %s; test %s = %s", best_round, self.fed.selection_metric,
                  _fmt(best_value), self.fed.selection_metric, _fmt(selection_value(test.global_report.values, self.cfg)))
@@ -586,11 +566,12 @@ class FederationRun:
         self._guarded = GuardedStrategy(build_strategy(self.fed, self.cfg.train, n_sites=len(self.accepted)),
                                         self.fed, control=control)
         if state is None:
-            p = _Progress(weights=initial_weights(self.cfg))
+            p = _Progress(weights=initial_weights(self.cfg), selection=Selection.for_config(self.cfg))
             self._round_zero(p)
         else:
-            p = _Progress(weights=state.weights, round=state.round, best_round=state.best_round,
-                          best_value=state.best_value, skipped=list(state.skipped_rounds))
+            p = _Progress(weights=state.weights, round=state.round,
+                          selection=Selection.for_config(self.cfg, state.best_round, state.best_value),
+                          skipped=list(state.skipped_rounds))
             self.guarded.load_state_dict(state.strategy_state)
             if state.sampler_state is not None:
                 self.sampler.setstate(state.sampler_state)

@@ -121,3 +121,36 @@ def test_rounds_file_reader_leaves_out_a_torn_line_and_names_bad_ones(tmp_path):
     path.write_text('{"round": 0}\n{"round": 1}\n')
     clean = read_rounds_file(path)
     assert not clean.torn and clean.strict() == [{"round": 0}, {"round": 1}]
+
+
+def test_selection_keeps_the_best_finite_round_and_says_when_it_falls_back():
+    """The one selection rule of federated and pooled runs."""
+    from smm_model.contract.selection import Selection
+
+    higher = Selection("diagnosis.auc", lower_is_better=False)
+    assert [higher.offer(r, v) for r, v in [(1, 0.6), (2, None), (3, 0.7), (4, 0.7), (5, 0.65)]] == [
+        True, False, True, False, False]  # a tie keeps the earlier round
+    assert (higher.best_round, higher.best_value) == (3, 0.7) and higher.chosen(5) == (3, None)
+    assert higher.record(0.65) == {"metric": "diagnosis.auc", "value": 0.65, "best_round": 3, "best_value": 0.7}
+    lower = Selection("multitask.loss", lower_is_better=True)
+    assert [lower.offer(r, v) for r, v in [(1, 2.0), (2, 1.5), (3, 1.7)]] == [True, True, False]
+    none = Selection("diagnosis.auc", lower_is_better=False)
+    none.offer(1, None)
+    round_, note = none.chosen(4, "aggregated round")
+    assert round_ == 4 and "no round had a finite validation diagnosis.auc; the last aggregated round (4)" in note
+
+
+def test_final_record_has_the_contract_keys_and_refuses_new_ones():
+    from smm_model.config import ExperimentConfig
+    from smm_model.contract.runfolder import FEDERATED_KEYS, FINAL_KEYS
+    from smm_model.contract.selection import Selection, final_record
+
+    cfg = ExperimentConfig()
+    sel = Selection.for_config(cfg, best_round=2, best_value=0.5)
+    common = dict(mode="federated", cfg=cfg, rounds=3, selection=sel, best_round=2, note=None,
+                  test={"suppressed": []}, sites=[1, 2], model_file="model.pt", model_sha256="ab", wall_s=1.0,
+                  config_text="x", site_info={})
+    rec = final_record(**common, strategy="fedavg", bytes={"sent": 1, "received": 2}, resumed_after_round=None)
+    assert tuple(rec) == FINAL_KEYS + FEDERATED_KEYS and rec["selection_value"] == 0.5
+    with pytest.raises(ValueError, match=r"unknown keys \['surprise'\]"):
+        final_record(**common, surprise=1)
