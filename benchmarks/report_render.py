@@ -6,7 +6,7 @@
     options: --out DIR (default runs/report_render/, git-ignored), --chromium PATH, --height PX
 
 Without arguments the input is reproducible: the small run folder of
-``tests/server/report_runs.py`` (three sites, random predictions with a fixed seed, every newer
+``tests/support/report_runs.py`` (three sites, random predictions with a fixed seed, every newer
 run-folder field present) is written under ``--out`` and reported on with ``server.report.build``.
 
 Checks (any failure: exit status 1, reasons on stderr; ``--out``/result.json has the details):
@@ -186,7 +186,7 @@ def check_report(html: Path, out: Path, *, chromium: str | None = None, height: 
 
 def _synthetic_report(out: Path) -> Path:
     sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "tests" / "server"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
     from report_runs import write_run  # noqa: E402 - the tests' run-folder writer
 
     from server.report.build import write_report

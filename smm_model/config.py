@@ -348,6 +348,49 @@ class FederationConfig:
                      f"Krum needs more than 2f + 2 = {2 * self.krum_byzantine + 2} sites, the run has {n_sites}")
 
 
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """What may leave a site, and differential privacy of what its training sends.
+
+    ``min_cell`` is the disclosure-control threshold k applied at the site to everything it sends
+    (``smm_model.contract.disclosure``): no count cell between 1 and k - 1, sums and means over at
+    least k patients. A site applies the larger of this and its own floor (SuperNode node config
+    ``min-cell``), so a server cannot lower it. ``min_cell: 1`` switches the policy off (tests and
+    closed simulations only). The ``dp_*`` keys configure patient-level DP-SGD (one sample = one
+    patient's bag) in the local trainer, with one accountant per site kept on the site's disk.
+    """
+
+    min_cell: int = 5  # k: no outgoing count cell below k (except 0); sums and means over >= k patients
+    dp: bool = False  # patient-level DP-SGD at every site (Opacus accounting)
+    dp_noise_multiplier: float | None = None  # sigma; null: calibrated from dp_target_epsilon over the planned rounds
+    dp_target_epsilon: float | None = None  # epsilon the planned run may spend at a site (with dp_noise_multiplier null)
+    dp_delta: float = 1e-5  # delta of every reported epsilon
+    dp_max_grad_norm: float = 1.0  # per-patient gradient clipping norm C
+    dp_accountant: str = "rdp"  # rdp or prv (Opacus accountants)
+    dp_epsilon_budget: float = 10.0  # most epsilon a site spends over everything its ledger records; sites may lower it
+
+    def __post_init__(self) -> None:
+        p = "privacy"
+        _require(self.min_cell >= 1, f"{p}.min_cell", f"must be >= 1 (1 = no disclosure control), got {self.min_cell}")
+        _require(self.dp_accountant in ACCOUNTANTS, f"{p}.dp_accountant",
+                 f"unknown {self.dp_accountant!r}; expected one of {ACCOUNTANTS}")
+        _require(0.0 < self.dp_delta < 1.0, f"{p}.dp_delta", f"must be in (0, 1), got {self.dp_delta}")
+        _require(self.dp_max_grad_norm > 0, f"{p}.dp_max_grad_norm", f"must be > 0, got {self.dp_max_grad_norm}")
+        _require(self.dp_epsilon_budget > 0, f"{p}.dp_epsilon_budget", f"must be > 0, got {self.dp_epsilon_budget}")
+        for name in ("dp_noise_multiplier", "dp_target_epsilon"):
+            v = getattr(self, name)
+            _require(v is None or v > 0, f"{p}.{name}", f"must be > 0 or null, got {v}")
+        if self.dp:
+            _require((self.dp_noise_multiplier is None) != (self.dp_target_epsilon is None), f"{p}.dp_noise_multiplier",
+                     "with privacy.dp on, set exactly one of dp_noise_multiplier and dp_target_epsilon")
+            _require(self.dp_target_epsilon is None or self.dp_target_epsilon <= self.dp_epsilon_budget,
+                     f"{p}.dp_target_epsilon",
+                     f"{self.dp_target_epsilon} exceeds the site budget dp_epsilon_budget={self.dp_epsilon_budget}")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """The root of a run's configuration."""
@@ -358,6 +401,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @classmethod
     def from_yaml_text(cls, text: str, overrides: list[str] | tuple[str, ...] = (),

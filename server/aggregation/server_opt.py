@@ -9,7 +9,7 @@ the mean still comes from Flower's ``FedAvg`` (``server.aggregation.strategy``),
 the state it needs are ours: plain ndarrays by parameter name, checkpointed and restored through
 ``state_dict``/``load_state_dict``, with the update formulas of flwr 1.42
 (``flwr/serverapp/strategy/fed{avgm,opt,adam,yogi,adagrad}.py``), which
-``tests/server/test_server_opt.py`` checks against Flower's classes round by round.
+``tests/server/aggregation/test_server_opt.py`` checks against Flower's classes round by round.
 """
 
 from __future__ import annotations

@@ -29,8 +29,7 @@ from server.ops.simulate import (ProcessTracker, _executable, dump_config, flwr_
                              resolve_config, stage_app, write_run_config)
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "sim"))
-from sim_cohort import SMALL, write_features_cohort  # noqa: E402
+from sim_cohort import SMALL, write_features_cohort  # noqa: E402 - tests/support (tests/conftest.py)
 
 pytestmark = pytest.mark.deployment
 

@@ -13,7 +13,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -24,18 +23,13 @@ from client.baselines.centralized import run_centralized
 from client.baselines.evaluate import evaluate_sites, load_model_file
 from smm_model.contract.sites import simulation_site_dirs
 from sim_cohort import SMALL, write_features_cohort
+from site_config import two_threads  # noqa: F401  (the module's autouse fixture)
 from smm_model.cli import main as smm
 from smm_model.config import ExperimentConfig
 
 FAST = [*SMALL, "data.max_patches=64", "federation.rounds=2", "federation.local_epochs=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """``smm report`` on the run folder of a real federation (simulation tier): whatever the server writes,
 the report reads. The federation loop drives the real ClientApp in-process, as in
-``test_contract_inprocess.py``; the report's own behaviour is tested fast in tests/server/test_report.py."""
+``test_contract_inprocess.py``; the report's own behaviour is tested fast in tests/server/report/test_report.py."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import pytest
 from client.site.genomics import GeneSet, GenomicsStats, load_genomics, read_geneset, read_table
 from client.site.validation import SiteDataError
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+SHARED = Path(__file__).resolve().parents[3].parent / "shared"
 TCGA = SHARED / "data" / "tcga_gbmlgg"
 
 GS = GeneSet(tumour=("b", "a"), micro=("d", "c", "e"))

@@ -35,31 +35,14 @@ from smm_model.nn.model import build_model
 from smm_model.contract.protocol import (SURVIVAL_HIST_EDGES, EvalStats, SharedStats, SiteSummary, check_schemas,
                                 derive_shared, metrics_from_eval)
 
+from site_config import SMALL, make_cfg, two_threads  # noqa: F401  (two_threads: the module's autouse fixture)
+
 SENTINEL = "PHI-SENTINEL-TCGA-XX-0000"
-SMALL = ["model.feature_dim=32", "model.genes_tumour=20", "model.genes_micro=30", "model.hidden_dim=16",
-         "model.heads=4", "model.dim_head=8", "model.offset_groups=4", "model.layout=spatial",
-         "model.grid_size=8", "model.n_patches=64", "model.key_grid=4", "model.bias_table_size=33",
-         "model.snn_hidden=[16]", "train.batch_size=4", "train.lr=0.002", "train.weight_decay=0.0001",
-         "federation.min_site_patients=1"]
-
-
-def make_cfg(root: Path, *extra: str) -> ExperimentConfig:
-    return ExperimentConfig.from_yaml_text("", [*SMALL, f"data.sites_root={root}", *extra])
-
-
 def yaml_text(cfg: ExperimentConfig) -> str:
     import yaml
 
     from smm_model.config import to_dict
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""Guards before aggregation: malformed, non-finite, oversized and failed replies (reliability D1-D3, D6,
-D8, B5)."""
+"""Guards before aggregation: malformed, non-finite, oversized and failed replies (fault test plan
+cases D1-D3, D6, D8, B5, ../shared/docs/reliability.md)."""
 
 from __future__ import annotations
 

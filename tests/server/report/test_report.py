@@ -23,7 +23,7 @@ from server.report.plots import roc_points
 from smm_model.metrics.federated import (SCORE_BINS, auc_from_histograms, km_counts, km_from_counts, logrank_from_counts,
                                  score_histograms)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CHROMIUM = Path("/usr/bin/chromium")
 #: Figures each section of a complete federated report with the newer fields holds.
 FIGURES = {"summary": 0, "curves": 5, "test": 0, "classification": 4, "survival": 1, "coordination": 1, "limits": 0}

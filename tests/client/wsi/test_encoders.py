@@ -14,7 +14,7 @@ from client.wsi.encoders import (ENCODER_NAMES, ENCODERS, IMAGENET_MEAN, IMAGENE
                                  build_encoder, load_state_dict_file, register, resolve_encoder)
 from smm_model.contract.atomic import sha256_file
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def patches(n=2, size=64, seed=0):

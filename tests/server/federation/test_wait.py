@@ -1,4 +1,4 @@
-"""Bounded wait for sites (reliability B2): never Flower's infinite ``sample_nodes`` loop.
+"""Bounded wait for sites (fault test plan case B2, ../shared/docs/reliability.md): never Flower's infinite ``sample_nodes`` loop.
 
 Time is simulated: ``wait_for_nodes`` and ``run_federation`` take ``clock`` and ``sleep``, so the
 tests assert the exact waiting time and number of polls, whatever the machine's load. Poll
@@ -85,7 +85,7 @@ def test_a_run_with_too_few_sites_fails_after_wait_for_nodes_s(tmp_path):
 
 
 def test_a_site_lost_for_good_mid_run_fails_the_run_not_hangs_it(tmp_path, monkeypatch):
-    """B2: 2 of 3 sites die after round 1 with min_nodes 2: the next round's wait ends in an error
+    """2 of 3 sites die after round 1 with min_nodes 2: the next round's wait ends in an error
     after exactly wait_for_nodes_s, and the last checkpoint is the one of the last completed round."""
     cfg = config("federation.wait_for_nodes_s=0.5", "federation.rounds=3")
     alive = [11, 12, 13]

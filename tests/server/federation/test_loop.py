@@ -1,5 +1,6 @@
-"""The server workflow end to end over an in-process transport: run folder, resume (C2), schema refusal
-(G6), suppression (H2), output privacy (B5/H4), skipped rounds (D6/B4)."""
+"""The server workflow end to end over an in-process transport: run folder, resume, schema refusal,
+suppression, output privacy and skipped rounds (cases C2, G6, H2, B5/H4, D6/B4 of the fault test plan,
+../shared/docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def assert_same_run(a, b):
 
 
 def test_resume_after_a_crash_continues_bit_exactly(tmp_path, uninterrupted):
-    """C2: killed while sending round 3; the resumed run numbers rounds 0..4 once and ends with the
+    """Killed while sending round 3; the resumed run numbers rounds 0..4 once and ends with the
     uninterrupted run's weights, bit for bit (FedAdam moments, sampler and RNG states restored)."""
     cfg = config(*RESUME_CFG)
     run = tmp_path / "run"
@@ -279,7 +280,7 @@ def test_small_sites_are_suppressed_from_per_site_and_global_metrics(tmp_path):
 
 
 def test_nothing_a_site_says_except_aggregates_reaches_logs_or_files(tmp_path, server_logs):
-    """B5/H4: sites raising with a PHI sentinel, a metric key carrying it, garbage summaries."""
+    """Sites raising with a PHI sentinel, a metric key carrying it, garbage summaries."""
     ss = {11: FakeSite(11, train_fault=lambda r: "error" if r == 2 else None),
           12: FakeSite(12, train_fault="phi_metric_key"),
           13: FakeSite(13, eval_fault=lambda r: "error" if r == 1 else None),

@@ -1,4 +1,5 @@
-"""Server checkpoints: complete (C5), atomic with a checksum manifest (C3), corrupt ones skipped (C4)."""
+"""Server checkpoints: complete, atomic with a checksum manifest, corrupt ones skipped (cases C3-C5 of
+the fault test plan, ../shared/docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def test_no_valid_checkpoint_is_an_explicit_error(tmp_path):
 
 
 def test_a_crash_before_the_index_update_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    """C3: the new file is written but the index is not: the partial state is never picked up."""
+    """The new file is written but the index is not: the partial state is never picked up."""
     save_checkpoint(tmp_path, state(1))
     import server.runs.checkpoint as ck
 

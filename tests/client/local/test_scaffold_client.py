@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_federated_client import _two_threads, make_cfg  # noqa: F401  (the module's autouse fixture)
+from site_config import make_cfg, two_threads  # noqa: F401  (two_threads: the module's autouse fixture)
 from test_local_steps import cohort, setting  # noqa: F401  (fixtures: three sites of 2, 6 and 16 patients)
 
 from client.site.collate import collate_patients

@@ -15,7 +15,7 @@ from client.wsi.slides import (PatchReader, Resolution, Slide, SlideError, Tissu
                            resolve_resolution, rgba_to_rgb, segment_tissue, slide_mpp_from_properties,
                            write_pyramidal_tiff)
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+SHARED = Path(__file__).resolve().parents[3].parent / "shared"
 FIXTURES = SHARED / "data" / "slides"
 
 

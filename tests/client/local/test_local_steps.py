@@ -15,7 +15,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 import torch
-from test_federated_client import _two_threads, make_cfg  # noqa: F401  (the module's autouse fixture)
+from site_config import make_cfg, two_threads  # noqa: F401  (two_threads: the module's autouse fixture)
 
 from client.local.round import SiteError, preflight_summary, train_round
 

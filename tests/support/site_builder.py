@@ -1,6 +1,6 @@
 """Small, valid site folders for the site tests (features, genomics, labels, manifest).
 
-Not a test module: the site tests import it (pytest puts this folder on sys.path). Each test then
+Not a test module: the site tests import it (tests/conftest.py puts tests/support on sys.path). Each test then
 breaks one thing in the folder and checks that it is caught and named.
 """
 

@@ -15,7 +15,7 @@ from client.site.folder import SiteLayout, read_features
 from smm_model.contract.atomic import sha256_file
 from client.wsi.slides import write_pyramidal_tiff
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+SHARED = Path(__file__).resolve().parents[3].parent / "shared"
 FIXTURES = SHARED / "data" / "slides"
 FAST = ["--encoder", "null", "--no-progress"]
 

@@ -67,7 +67,7 @@ def test_strategy_parameters_come_from_the_config():
 
 
 def test_strategy_site_count_errors_are_config_errors():
-    """D5: with few hospitals, these settings silently do nothing; refuse them at start."""
+    """With few hospitals, these settings silently do nothing; refuse them at start."""
     with pytest.raises(ConfigError, match=r"federation.trimmed_beta: trimming 0.2 of 4 sites removes none"):
         build_strategy(fed("federation.strategy=fedtrimmedavg"), n_sites=4)
     with pytest.raises(ConfigError, match=r"federation.krum_byzantine: Krum needs more than 2f \+ 2 = 4 sites"):

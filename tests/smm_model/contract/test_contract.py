@@ -16,7 +16,7 @@ import pytest
 
 from smm_model.contract import atomic, classes, runfolder, wire
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _string_constants(path: Path) -> set[str]:

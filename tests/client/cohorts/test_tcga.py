@@ -13,7 +13,7 @@ from client.site.folder import Manifest, SiteLayout, write_features
 from smm_model.contract.atomic import sha256_file
 from client.cohorts.tcga import main
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+SHARED = Path(__file__).resolve().parents[3].parent / "shared"
 TABLES = SHARED / "data" / "tcga_gbmlgg"
 pytestmark = pytest.mark.skipif(not (TABLES / "pathomicfusion_grade_data.csv").is_file(),
                                 reason=f"TCGA tables not found under {TABLES}")
