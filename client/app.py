@@ -17,6 +17,7 @@ the server's log, so only the sanitized line is printed there.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -30,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.local.round import (SITE_DIR_KEY, SiteError, evaluate_round, preflight_summary, resolve_site_dir,
-                              site_label, stage, train_round)
+                                ledger_file, site_label, site_policy, stage, train_round)
 from smm_model.config import ExperimentConfig
 from smm_model.contract import wire
 from smm_model.contract.protocol import SharedStats
@@ -109,6 +110,9 @@ def _handle(kind: str, msg: Message, context: Context, work: Work) -> Message:
             text = str(msg.content[wire.CONFIG][wire.KEY_EXPERIMENT])
         with stage("E_CONFIG"):
             cfg = ExperimentConfig.from_yaml_text(text, source="the run's experiment config")
+            # The site's own minimum cell count (node config min-cell) can raise the run's, never lower it.
+            cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
+                cfg.privacy, min_cell=site_policy(cfg, node_config).k))
             site_dir = resolve_site_dir(node_config, cfg)
         _threads(context, cfg)
         log = _logger(node_config, site_dir)
@@ -133,7 +137,7 @@ def _preflight(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging
 
 
 def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger,
-           site_state: RecordDict | None = None) -> RecordDict:
+           site_state: RecordDict | None = None, node_config: dict[str, Any] | None = None) -> RecordDict:
     """One local round. With ``federation.site_optimizer: persist`` the optimizer's state is read
     from and written back to ``site_state`` (the node's ``Context.state``, which Flower keeps on the
     site across the messages of a run); it is never part of the reply."""
@@ -153,12 +157,16 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
             previous = site_state[OPTIMIZER_STATE_KEY].to_torch_state_dict()
     new_state, metrics, optimizer_state, new_control = train_round(
         site_dir, cfg, shared, state, lr, epochs, mu, server_round=rnd, local_steps=steps, optimizer_state=previous,
-        control=control)
+        control=control, ledger_path=ledger_file(site_dir, node_config) if cfg.privacy.dp else None)
     if persist:
         site_state[OPTIMIZER_STATE_KEY] = ArrayRecord(optimizer_state)
     reply = RecordDict({wire.ARRAYS: ArrayRecord(new_state), wire.METRICS: MetricRecord(metrics)})
     if new_control is not None:  # SCAFFOLD: the site's new c_i (its mean gradient), for the server to average
         reply[wire.CONTROL] = ArrayRecord(new_control)
+    if wire.DP_EPSILON in metrics:
+        log.info("train round %d: DP-SGD, sigma %.3f, C %.3g, q %.3f; the site's epsilon is now %.3f at delta %.1e",
+                 rnd, metrics[wire.DP_SIGMA], metrics[wire.DP_CLIP], metrics[wire.DP_SAMPLE_RATE],
+                 metrics[wire.DP_EPSILON], metrics[wire.DP_DELTA])
     log.info("train round %d: %d patients, %d steps, loss %.4f, %.1f s%s", rnd, metrics[wire.NUM_EXAMPLES],
              metrics[wire.STEPS], metrics[wire.TRAIN_LOSS], metrics[wire.SECONDS],
              "" if not persist else (", optimizer state continued from the previous round" if previous is not None
@@ -178,7 +186,7 @@ def _evaluate(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.
         state = msg.content[wire.ARRAYS].to_torch_state_dict()
     stats = evaluate_round(site_dir, cfg, shared, state, split)
     log.info("evaluate round %d on %s: %d patients%s", rnd, split, stats.n,
-             " (suppressed: below federation.min_site_patients)" if stats.suppressed else
+             " (suppressed: below federation.min_site_patients or privacy.min_cell)" if stats.suppressed else
              f", loss {stats.loss_sum / max(stats.n, 1):.4f}")
     return RecordDict({wire.METRICS: MetricRecord(stats.to_record())})
 
@@ -201,7 +209,7 @@ def train(msg: Message, context: Context) -> Message:
     """One round of local training from the global weights."""
 
     def work(m: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger) -> RecordDict:
-        return _train(m, cfg, site_dir, log, site_state=context.state)
+        return _train(m, cfg, site_dir, log, site_state=context.state, node_config=dict(context.node_config))
 
     return _handle("train", msg, context, work)
 

@@ -293,7 +293,8 @@ def test_internal_links_resolve():
 
 def test_node_config_keys():
     text = readme_text()
-    source = (ROOT / "client/local/round.py").read_text() + (ROOT / "client/app.py").read_text()
+    source = "".join((ROOT / f).read_text() for f in ("client/local/round.py", "client/app.py",
+                                                        "smm_model/contract/disclosure.py"))
     keys = {k for s in re.findall(r"--node-config '([^']*)'", text) for k in re.findall(r"([\w-]+)=", s)}
     keys |= set(re.findall(r"`([a-z]+-[a-z]+)=\"", text))
     assert {"site-dir", "site-name"} <= keys

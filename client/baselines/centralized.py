@@ -52,12 +52,18 @@ from client.local.train import make_optimizer, resolve_device, train_epochs
 from smm_model.config import ConfigError, ExperimentConfig
 from smm_model.contract.protocol import (PROTOCOL_VERSION, SCHEMA_FIELDS, SchemaMismatch, SharedStats, SiteSummary,
                                          check_schemas, derive_shared, evaluation_round, selection_value)
+from smm_model.contract.disclosure import DisclosurePolicy
 from smm_model.contract.runfolder import LOCAL_ONLY_FILE, default_run_dir
 from smm_model.contract.selection import Selection, final_record
 from smm_model.contract.sites import simulation_site_dirs
 from smm_model.nn.model import build_model
 
 __all__ = ["RunDirInUse", "check_sites", "run_centralized", "run_local_only", "main"]
+
+#: Pooled, local-only and IID-control runs happen where all their data already are and send nothing
+#: to anyone, so they read exact statistics (no disclosure control): the reference a federation's
+#: coarsened statistics are measured against.
+POOLED_POLICY = DisclosurePolicy(1)
 
 MODE_NOTES = {
     "centralized": ("centralized baseline: all sites' training splits pooled on one machine (a benchmark "
@@ -103,7 +109,7 @@ def _select_value(rec: Mapping[str, Any] | None, cfg: ExperimentConfig) -> float
 
 
 def _evaluate(sites: Mapping[str, Path], cfg: ExperimentConfig, shared, weights, split: str) -> dict[str, Any]:
-    return eval_record(split, {n: evaluate_round(d, cfg, shared, weights, split) for n, d in sites.items()}, cfg,
+    return eval_record(split, {n: evaluate_round(d, cfg, shared, weights, split, policy=POOLED_POLICY) for n, d in sites.items()}, cfg,
                        km_grid=shared.km_grid)
 
 
@@ -124,7 +130,7 @@ def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_
     atomic_write_bytes(run_dir / CONFIG_FILE, text.encode("utf-8"))
 
     if summaries is None:
-        summaries = {n: preflight_summary(d, cfg) for n, d in train_sites.items()}
+        summaries = {n: preflight_summary(d, cfg, policy=POOLED_POLICY) for n, d in train_sites.items()}
         check_sites(summaries, cfg)
     all_summaries = dict(summaries)
     summaries = {n: summaries[n] for n in train_sites}
@@ -215,7 +221,7 @@ def run_local_only(cfg: ExperimentConfig, sites: Mapping[str, Path], run_dir: Pa
         raise RunDirInUse(f"{run_dir} already holds a local-only run ({LOCAL_ONLY_FILE})")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / CONFIG_FILE, config_text(cfg).encode("utf-8"))
-    summaries = {n: preflight_summary(d, cfg) for n, d in sites.items()}
+    summaries = {n: preflight_summary(d, cfg, policy=POOLED_POLICY) for n, d in sites.items()}
     check_sites(summaries, cfg)  # all of them: every local model is also tested at every site
     table: dict[str, Any] = {}
     for name, d in sites.items():

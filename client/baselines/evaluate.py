@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from client.site.dataset import SiteDataset
+from smm_model.contract.disclosure import DisclosurePolicy
 from client.local.round import (SiteError, _shared_inputs, evaluate_dataset, evaluate_round, load_site,
                               preflight_summary)
 from client.baselines.runfolder import (C_INDEX_NOTE, CHECKPOINT_FORMAT, CONFIG_FILE, FINAL_FILE, MODEL_FORMAT,
@@ -117,7 +118,8 @@ def schema_problems(site_dir: Path, summary: SiteSummary, model: LoadedModel) ->
 def _evaluate_site(site_dir: Path, model: LoadedModel, split: str, device: torch.device):
     cfg = model.cfg
     if split != "all":
-        return evaluate_round(site_dir, cfg, model.shared, model.weights, split)
+        # A local evaluation: its numbers stay where the data are, so exact (no disclosure control).
+        return evaluate_round(site_dir, cfg, model.shared, model.weights, split, policy=DisclosurePolicy(1))
     site = load_site(site_dir, cfg)
     stats, edges = _shared_inputs(site, cfg, model.shared)
     grid = cfg.model.grid_size if cfg.model.layout == "spatial" else None
@@ -140,7 +142,7 @@ def evaluate_sites(model: LoadedModel, site_dirs: Sequence[Path], out_dir: Path,
     info: dict[str, Any] = {}
     for name, d in zip(names, site_dirs):
         try:
-            summary = preflight_summary(d, cfg, patch_sums=False)  # the model carries its statistics
+            summary = preflight_summary(d, cfg, patch_sums=False, policy=DisclosurePolicy(1))  # the model carries its statistics
         except SiteError as e:
             problems.append(f"site {d}: cannot be read ({e.__cause__ or e})")
             continue

@@ -43,17 +43,20 @@ from smm_model.contract.atomic import sha256_file
 from client.site.labels import SPLITS
 from client.local.train import (load_optimizer_state, make_optimizer, optimizer_state_arrays, resolve_device, step_batches,
                           train_epochs)
-from smm_model.config import TASK_CLASSES, ConfigError, DataConfig, ExperimentConfig
+from smm_model.config import TASK_CLASSES, ConfigError, ExperimentConfig
 from smm_model.metrics.federated import c_index_counts, confusion_counts, km_counts, score_histograms
 from smm_model.objectives.losses import logit_adjustment_offsets, nll_survival_loss, weighted_cross_entropy
 from smm_model.metrics.exact import risk_from_hazard_logits
 from smm_model.nn.model import build_model
 from smm_model.contract import wire
 from smm_model.contract.sites import simulation_site_dirs
+from client.local.release import check_training_size, release_eval, release_summary
+from smm_model.contract.disclosure import SITE_FLOOR_KEY, DisclosurePolicy
 from smm_model.contract.protocol import SURVIVAL_HIST_EDGES, EvalStats, SharedStats, SiteSummary
 
 __all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "resolve_site_dir", "site_label", "SITE_NAME_KEY", "load_site",
-           "data_digest", "preflight_summary", "train_round", "evaluate_round", "evaluate_dataset", "risk_groups", "SharedGenomicsStats"]
+           "data_digest", "preflight_summary", "train_round", "evaluate_round", "evaluate_dataset", "risk_groups", "SharedGenomicsStats", "site_policy",
+           "ledger_file", "LEDGER_KEY"]
 
 #: Stage codes a site error carries (the only detail that leaves the site besides the class name).
 ERROR_CODES = {
@@ -64,6 +67,10 @@ ERROR_CODES = {
     "E_MODEL": "the global weights do not fit the configured model",
     "E_TRAIN": "local training failed",
     "E_EVAL": "local evaluation failed",
+    "E_TOO_FEW_PATIENTS": "the split has fewer patients than the minimum cell count (privacy.min_cell / min-cell)",
+    "E_DISCLOSURE": "disclosure control could not be applied to an outgoing statistic",
+    "E_PRIVACY_LEDGER": "the site's privacy ledger cannot be read or written",
+    "E_PRIVACY_BUDGET": "this round would take the site past its privacy budget (privacy.dp_epsilon_budget)",
     "E_INTERNAL": "an unexpected failure in the site's federated code",
 }
 #: The only keys a node_config may use to name its site folder (deployment).
@@ -255,7 +262,7 @@ def data_digest(site: SiteData) -> str:
 
 
 def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig, label: str | None = None, *,
-                      patch_sums: bool = True) -> SiteSummary:
+                      patch_sums: bool = True, policy: DisclosurePolicy | None = None) -> SiteSummary:
     """The site's schema and aggregate statistics (``smm_model.contract.protocol.SiteSummary``).
 
     Everything in it is a count, a sum over training patients or a schema identifier: no patient
@@ -265,7 +272,8 @@ def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig, label: str | 
     standardize`` add per-dimension sums over every training patch (``SiteData.patch_sums``).
     ``label`` is the site's chosen display name (never derived from a path here). ``patch_sums=False``
     skips reading every training feature file where the statistics are not needed (evaluating a
-    model that carries its own).
+    model that carries its own). The summary leaves through ``client.local.release.release_summary``
+    under ``policy`` (default: ``privacy.min_cell``; the ClientApp adds the site's own floor).
     """
     with stage("E_DATA"):
         site = load_site(site_dir, cfg, check_feature_dim=False)
@@ -283,12 +291,23 @@ def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig, label: str | 
         t = np.clip(t, SURVIVAL_HIST_EDGES[0], SURVIVAL_HIST_EDGES[-1])
         hist_all = np.histogram(t, bins=SURVIVAL_HIST_EDGES)[0]
         hist_ev = np.histogram(t[e], bins=SURVIVAL_HIST_EDGES)[0]
-        return SiteSummary(schema=schema, splits=splits, genomics=agg.get("genomics_stats"),
-                           survival_hist_events=[int(x) for x in hist_ev],
-                           survival_hist_all=[int(x) for x in hist_all],
-                           excluded={str(k): int(v) for k, v in agg["excluded"].items()},
-                           patches=patches, label=label, data_digest=data_digest(site),
-                           synthetic=bool(source.get("synthetic", False)))
+        summary = SiteSummary(schema=schema, splits=splits, genomics=agg.get("genomics_stats"),
+                              survival_hist_events=[int(x) for x in hist_ev],
+                              survival_hist_all=[int(x) for x in hist_all],
+                              excluded={str(k): int(v) for k, v in agg["excluded"].items()},
+                              patches=patches, label=label, data_digest=data_digest(site),
+                              synthetic=bool(source.get("synthetic", False)))
+    with stage("E_DISCLOSURE"):
+        return release_summary(summary, policy or site_policy(cfg))
+
+
+def site_policy(cfg: ExperimentConfig, node_config: Mapping[str, Any] | None = None) -> DisclosurePolicy:
+    """The disclosure policy at this site: the run's ``privacy.min_cell`` raised to the site's own
+    floor (node config ``min-cell``), which the server cannot lower."""
+    floor = (node_config or {}).get(SITE_FLOOR_KEY)
+    if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int) or floor < 1):
+        raise ValueError(f"node config {SITE_FLOOR_KEY}: expected an integer >= 1, got {floor!r}")
+    return DisclosurePolicy.at_site(cfg.privacy.min_cell, floor)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -325,7 +344,8 @@ def _logit_offsets(cfg: ExperimentConfig, site: SiteData, shared: SharedStats, d
 def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats, state_dict: Mapping[str, Tensor],
                 lr: float, local_epochs: int, proximal_mu: float = 0.0, *, server_round: int = 0,
                 local_steps: int = 0, optimizer_state: Mapping[str, Tensor] | None = None,
-                control: Mapping[str, Tensor] | None = None
+                control: Mapping[str, Tensor] | None = None, policy: DisclosurePolicy | None = None,
+                ledger_path: Path | None = None
                 ) -> tuple[dict[str, Tensor], dict[str, int | float], dict[str, Tensor], dict[str, Tensor] | None]:
     """Train the global model locally; return (new state_dict on the CPU, metrics, optimizer state,
     new SCAFFOLD control variate or None).
@@ -345,6 +365,15 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
     (SCAFFOLD's option II, which for plain SGD without weight decay or clipping equals
     c_i - c + (x - y) / (K lr), and stays a gradient estimate under momentum). Seeds derive from
     ``train.seed`` and ``server_round``, so a rerun of a round is repeatable.
+
+    With ``privacy.dp`` on, the round is patient-level DP-SGD (``client.local.dp.dp_train_steps``):
+    Poisson batches drawn with a secret generator, per-patient clipping and Gaussian noise, the
+    round's steps reserved in the site's privacy ledger (``ledger_path``, default
+    ``<site>/privacy/ledger.json``; node config ``privacy-ledger``) before it trains, and a round
+    that would take the site past ``privacy.dp_epsilon_budget`` declined (``E_PRIVACY_BUDGET``,
+    nothing trained). Coordination runs off and its counts are not sent; the reply adds ``dp-*``
+    metrics: the site's cumulative epsilon at ``dp-delta``, sigma, the clipping norm, the sample
+    rate and the round's steps (empty draws included).
 
     Metrics (the same keys at every site, as Flower's strategies require): ``num-examples`` (training
     patients), ``train-loss`` (mean training loss of the last local epoch), ``steps`` (optimizer
@@ -370,6 +399,8 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
     ds = _dataset(site, cfg, shared, "train")
     ds.set_epoch(server_round)  # another (deterministic) patch sample of capped bags every round
     n_train = len(ds)
+    with stage("E_TOO_FEW_PATIENTS"):
+        check_training_size(n_train, policy or site_policy(cfg))
     torch.manual_seed(cfg.train.seed + server_round)
     model = _model(cfg, state_dict, device)
     weights = _class_weights(cfg, shared, device)
@@ -393,21 +424,73 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
             load_optimizer_state(optimizer, optimizer_state)
             for g in optimizer.param_groups:  # the state keeps moments, never the previous round's lr
                 g["lr"] = float(lr)
-        constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
-        correction, new_control = _scaffold_correction(model, control)
-        logs = train_epochs(model, loader, cfg, epochs=epochs, device=device, optimizer=optimizer,
-                            scheduler=constant, class_weights=weights, global_params=global_params,
-                            logit_offsets=offsets, grad_correction=correction, grad_mean=new_control)
-        metrics: dict[str, int | float] = {wire.NUM_EXAMPLES: int(n_train), wire.TRAIN_LOSS: float(logs[-1].loss),
-                                           wire.STEPS: int(sum(log.steps for log in logs))}
-        for task in cfg.model.tasks:
-            for part in ("tumour", "micro", "conflicts"):
-                metrics[f"coord-{task}-{part}"] = int(sum(log.coordination.get(task, {}).get(part, 0)
-                                                          for log in logs))
+        if cfg.privacy.dp:
+            logs, metrics = _dp_round(model, ds, cfg, site, n_train, int(local_steps), epochs, device, optimizer,
+                                      weights, offsets, global_params, server_round, ledger_path, site_dir)
+            new_control = None
+        else:
+            constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+            correction, new_control = _scaffold_correction(model, control)
+            logs = train_epochs(model, loader, cfg, epochs=epochs, device=device, optimizer=optimizer,
+                                scheduler=constant, class_weights=weights, global_params=global_params,
+                                logit_offsets=offsets, grad_correction=correction, grad_mean=new_control)
+            metrics = {wire.NUM_EXAMPLES: int(n_train), wire.TRAIN_LOSS: float(logs[-1].loss),
+                       wire.STEPS: int(sum(log.steps for log in logs))}
+            for task in cfg.model.tasks:
+                for part in ("tumour", "micro", "conflicts"):
+                    metrics[f"coord-{task}-{part}"] = int(sum(log.coordination.get(task, {}).get(part, 0)
+                                                              for log in logs))
         new_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         new_optimizer_state = optimizer_state_arrays(optimizer)
     metrics[wire.SECONDS] = float(time.perf_counter() - t0)
     return new_state, metrics, new_optimizer_state, new_control
+
+
+#: SuperNode node-config key naming the site's privacy ledger file (one per site, across runs).
+LEDGER_KEY = "privacy-ledger"
+
+
+def ledger_file(site_dir: Path | str, node_config: Mapping[str, Any] | None = None) -> Path:
+    """Where this site's privacy ledger lives: node config ``privacy-ledger``, else
+    ``<site>/privacy/ledger.json`` (a deployment with a read-only data volume names a writable file)."""
+    value = (node_config or {}).get(LEDGER_KEY)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"node config {LEDGER_KEY}: expected a file path, got {value!r}")
+    return Path(value).expanduser() if value else Path(site_dir) / "privacy" / "ledger.json"
+
+
+def _dp_round(model: nn.Module, ds: SiteDataset, cfg: ExperimentConfig, site: SiteData, n_train: int,
+              local_steps: int, epochs: int, device: torch.device, optimizer: torch.optim.Optimizer,
+              weights: Mapping[str, Tensor], offsets: Mapping[str, Tensor] | None,
+              global_params: list[Tensor] | None, server_round: int, ledger_path: Path | None,
+              site_dir: Path | str) -> tuple[list[Any], dict[str, int | float]]:
+    """One DP-SGD round (see ``train_round``); returns the logs and the reply's metrics."""
+    # Imported here: Opacus adds seconds to every ClientApp start, and only DP rounds need it.
+    from client.local.dp import (calibrate_noise, check_dp_config, check_dp_model, dp_train_steps, plan_steps,
+                                 secret_generator)
+    from client.local.ledger import BudgetExceeded, PrivacyLedger
+
+    pc = cfg.privacy
+    with stage("E_CONFIG"):
+        check_dp_config(cfg)  # refuses what DP cannot honour; its notes are in client.local.dp's docstring
+        check_dp_model(model)
+        q, steps = plan_steps(cfg, n_train, local_steps=local_steps, local_epochs=epochs)
+        sigma = calibrate_noise(pc, q, steps, cfg.federation.rounds)
+    with stage("E_PRIVACY_LEDGER"):
+        ledger = PrivacyLedger.open(ledger_path or ledger_file(site_dir), accountant=pc.dp_accountant)
+    try:
+        logs, record = dp_train_steps(model, ds, cfg, steps=steps, sample_rate=q, noise_multiplier=sigma,
+                                      generator=secret_generator(), device=device, optimizer=optimizer,
+                                      class_weights=weights, logit_offsets=offsets, global_params=global_params,
+                                      ledger=ledger, run=cfg.name, server_round=server_round)
+    except BudgetExceeded as e:
+        raise SiteError("E_PRIVACY_BUDGET", type(e).__name__) from e
+    metrics: dict[str, int | float] = {
+        wire.NUM_EXAMPLES: int(n_train), wire.TRAIN_LOSS: float(logs[-1].loss) if logs else float("nan"),
+        wire.STEPS: int(record.steps), wire.DP_EPSILON: float(record.epsilon), wire.DP_DELTA: float(pc.dp_delta),
+        wire.DP_SIGMA: float(record.noise_multiplier), wire.DP_CLIP: float(record.max_grad_norm),
+        wire.DP_SAMPLE_RATE: float(record.sample_rate)}
+    return logs, metrics
 
 
 def _scaffold_correction(model: nn.Module, control: Mapping[str, Tensor] | None
@@ -474,7 +557,7 @@ def _per_patient(model: nn.Module, loader: DataLoader, cfg: ExperimentConfig,
 
 
 def evaluate_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats,
-                   state_dict: Mapping[str, Tensor], split: str) -> EvalStats:
+                   state_dict: Mapping[str, Tensor], split: str, policy: DisclosurePolicy | None = None) -> EvalStats:
     """Additive evaluation statistics of the global model on one split of this site.
 
     ``n``: patients evaluated. ``loss_sum``: the sum over those patients of each patient's own
@@ -489,7 +572,8 @@ def evaluate_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedSt
     (``risk_groups``; ``survival_bins`` groups).
 
     A split with fewer than ``federation.min_site_patients`` patients (or none) is reported as
-    ``EvalStats(n, suppressed=True)`` with no statistic at all (small-cell suppression).
+    ``EvalStats(n, suppressed=True)`` with no statistic at all (small-cell suppression). What is
+    returned has passed disclosure control (``client.local.release.release_eval`` under ``policy``).
     """
     with stage("E_CONFIG"):
         if split not in SPLITS:
@@ -497,7 +581,9 @@ def evaluate_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedSt
         device = resolve_device(cfg.train.device)
     with stage("E_DATA"):
         site = load_site(site_dir, cfg)
-    return evaluate_dataset(_dataset(site, cfg, shared, split), cfg, shared, state_dict, device)
+    stats = evaluate_dataset(_dataset(site, cfg, shared, split), cfg, shared, state_dict, device)
+    with stage("E_DISCLOSURE"):
+        return release_eval(stats, policy or site_policy(cfg), split)
 
 
 def evaluate_dataset(ds: SiteDataset, cfg: ExperimentConfig, shared: SharedStats, state_dict: Mapping[str, Tensor],

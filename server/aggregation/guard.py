@@ -35,7 +35,8 @@ __all__ = ["TRAIN_METRIC_KEY", "guard_replies", "clean_train_metrics", "update_n
 log = logging.getLogger("fedsmm.server.guard")
 
 #: Train-reply metric names the server accepts (and logs); anything else is ignored.
-TRAIN_METRIC_KEY = re.compile(r"^(num-examples|train-loss|steps|seconds|coord-[a-z]+-(?:tumour|micro|conflicts))$")
+TRAIN_METRIC_KEY = re.compile(r"^(num-examples|train-loss|steps|seconds|coord-[a-z]+-(?:tumour|micro|conflicts)"
+                              r"|dp-(?:epsilon|delta|sigma|clip|sample-rate))$")
 
 
 def _scalar(v: Any) -> float | None:

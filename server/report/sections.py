@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from smm_model.config import TASK_CLASSES
+from smm_model.contract import wire
 from smm_model.contract.classes import CLASS_NAMES, SHORT_CLASS_NAMES
 from smm_model.contract.label_facts import LABEL_FACTS
 from smm_model.contract.runfolder import C_INDEX_NOTE
@@ -297,6 +298,17 @@ class ReportBuilder:
                                  "survival-labelled train / val / test", "excluded patients",
                                  "data digest (sha256, first 16)", "synthetic", "encoder (weights)"], rows,
                                 caption="Sites as recorded by the run (full digests in metrics.json)"))
+        notes = []
+        for key, si in info.items():
+            d = (si or {}).get("disclosure") or {}
+            if d.get("min_cell"):
+                what = "; ".join(d.get("coarsened") or []) or "nothing needed coarsening"
+                notes.append(f"{run.site_name(key)} (k = {d['min_cell']}): {what}")
+        if notes:
+            sec.blocks.append(Para("Disclosure control at the sites: every count a site sent is 0 or at least k "
+                                   "(suppressed counts are shown as 0, merged histograms at coarser resolution; "
+                                   "Kaplan-Meier counts come from the test split only). What each site coarsened "
+                                   "in its preflight summary: " + " · ".join(notes) + ".", "note"))
         classes = []
         for key, si in info.items():
             splits = (si or {}).get("splits") or {}
@@ -389,6 +401,31 @@ class ReportBuilder:
                 sec.blocks.append(table)
         else:
             sec.blocks.append(self._rounds_table(main))
+            dp = self._privacy_table(main)
+            if dp is not None:
+                sec.blocks.append(Heading("Differential privacy"))
+                sec.blocks.append(dp)
+
+    @staticmethod
+    def _privacy_table(run: RunData) -> Table | None:
+        """Per round and site, what each site's DP-SGD accounted (the sites' own ledgers: epsilon is
+        cumulative over everything a site's ledger holds, earlier runs included)."""
+        rows = []
+        for r in run.training_rounds:
+            for node, m in sorted(((r.get("train") or {}).get("per_site") or {}).items()):
+                if not isinstance(m, dict) or wire.DP_EPSILON not in m:
+                    continue
+                rows.append([str(r["round"]), run.site_name(node), f"{m[wire.DP_EPSILON]:.3f}",
+                             f"{m.get(wire.DP_DELTA, float('nan')):.0e}", f"{m.get(wire.DP_SIGMA, float('nan')):.3f}",
+                             f"{m.get(wire.DP_CLIP, float('nan')):.3g}", f"{m.get(wire.DP_SAMPLE_RATE, float('nan')):.3f}",
+                             str(m.get(wire.STEPS, "—"))])
+        if not rows:
+            return None
+        return Table(["round", "site", "epsilon (cumulative at the site)", "delta", "noise multiplier",
+                      "clipping norm", "sample rate", "steps"], rows,
+                     caption="Patient-level DP-SGD as each site accounted it (Opacus; one ledger per site, "
+                             "never reset by a round, a run or a restart). The statistics the sites sent "
+                             "(counts, evaluation) are protected by the cell rules, not by DP.")
 
     def _comparison_curve(self, run: RunData, key: str):
         if run.local:

@@ -147,6 +147,7 @@ class SiteSummary:
     label: str | None = None
     data_digest: str | None = None
     synthetic: bool = False
+    disclosure: dict[str, Any] = field(default_factory=dict)  # {"min_cell": k, "coarsened": [what, ...]}
     version: int = PROTOCOL_VERSION
 
     def info(self) -> dict[str, Any]:
@@ -154,7 +155,8 @@ class SiteSummary:
         return {"label": self.label, "splits": self.splits, "excluded": self.excluded,
                 "data_digest": self.data_digest, "synthetic": bool(self.synthetic),
                 "encoder": self.schema.get("encoder"), "weights": self.schema.get("encoder_weights"),
-                "feature_dim": self.schema.get("feature_dim"), "gene_set": self.schema.get("gene_set")}
+                "feature_dim": self.schema.get("feature_dim"), "gene_set": self.schema.get("gene_set"),
+                "disclosure": self.disclosure}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -288,6 +290,26 @@ def merge_patch_stats(parts: Sequence[Mapping[str, Any]]) -> tuple[list[float], 
     return mean.tolist(), np.maximum(std, floor).tolist()
 
 
+def released_class_counts(split: Mapping[str, Any], task: str) -> np.ndarray:
+    """A split's class counts as the server can know them after disclosure control.
+
+    A site suppresses small class counts (``client.local.release``) and names them in
+    ``<task>_hidden`` (indices into [*classes, unknown]); their sum is the split's patients minus
+    the released cells, at least k. Each hidden cell is estimated as an equal share of that sum, so a
+    class that is present but rare at every site keeps a positive count (and a class weight),
+    rather than reading as absent."""
+    counts = np.asarray(split[task], dtype=float)
+    hidden = list(split.get(f"{task}_hidden") or [])
+    if hidden:
+        released = counts.sum() + float(split.get(f"{task}_unknown", 0))
+        share = max(float(split["patients"]) - released, 0.0) / len(hidden)
+        counts = counts.copy()
+        for i in hidden:
+            if i < counts.size:
+                counts[i] = share
+    return counts
+
+
 def derive_shared(summaries: Sequence[SiteSummary], cfg: ExperimentConfig) -> SharedStats:
     """Shared preprocessing from the sites' training-split aggregates (never from patient rows).
 
@@ -315,7 +337,7 @@ def derive_shared(summaries: Sequence[SiteSummary], cfg: ExperimentConfig) -> Sh
         raise ValueError("derive_shared: no site has survival times in its training split")
     weights, class_counts = {}, {}
     for task, n in TASK_CLASSES.items():
-        counts = np.sum([np.asarray(s.splits["train"][task], dtype=float) for s in summaries], axis=0)
+        counts = np.sum([released_class_counts(s.splits["train"], task) for s in summaries], axis=0)
         weights[task] = [float(counts.max() / c) if c > 0 else 0.0 for c in counts] if counts.max() > 0 else [1.0] * n
         class_counts[task] = [float(c) for c in counts]
     nz = np.flatnonzero(allh)
@@ -341,6 +363,9 @@ class EvalStats:
     ``cindex``: [concordant, discordant, tied, comparable]; ``km``: flattened (G*2*K) counts of
     events and numbers at risk per predicted risk group on SharedStats.km_grid.
     ``suppressed`` is True when the site had fewer patients than the minimum and sent no numbers.
+    Disclosure control (``client.local.release``): ``hidden`` names, per task, the confusion cells
+    (flat indices) suppressed to 0; ``withheld`` the statistics not sent (``<task>-hist``,
+    ``survival-km``); ``min_cell`` the threshold k applied (0: not recorded).
     """
 
     n: int
@@ -351,6 +376,9 @@ class EvalStats:
     km: list[int] | None = None
     km_groups: int = 0
     suppressed: bool = False
+    hidden: dict[str, list[int]] = field(default_factory=dict)
+    withheld: list[str] = field(default_factory=list)
+    min_cell: int = 0
 
     def to_record(self) -> dict[str, int | float | list[int] | list[float]]:
         """Flat mapping of scalars and lists (what a Flower MetricRecord holds)."""
@@ -364,16 +392,27 @@ class EvalStats:
             rec["survival-cindex"] = [int(x) for x in self.cindex]
         if self.km is not None:
             rec["survival-km"] = [int(x) for x in self.km]
+        if self.min_cell:
+            rec["min-cell"] = int(self.min_cell)
+        for t, v in self.hidden.items():
+            rec[f"{t}-confusion-hidden"] = [int(x) for x in v]
+        for name in self.withheld:
+            rec[f"withheld-{name}"] = 1
         return rec
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> "EvalStats":
         conf = {k[: -len("-confusion")]: list(v) for k, v in rec.items() if k.endswith("-confusion")}
-        hist = {k[: -len("-hist")]: list(v) for k, v in rec.items() if k.endswith("-hist")}
+        hidden = {k[: -len("-confusion-hidden")]: [int(x) for x in v] for k, v in rec.items()
+                  if k.endswith("-confusion-hidden")}
+        withheld = sorted(k[len("withheld-"):] for k in rec if k.startswith("withheld-"))
+        hist = {k[: -len("-hist")]: list(v) for k, v in rec.items()
+                if k.endswith("-hist") and not k.startswith("withheld-")}
         return cls(n=int(rec["num-examples"]), loss_sum=float(rec.get("loss-sum", 0.0)), confusion=conf,
                    histograms=hist, cindex=list(rec["survival-cindex"]) if "survival-cindex" in rec else None,
                    km=list(rec["survival-km"]) if "survival-km" in rec else None,
-                   km_groups=int(rec.get("km-groups", 0)), suppressed=bool(rec.get("suppressed", 0)))
+                   km_groups=int(rec.get("km-groups", 0)), suppressed=bool(rec.get("suppressed", 0)),
+                   hidden=hidden, withheld=withheld, min_cell=int(rec.get("min-cell", 0)))
 
     @classmethod
     def merge(cls, stats: Sequence["EvalStats"]) -> "EvalStats":
@@ -390,6 +429,8 @@ class EvalStats:
             if s.km is not None:
                 out.km = (np.asarray(out.km) + s.km).tolist() if out.km is not None else list(s.km)
                 out.km_groups = s.km_groups
+        out.withheld = sorted({w for s in used for w in s.withheld})
+        out.min_cell = max((s.min_cell for s in used), default=0)
         return out
 
 

@@ -22,7 +22,7 @@ message_type        config keys -> reply content
 from __future__ import annotations
 
 __all__ = ["PREFLIGHT", "PREFLIGHT_HANDLER", "TRAIN", "EVALUATE", "ARRAYS", "CONTROL", "METRICS", "CONFIG", "SUMMARY",
-           "SUMMARY_JSON", "KEY_EXPERIMENT", "KEY_SHARED", "KEY_ROUND", "KEY_LR", "KEY_LOCAL_EPOCHS", "KEY_LOCAL_STEPS",
+           "DP_EPSILON", "DP_DELTA", "DP_SIGMA", "DP_CLIP", "DP_SAMPLE_RATE", "SUMMARY_JSON", "KEY_EXPERIMENT", "KEY_SHARED", "KEY_ROUND", "KEY_LR", "KEY_LOCAL_EPOCHS", "KEY_LOCAL_STEPS",
            "KEY_PROXIMAL_MU", "KEY_SPLIT", "NUM_EXAMPLES", "TRAIN_LOSS", "STEPS", "SECONDS"]
 
 # Message types (Flower's MessageType.QUERY is "query"; ".preflight" names our handler).
@@ -55,3 +55,10 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 STEPS = "steps"
 SECONDS = "seconds"
+#: DP-SGD at the site (privacy.dp): the site's cumulative epsilon at DP_DELTA after this round, the
+#: noise multiplier, the per-patient clipping norm and the Poisson sample rate of the round.
+DP_EPSILON = "dp-epsilon"
+DP_DELTA = "dp-delta"
+DP_SIGMA = "dp-sigma"
+DP_CLIP = "dp-clip"
+DP_SAMPLE_RATE = "dp-sample-rate"

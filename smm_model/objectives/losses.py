@@ -17,8 +17,8 @@ from smm_model.nn.batch import Batch
 from smm_model.config import LossConfig
 from smm_model.nn.model import ModelOutput
 
-__all__ = ["logit_adjustment_offsets", "weighted_cross_entropy", "nll_survival_loss", "relation_map", "consistency_loss",
-           "multitask_loss"]
+__all__ = ["logit_adjustment_offsets", "weighted_cross_entropy", "nll_survival_loss", "nll_survival_terms",
+           "relation_map", "consistency_loss", "multitask_loss", "per_patient_loss"]
 
 
 def _zero(like: Tensor) -> Tensor:
@@ -49,6 +49,12 @@ def nll_survival_loss(logits: Tensor, bins: Tensor, event: Tensor, mask: Tensor 
         if not bool(mask.any()):
             return _zero(logits)
         logits, bins, event = logits[mask], bins[mask], event[mask]
+    return nll_survival_terms(logits, bins, event, alpha).mean()
+
+
+def nll_survival_terms(logits: Tensor, bins: Tensor, event: Tensor, alpha: float = 0.0) -> Tensor:
+    """The (B,) per-patient terms of ``nll_survival_loss`` (no mask, no mean): logits (B, T),
+    bins (B,), event (B,) -> (B,)."""
     y = bins.long().unsqueeze(1)  # (B, 1)
     e = event.to(logits.dtype)  # (B,) 1 = death observed
     log_h = F.logsigmoid(logits)  # (B, T)
@@ -56,8 +62,7 @@ def nll_survival_loss(logits: Tensor, bins: Tensor, event: Tensor, mask: Tensor 
     log_S_pad = F.pad(log_S, (1, 0))  # (B, T+1); index k+1 is S_k, index 0 is S_{-1} = 1
     uncensored = -e * (log_S_pad.gather(1, y) + log_h.gather(1, y)).squeeze(1)
     censored = -(1 - e) * log_S_pad.gather(1, y + 1).squeeze(1)
-    loss = (1 - alpha) * (uncensored + censored) + alpha * uncensored
-    return loss.mean()
+    return (1 - alpha) * (uncensored + censored) + alpha * uncensored  # (B,)
 
 
 def relation_map(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -109,6 +114,55 @@ def multitask_loss(out: ModelOutput, batch: Batch, cfg: LossConfig,
             parts[name] = consistency_loss(gene, grid)
             total = total + cfg.consistency_weight * parts[name]
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def per_patient_loss(out: ModelOutput, batch: Batch, cfg: LossConfig,
+                     class_weights: Mapping[str, Tensor] | None = None,
+                     logit_offsets: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """(B,) loss of each patient on its own, for patient-level DP-SGD (``client.local.dp``).
+
+    Why not ``multitask_loss`` per row: DP-SGD clips each patient's gradient, so a patient's loss
+    must not depend on who else is in the batch, and ``multitask_loss`` couples them three ways:
+    the class-weighted cross-entropy divides by the batch's summed class weights (on a batch of one
+    that weight cancels), each masked task mean divides by the batch's label count, and the
+    consistency terms compare patients through batch relation maps. Here, for patient i,
+
+        L_i = sum_t task_weight(t) * m_it * l_it
+
+    where m_it is 1 when i is labelled for task t (else the term is an exact 0, not a smaller
+    denominator), l_it = class_weight_t[y_it] * CE(logits_it + offset_t, y_it) for a classification
+    task (the weight kept, not normalised away; no weights = 1) and the discrete-time survival NLL
+    of i (``nll_survival_terms``, ``cfg.survival_alpha``) for survival. Logit offsets enter as in
+    ``multitask_loss``. The DP trainer divides the sum over a step's patients by the expected batch
+    size q * n (not by label counts), so against ``multitask_loss`` a task with missing labels
+    weighs in proportion to its labelled share, and a weighted task by its mean class weight.
+
+    No consistency term: on one patient each relation map is 1 x 1 (a row normalised by its own
+    norm, 1 for any non-zero embedding), so the term is the constant 0 with zero gradient; across
+    patients it is not a per-patient quantity. Returns the (B,) total and the (B,) per-task terms.
+    """
+    class_weights = class_weights or {}
+    logit_offsets = logit_offsets or {}
+    parts: dict[str, Tensor] = {}
+    total: Tensor | None = None
+    for task, logits in out.logits.items():
+        mask = batch.task_mask(task)  # (B,) bool
+        if task == "survival":
+            term = nll_survival_terms(logits, batch.labels["survival_bin"], batch.labels["event"],
+                                      cfg.survival_alpha)  # (B,)
+        else:
+            if task in logit_offsets:
+                logits = logits + logit_offsets[task]  # (B, C) + (C,)
+            target = batch.labels[task].long()  # (B,); 0 where unlabelled, masked below
+            term = F.cross_entropy(logits, target, reduction="none")  # (B,)
+            if task in class_weights:
+                term = class_weights[task].to(term.dtype)[target] * term  # (B,)
+        parts[task] = torch.where(mask, term, torch.zeros_like(term))  # (B,) an exact 0 where unlabelled
+        weighted = cfg.task_weight(task) * parts[task]
+        total = weighted if total is None else total + weighted
+    if total is None:
+        raise ValueError("per_patient_loss: the model output has no task logits")
+    return total, parts
 
 
 def logit_adjustment_offsets(site_counts: Sequence[float], pooled_counts: Sequence[float], tau: float) -> Tensor:

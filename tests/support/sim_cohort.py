@@ -14,7 +14,8 @@ SMALL = ["model.feature_dim=32", "model.genes_tumour=20", "model.genes_micro=30"
          "model.snn_hidden=[16]", "model.tasks=[diagnosis, grade, survival]", "train.batch_size=4",
          "train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.0001", "federation.rounds=2",
          "federation.local_epochs=2", "federation.min_nodes=3", "federation.min_site_patients=1",
-         "federation.wait_for_nodes_s=120"]
+         "federation.wait_for_nodes_s=120",
+         "privacy.min_cell=1"]  # sites of ~20 patients, exact statistics; tests/sim/test_privacy_attack.py runs k = 5
 
 
 #: ``CohortSpec`` settings that make the sites identically distributed: the same class prior (a
