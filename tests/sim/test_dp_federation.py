@@ -45,12 +45,13 @@ def test_dp_rounds_are_accounted_in_one_ledger_per_site_across_runs(tmp_path):
     assert "Differential privacy" in md and f"{eps[sorted(eps)[0]][-1]:.3f}" in md
 
     # A second run at the same sites continues their ledgers: its first round already spends more.
-    run_federation(InProcessFlower(3), cfg, tmp_path / "b", poll_s=0.01)
+    one = ExperimentConfig.from_yaml_text("", [*SMALL, f"data.sites_root={cohort}", *DP, "federation.rounds=1"])
+    run_federation(InProcessFlower(3), one, tmp_path / "b", poll_s=0.01)
     again = rounds(tmp_path / "b")[1]["train"]["per_site"]
     assert min(m[wire.DP_EPSILON] for m in again.values()) > first * 0.99
 
     # A budget already spent: every site declines before training, the run ends without an update.
-    tight = ExperimentConfig.from_yaml_text("", [*SMALL, f"data.sites_root={cohort}", *DP,
+    tight = ExperimentConfig.from_yaml_text("", [*SMALL, f"data.sites_root={cohort}", *DP, "federation.rounds=1",
                                                  "privacy.dp_epsilon_budget=1.0"])
     try:
         run_federation(InProcessFlower(3), tight, tmp_path / "c", poll_s=0.01)
@@ -59,4 +60,4 @@ def test_dp_rounds_are_accounted_in_one_ledger_per_site_across_runs(tmp_path):
     dropped = [d["reason"] for r in rounds(tmp_path / "c")[1:] for d in r["train"]["dropped"]]
     assert dropped and set(dropped) == {"E_PRIVACY_BUDGET"}
     for k in (1, 2, 3):  # nothing was reserved for the declined rounds
-        assert len(PrivacyLedger.open(cohort / f"site_{k}" / "privacy" / "ledger.json").history) == 4
+        assert len(PrivacyLedger.open(cohort / f"site_{k}" / "privacy" / "ledger.json").history) == 3
