@@ -130,8 +130,8 @@ def _shared(cfg_rec: ConfigRecord) -> SharedStats:
 
 
 def _preflight(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger,
-               label: str | None = None) -> RecordDict:
-    summary = preflight_summary(site_dir, cfg, label=label)
+               label: str | None = None, ledger: Path | None = None) -> RecordDict:
+    summary = preflight_summary(site_dir, cfg, label=label, ledger_path=ledger)
     log.info("preflight: %s training patients", summary.splits["train"]["patients"])
     return RecordDict({wire.SUMMARY: ConfigRecord({wire.SUMMARY_JSON: summary.to_json()})})
 
@@ -199,7 +199,8 @@ def preflight(msg: Message, context: Context) -> Message:
     def work(m: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Logger) -> RecordDict:
         with stage("E_CONFIG"):
             label = site_label(node_config, site_dir)
-        return _preflight(m, cfg, site_dir, log, label=label)
+            ledger = ledger_file(site_dir, node_config) if cfg.privacy.dp else None
+        return _preflight(m, cfg, site_dir, log, label=label, ledger=ledger)
 
     return _handle("preflight", msg, context, work)
 

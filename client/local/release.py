@@ -104,7 +104,9 @@ def release_summary(summary: SiteSummary, policy: DisclosurePolicy) -> SiteSumma
 def release_eval(stats: EvalStats, policy: DisclosurePolicy, split: str) -> EvalStats:
     """Evaluation statistics as they may leave the site: a split below k is suppressed whole;
     confusion rows by ``suppress_unordered`` (a row's total, the class count, is known), each
-    class's positive and negative score histograms merged on one grouping, Kaplan-Meier counts only
+    class's positive and negative score histograms merged on one grouping (a class with fewer
+    than k positives or negatives sends none: its one-vs-rest AUC is then left out of this
+    site's and the pooled macro AUC, with the class named in ``withheld``), Kaplan-Meier counts only
     for ``KM_SPLITS`` and then by ``release_km``. C-index pair counts and the loss sum are sums
     over the split's (at least k) patients and leave as they are."""
     if stats.suppressed:
@@ -128,18 +130,18 @@ def release_eval(stats: EvalStats, policy: DisclosurePolicy, split: str) -> Eval
             out.hidden[task] = hidden
     for task, flat in stats.histograms.items():
         hist = np.asarray(flat, dtype=np.int64).reshape(-1, 2, SCORE_BINS)
-        merged = []
-        for pair in hist:
+        released = np.zeros_like(hist)
+        for c, pair in enumerate(hist):  # (2, bins): class c's positives and negatives, one grouping
             rows, groups = release_ordered(pair, policy)
-            if groups is None:
-                merged = None
-                break
-            merged.append(rows)
-        if merged is None:
+            if groups is None:  # fewer than k positives (or negatives): this class's curve stays home
+                out.withheld.append(f"{task}-hist-class-{c}")
+            else:
+                released[c] = rows
+        if released.any():
+            out.histograms[task] = released.ravel().tolist()
+        else:
             del out.histograms[task]
             out.withheld.append(f"{task}-hist")
-        else:
-            out.histograms[task] = np.stack(merged).ravel().tolist()
     if stats.km is not None:
         released_km, ok = (release_km(np.asarray(stats.km).reshape(stats.km_groups, 2, -1), policy)
                            if split in KM_SPLITS else (None, False))

@@ -56,7 +56,7 @@ from smm_model.contract.protocol import SURVIVAL_HIST_EDGES, EvalStats, SharedSt
 
 __all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "resolve_site_dir", "site_label", "SITE_NAME_KEY", "load_site",
            "data_digest", "preflight_summary", "train_round", "evaluate_round", "evaluate_dataset", "risk_groups", "SharedGenomicsStats", "site_policy",
-           "ledger_file", "LEDGER_KEY"]
+           "ledger_file", "LEDGER_KEY", "check_privacy_plan"]
 
 #: Stage codes a site error carries (the only detail that leaves the site besides the class name).
 ERROR_CODES = {
@@ -262,7 +262,8 @@ def data_digest(site: SiteData) -> str:
 
 
 def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig, label: str | None = None, *,
-                      patch_sums: bool = True, policy: DisclosurePolicy | None = None) -> SiteSummary:
+                      patch_sums: bool = True, policy: DisclosurePolicy | None = None,
+                      ledger_path: Path | None = None) -> SiteSummary:
     """The site's schema and aggregate statistics (``smm_model.contract.protocol.SiteSummary``).
 
     Everything in it is a count, a sum over training patients or a schema identifier: no patient
@@ -274,6 +275,10 @@ def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig, label: str | 
     skips reading every training feature file where the statistics are not needed (evaluating a
     model that carries its own). The summary leaves through ``client.local.release.release_summary``
     under ``policy`` (default: ``privacy.min_cell``; the ClientApp adds the site's own floor).
+    With ``privacy.dp`` on, the site first checks that it can honour the run: the DP config
+    (``client.local.dp.check_dp_config``, ``E_CONFIG``) and its budget for every planned round
+    (``check_privacy_plan``, ``E_PRIVACY_BUDGET``), so a site that cannot take part is refused at
+    the preflight rather than in a later round.
     """
     with stage("E_DATA"):
         site = load_site(site_dir, cfg, check_feature_dim=False)
@@ -285,6 +290,8 @@ def preflight_summary(site_dir: Path | str, cfg: ExperimentConfig, label: str | 
         schema = {"encoder": None, "feature_dim": None, **agg["schema"]}
         splits = {s: {k: agg["splits"][s][k] for k in SPLIT_KEYS} for s in SPLITS}
         pos = site.clinical.positions(site.patients("train"))
+        if cfg.privacy.dp:
+            check_privacy_plan(cfg, len(pos), ledger_path or ledger_file(site_dir))
         known = site.clinical.survival_known[pos]
         t = site.clinical.survival_time[pos][known]
         e = site.clinical.event[pos][known] > 0
@@ -457,6 +464,26 @@ def ledger_file(site_dir: Path | str, node_config: Mapping[str, Any] | None = No
     if value is not None and (not isinstance(value, str) or not value):
         raise ValueError(f"node config {LEDGER_KEY}: expected a file path, got {value!r}")
     return Path(value).expanduser() if value else Path(site_dir) / "privacy" / "ledger.json"
+
+
+def check_privacy_plan(cfg: ExperimentConfig, n_train: int, ledger_path: Path) -> None:
+    """Refuse, before any training, a DP run this site cannot honour: a DP config it cannot run
+    (``E_CONFIG``), or a budget that the planned rounds would pass (``E_PRIVACY_BUDGET``: the
+    site's spent epsilon plus ``federation.rounds`` rounds at the planned sigma and sample rate)."""
+    from client.local.dp import calibrate_noise, check_dp_config, plan_steps
+    from client.local.ledger import PrivacyLedger
+
+    pc = cfg.privacy
+    with stage("E_CONFIG"):
+        check_dp_config(cfg)
+        q, steps = plan_steps(cfg, n_train, local_steps=cfg.federation.local_steps,
+                              local_epochs=cfg.federation.local_epochs)
+        sigma = calibrate_noise(pc, q, steps, cfg.federation.rounds)
+    with stage("E_PRIVACY_LEDGER"):
+        ledger = PrivacyLedger.open(ledger_path, accountant=pc.dp_accountant)
+        planned = ledger.would_spend(sigma, q, steps * cfg.federation.rounds, pc.dp_delta)
+    if planned > pc.dp_epsilon_budget:
+        raise SiteError("E_PRIVACY_BUDGET", "BudgetExceeded")
 
 
 def _dp_round(model: nn.Module, ds: SiteDataset, cfg: ExperimentConfig, site: SiteData, n_train: int,

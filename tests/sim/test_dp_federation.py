@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from sim_cohort import SMALL, write_features_cohort
 from test_contract_inprocess import InProcessFlower
 
@@ -50,14 +51,10 @@ def test_dp_rounds_are_accounted_in_one_ledger_per_site_across_runs(tmp_path):
     again = rounds(tmp_path / "b")[1]["train"]["per_site"]
     assert min(m[wire.DP_EPSILON] for m in again.values()) > first * 0.99
 
-    # A budget already spent: every site declines before training, the run ends without an update.
+    # A budget the planned run would pass: every site refuses at the preflight, before any training.
     tight = ExperimentConfig.from_yaml_text("", [*SMALL, f"data.sites_root={cohort}", *DP, "federation.rounds=1",
                                                  "privacy.dp_epsilon_budget=1.0"])
-    try:
+    with pytest.raises(Exception, match="E_PRIVACY_BUDGET|sites"):
         run_federation(InProcessFlower(3), tight, tmp_path / "c", poll_s=0.01)
-    except RuntimeError as e:
-        assert "no round aggregated" in str(e)
-    dropped = [d["reason"] for r in rounds(tmp_path / "c")[1:] for d in r["train"]["dropped"]]
-    assert dropped and set(dropped) == {"E_PRIVACY_BUDGET"}
-    for k in (1, 2, 3):  # nothing was reserved for the declined rounds
+    for k in (1, 2, 3):  # nothing was reserved
         assert len(PrivacyLedger.open(cohort / f"site_{k}" / "privacy" / "ledger.json").history) == 3
