@@ -432,8 +432,8 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
             for g in optimizer.param_groups:  # the state keeps moments, never the previous round's lr
                 g["lr"] = float(lr)
         if cfg.privacy.dp:
-            logs, metrics = _dp_round(model, ds, cfg, site, n_train, int(local_steps), epochs, device, optimizer,
-                                      weights, offsets, global_params, server_round, ledger_path, site_dir)
+            logs, metrics = _dp_round(model, ds, cfg, n_train, int(local_steps), epochs, device, optimizer, weights,
+                                      offsets, global_params, server_round, ledger_path or ledger_file(site_dir))
             new_control = None
         else:
             constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
@@ -466,45 +466,48 @@ def ledger_file(site_dir: Path | str, node_config: Mapping[str, Any] | None = No
     return Path(value).expanduser() if value else Path(site_dir) / "privacy" / "ledger.json"
 
 
-def check_privacy_plan(cfg: ExperimentConfig, n_train: int, ledger_path: Path) -> None:
-    """Refuse, before any training, a DP run this site cannot honour: a DP config it cannot run
-    (``E_CONFIG``), or a budget that the planned rounds would pass (``E_PRIVACY_BUDGET``: the
-    site's spent epsilon plus ``federation.rounds`` rounds at the planned sigma and sample rate)."""
+def _dp_plan(cfg: ExperimentConfig, n_train: int, local_steps: int, local_epochs: int, ledger_path: Path):
+    """(sample rate, steps per round, noise multiplier, the site's ledger) of a DP round, after the
+    DP config is checked (``E_CONFIG``) and the ledger opened (``E_PRIVACY_LEDGER``)."""
+    # Imported here: Opacus adds seconds to every ClientApp start, and only DP runs need it.
     from client.local.dp import calibrate_noise, check_dp_config, plan_steps
     from client.local.ledger import PrivacyLedger
 
     pc = cfg.privacy
     with stage("E_CONFIG"):
-        check_dp_config(cfg)
-        q, steps = plan_steps(cfg, n_train, local_steps=cfg.federation.local_steps,
-                              local_epochs=cfg.federation.local_epochs)
+        check_dp_config(cfg)  # refuses what DP cannot honour; its notes are in client.local.dp's docstring
+        q, steps = plan_steps(cfg, n_train, local_steps=local_steps, local_epochs=local_epochs)
         sigma = calibrate_noise(pc, q, steps, cfg.federation.rounds)
     with stage("E_PRIVACY_LEDGER"):
         ledger = PrivacyLedger.open(ledger_path, accountant=pc.dp_accountant)
-        planned = ledger.would_spend(sigma, q, steps * cfg.federation.rounds, pc.dp_delta)
+    return q, steps, sigma, ledger
+
+
+def check_privacy_plan(cfg: ExperimentConfig, n_train: int, ledger_path: Path) -> None:
+    """Refuse, before any training, a DP run this site cannot honour: a DP config it cannot run
+    (``E_CONFIG``), or a budget that the planned rounds would pass (``E_PRIVACY_BUDGET``: the
+    site's spent epsilon plus ``federation.rounds`` rounds at the planned sigma and sample rate)."""
+    fed, pc = cfg.federation, cfg.privacy
+    q, steps, sigma, ledger = _dp_plan(cfg, n_train, fed.local_steps, fed.local_epochs, ledger_path)
+    with stage("E_PRIVACY_LEDGER"):
+        planned = ledger.would_spend(sigma, q, steps * fed.rounds, pc.dp_delta)
     if planned > pc.dp_epsilon_budget:
         raise SiteError("E_PRIVACY_BUDGET", "BudgetExceeded")
 
 
-def _dp_round(model: nn.Module, ds: SiteDataset, cfg: ExperimentConfig, site: SiteData, n_train: int,
-              local_steps: int, epochs: int, device: torch.device, optimizer: torch.optim.Optimizer,
+def _dp_round(model: nn.Module, ds: SiteDataset, cfg: ExperimentConfig, n_train: int, local_steps: int,
+              epochs: int, device: torch.device, optimizer: torch.optim.Optimizer,
               weights: Mapping[str, Tensor], offsets: Mapping[str, Tensor] | None,
-              global_params: list[Tensor] | None, server_round: int, ledger_path: Path | None,
-              site_dir: Path | str) -> tuple[list[Any], dict[str, int | float]]:
+              global_params: list[Tensor] | None, server_round: int, ledger_path: Path
+              ) -> tuple[list[Any], dict[str, int | float]]:
     """One DP-SGD round (see ``train_round``); returns the logs and the reply's metrics."""
-    # Imported here: Opacus adds seconds to every ClientApp start, and only DP rounds need it.
-    from client.local.dp import (calibrate_noise, check_dp_config, check_dp_model, dp_train_steps, plan_steps,
-                                 secret_generator)
-    from client.local.ledger import BudgetExceeded, PrivacyLedger
+    from client.local.dp import check_dp_model, dp_train_steps, secret_generator
+    from client.local.ledger import BudgetExceeded
 
     pc = cfg.privacy
+    q, steps, sigma, ledger = _dp_plan(cfg, n_train, local_steps, epochs, ledger_path)
     with stage("E_CONFIG"):
-        check_dp_config(cfg)  # refuses what DP cannot honour; its notes are in client.local.dp's docstring
         check_dp_model(model)
-        q, steps = plan_steps(cfg, n_train, local_steps=local_steps, local_epochs=epochs)
-        sigma = calibrate_noise(pc, q, steps, cfg.federation.rounds)
-    with stage("E_PRIVACY_LEDGER"):
-        ledger = PrivacyLedger.open(ledger_path or ledger_file(site_dir), accountant=pc.dp_accountant)
     try:
         logs, record = dp_train_steps(model, ds, cfg, steps=steps, sample_rate=q, noise_multiplier=sigma,
                                       generator=secret_generator(), device=device, optimizer=optimizer,
