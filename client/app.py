@@ -167,8 +167,9 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
         log.info("train round %d: DP-SGD, sigma %.3f, C %.3g, q %.3f; the site's epsilon is now %.3f at delta %.1e",
                  rnd, metrics[wire.DP_SIGMA], metrics[wire.DP_CLIP], metrics[wire.DP_SAMPLE_RATE],
                  metrics[wire.DP_EPSILON], metrics[wire.DP_DELTA])
-    log.info("train round %d: %d patients, %d steps, loss %.4f, %.1f s%s", rnd, metrics[wire.NUM_EXAMPLES],
-             metrics[wire.STEPS], metrics[wire.TRAIN_LOSS], metrics[wire.SECONDS],
+    log.info("train round %d: %d patients, %d steps, loss %s, %.1f s%s", rnd, metrics[wire.NUM_EXAMPLES],
+             metrics[wire.STEPS], f"{metrics[wire.TRAIN_LOSS]:.4f}" if wire.TRAIN_LOSS in metrics else "not sent (DP)",
+             metrics[wire.SECONDS],
              "" if not persist else (", optimizer state continued from the previous round" if previous is not None
                                      else ", new optimizer state kept at the site"))
     if control is not None:

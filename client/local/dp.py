@@ -23,9 +23,12 @@ supplies what Opacus cannot for this model:
 
 What DP changes in the local trainer (``check_dp_config`` refuses, or reports, each of these):
 
-* Gradient coordination runs off. It edits the heads' gradients from the un-noised batch
-  gradient; applied before the noise Opacus would overwrite it, applied after it would read
-  un-noised per-batch confidences and leak. No coordination counts are produced.
+* Gradient coordination runs on the privatized gradient, after Opacus's noise and before the
+  step (``coordinate_private``: the symmetric rule, both halves of a head give way where their
+  rows conflict). The trainer's usual rule cannot be used: applied before the noise Opacus would
+  overwrite it (measured: parameters identical to a run without it), and its confidences read the
+  batch's un-noised outputs and labels. The symmetric rule and its ``coord-*`` counts read only
+  the noised gradient, so they are post-processing and cost no budget.
 * The consistency terms are dropped: on one patient each relation map is 1 x 1 (a row divided by
   its own norm), so the term is the constant 0 with no gradient (``per_patient_loss``).
 * FedProx's proximal gradient mu (w - w_global) is data-independent, so it is added after the
@@ -64,6 +67,7 @@ from client.local.ledger import PrivacyLedger
 from client.local.train import EpochLog, make_optimizer, resolve_device
 from client.site.collate import collate_patients
 from smm_model.config import ConfigError, ExperimentConfig, PrivacyConfig
+from smm_model.objectives.coordination import coordinate_private
 from smm_model.objectives.losses import per_patient_loss
 
 __all__ = ["REFUSED_STRATEGIES", "DPRecord", "check_dp_config", "check_dp_model", "plan_steps", "calibrate_noise",
@@ -115,8 +119,8 @@ def check_dp_config(cfg: ExperimentConfig) -> tuple[str, ...]:
                           "privacy; use fedavg, fedprox or a server optimizer")
     notes = []
     if cfg.train.coordination != "off":
-        notes.append(f"train.coordination {cfg.train.coordination!r} runs off under privacy.dp (it would read "
-                     "un-noised gradients)")
+        notes.append(f"train.coordination {cfg.train.coordination!r} runs symmetric on the privatized gradient "
+                     "under privacy.dp (no confidence: that would read un-noised outputs)")
     if cfg.loss.consistency_weight > 0 and cfg.model.arch == "smm":
         notes.append("loss.consistency_weight: the consistency terms are dropped under privacy.dp (they are "
                      "constant on one patient)")
@@ -290,9 +294,16 @@ def dp_train_steps(model: nn.Module, dataset: Sequence[Mapping[str, Any]], cfg: 
                          generator=noise_generator if noise_generator is not None else secret_generator(device))
     params = dp_opt.params  # the trainable parameters the optimizer holds
 
+    heads = model.split_heads() if tc.coordination != "off" and hasattr(model, "split_heads") else {}
+    coord: dict[str, dict[str, int]] = {}
+
     @torch.no_grad()
     def after_noise(_opt: DPOptimizer) -> None:
-        """Post-processing of the privatized gradient: FedProx's term, then the global clip."""
+        """Post-processing of the privatized gradient: coordination, FedProx's term, the global clip."""
+        for task, rec in coordinate_private(heads, tc.coordination).items():
+            acc = coord.setdefault(task, {})
+            for k, v in rec.items():
+                acc[k] = acc.get(k, 0) + v
         if prox:
             for p in params:
                 p.grad.add_(p.detach() - anchor_of[id(p)], alpha=tc.proximal_mu)  # d/dw (mu/2)||w - w_g||^2
@@ -331,7 +342,7 @@ def dp_train_steps(model: nn.Module, dataset: Sequence[Mapping[str, Any]], cfg: 
                     delattr(p, attr)
     mean = (lambda s: s / examples) if examples else (lambda s: math.nan)
     epoch_log = EpochLog(epoch=1, lr=lr, loss=mean(loss_sum), parts={k: mean(v) for k, v in parts_sum.items()},
-                         coordination={}, examples=examples, steps=len(batches), seconds=time.perf_counter() - t0)
+                         coordination=coord, examples=examples, steps=len(batches), seconds=time.perf_counter() - t0)
     record = DPRecord(noise_multiplier=float(noise_multiplier), max_grad_norm=float(pc.dp_max_grad_norm),
                       sample_rate=float(sample_rate), steps=len(batches), empty_draws=empty,
                       expected_batch_size=float(expected), examples=examples, delta=float(pc.dp_delta),

@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ from smm_model.contract.protocol import SURVIVAL_HIST_EDGES, EvalStats, SharedSt
 __all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "resolve_site_dir", "site_label", "SITE_NAME_KEY", "load_site",
            "data_digest", "preflight_summary", "train_round", "evaluate_round", "evaluate_dataset", "risk_groups", "SharedGenomicsStats", "site_policy",
            "ledger_file", "LEDGER_KEY", "check_privacy_plan"]
+
+log = logging.getLogger(__name__)
 
 #: Stage codes a site error carries (the only detail that leaves the site besides the class name).
 ERROR_CODES = {
@@ -443,10 +446,7 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
                                 logit_offsets=offsets, grad_correction=correction, grad_mean=new_control)
             metrics = {wire.NUM_EXAMPLES: int(n_train), wire.TRAIN_LOSS: float(logs[-1].loss),
                        wire.STEPS: int(sum(log.steps for log in logs))}
-            for task in cfg.model.tasks:
-                for part in ("tumour", "micro", "conflicts"):
-                    metrics[f"coord-{task}-{part}"] = int(sum(log.coordination.get(task, {}).get(part, 0)
-                                                              for log in logs))
+            metrics.update(_coordination_metrics(cfg, logs))
         new_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         new_optimizer_state = optimizer_state_arrays(optimizer)
     metrics[wire.SECONDS] = float(time.perf_counter() - t0)
@@ -515,12 +515,23 @@ def _dp_round(model: nn.Module, ds: SiteDataset, cfg: ExperimentConfig, n_train:
                                       ledger=ledger, run=cfg.name, server_round=server_round)
     except BudgetExceeded as e:
         raise SiteError("E_PRIVACY_BUDGET", type(e).__name__) from e
+    # No training loss in the reply: it is a mean of un-noised per-patient losses (it stays in the
+    # site's own log). The coordination counts are read from the noised gradient (post-processing).
+    log.info("train round %d: DP-SGD training loss %.4f over %d patient passes (kept at the site)", server_round,
+             float(logs[-1].loss) if logs else float("nan"), record.examples)
     metrics: dict[str, int | float] = {
-        wire.NUM_EXAMPLES: int(n_train), wire.TRAIN_LOSS: float(logs[-1].loss) if logs else float("nan"),
+        wire.NUM_EXAMPLES: int(n_train),
         wire.STEPS: int(record.steps), wire.DP_EPSILON: float(record.epsilon), wire.DP_DELTA: float(pc.dp_delta),
         wire.DP_SIGMA: float(record.noise_multiplier), wire.DP_CLIP: float(record.max_grad_norm),
         wire.DP_SAMPLE_RATE: float(record.sample_rate)}
+    metrics.update(_coordination_metrics(cfg, logs))
     return logs, metrics
+
+
+def _coordination_metrics(cfg: ExperimentConfig, logs: Sequence[Any]) -> dict[str, int]:
+    """``coord-<task>-<part>``: the coordination counts summed over the round's logs."""
+    return {f"coord-{task}-{part}": int(sum(lg.coordination.get(task, {}).get(part, 0) for lg in logs))
+            for task in cfg.model.tasks for part in ("tumour", "micro", "conflicts")}
 
 
 def _scaffold_correction(model: nn.Module, control: Mapping[str, Tensor] | None

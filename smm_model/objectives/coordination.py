@@ -14,6 +14,12 @@ After ``backward`` and before the optimiser step, for each task head W = [W_t | 
 
 It decides from the local batch only and touches only ``weight.grad`` of the heads it is given, so it
 works the same on one device, under DDP and inside a federated client, with no ``model.module``.
+
+Under patient-level DP (``privacy.dp``), ``coordinate_private`` runs instead, on the privatized
+(clipped, summed, noised) gradient: the confidences of step 2 read the batch's un-noised outputs
+and labels, so that rule cannot be used; the symmetric rule (both halves give way where their rows
+conflict, each changed against the other's original row) reads only the noised gradient, so it
+and its counts are post-processing of the DP release and cost no privacy.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from torch import Tensor
 from smm_model.nn.batch import Batch
 from smm_model.nn.layers import SplitHead
 
-__all__ = ["project_conflicting", "batch_c_index", "coordinate_gradients"]
+__all__ = ["project_conflicting", "batch_c_index", "coordinate_gradients", "coordinate_private"]
 
 _EPS = 1e-12
 
@@ -113,4 +119,32 @@ def coordinate_gradients(heads: Mapping[str, SplitHead], subspaces: tuple[Tensor
             new, changed = project_conflicting(g_e, g_t, mode)
             grad[:, H:] = new
             rec["micro"] = int(changed.sum())
+    return stats
+
+
+@torch.no_grad()
+def coordinate_private(heads: Mapping[str, SplitHead], mode: str = "pcgrad") -> dict[str, dict[str, int]]:
+    """Symmetric coordination in place on each head's (privatized) ``weight.grad``; no data is read.
+
+    For every class row where the tumour and microenvironment halves conflict (cosine < 0), each
+    half is changed against the other's original row with ``project_conflicting`` (``pcgrad``:
+    both projected onto the other's normal plane; ``seed``: both reflected). Returns per task the
+    same counts as ``coordinate_gradients``: ``conflicts``, ``tumour`` and ``micro`` (rows changed
+    in each half; here both equal ``conflicts``) and ``skipped`` (1 without a gradient).
+    """
+    stats: dict[str, dict[str, int]] = {}
+    for task, head in heads.items():
+        rec = {"conflicts": 0, "tumour": 0, "micro": 0, "skipped": 0}
+        stats[task] = rec
+        grad = head.weight.grad
+        if mode == "off" or grad is None:
+            rec["skipped"] = int(mode != "off")
+            continue
+        H = head.half
+        g_t, g_e = grad[:, :H].clone(), grad[:, H:].clone()  # (C, H) each, the originals
+        rec["conflicts"] = int(((g_t * g_e).sum(dim=1) < 0).sum())
+        new_t, changed_t = project_conflicting(g_t, g_e, mode)
+        new_e, changed_e = project_conflicting(g_e, g_t, mode)
+        grad[:, :H], grad[:, H:] = new_t, new_e
+        rec["tumour"], rec["micro"] = int(changed_t.sum()), int(changed_e.sum())
     return stats

@@ -34,7 +34,7 @@ def test_dp_rounds_are_accounted_in_one_ledger_per_site_across_runs(tmp_path):
     for r in recs:
         for node, m in r["train"]["per_site"].items():
             assert m[wire.DP_SIGMA] == 1.0 and m[wire.DP_CLIP] == 1.0 and 0 < m[wire.DP_SAMPLE_RATE] <= 1
-            assert "coord-diagnosis-conflicts" not in m  # nothing derived from un-noised gradients
+            assert wire.TRAIN_LOSS not in m  # a mean of un-noised losses: kept at the site
             eps.setdefault(node, []).append(m[wire.DP_EPSILON])
     assert all(a < b for a, b in eps.values())  # cumulative: round 2 adds to round 1
     for k in (1, 2, 3):

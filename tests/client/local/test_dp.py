@@ -26,6 +26,7 @@ from client.local.ledger import BudgetExceeded, PrivacyLedger, epsilon_of
 from client.site.collate import collate_patients
 from smm_model.config import ConfigError, ExperimentConfig, PrivacyConfig
 from smm_model.nn.model import build_model
+from smm_model.objectives.coordination import project_conflicting
 from smm_model.objectives.losses import consistency_loss, multitask_loss, per_patient_loss
 
 SPEC = SynthSpec(feature_dim=32, genes_tumour=20, genes_micro=30, min_patches=10, max_patches=30)
@@ -164,7 +165,7 @@ def test_loop_gradients_are_each_patients_own_and_add_up_to_the_batch_gradient(p
 @pytest.mark.parametrize("variant", ["smm-spatial-table", "concat"])
 def test_noiseless_unclipped_dp_step_is_sgd_on_summed_losses_over_expected_batch(patients, variant):
     torch.manual_seed(0)
-    cfg = config(*VARIANTS[variant], *DP_ON, "privacy.dp_max_grad_norm=1e6")
+    cfg = config(*VARIANTS[variant], *DP_ON, "privacy.dp_max_grad_norm=1e6", "train.coordination=off")
     ds, q = patients[:8], 0.5
     model = build_model(cfg.model)
     ref = copy.deepcopy(model)
@@ -190,7 +191,7 @@ def test_noiseless_unclipped_dp_step_is_sgd_on_summed_losses_over_expected_batch
 def test_clipped_contributions_have_norm_at_most_c(patients):
     torch.manual_seed(0)
     C, LR = 1e-2, 100.0
-    cfg = config(*DP_ON, f"privacy.dp_max_grad_norm={C}")
+    cfg = config(*DP_ON, f"privacy.dp_max_grad_norm={C}", "train.coordination=off")
     ds = patients[:4]
     model = build_model(cfg.model)
     before = flat(model.parameters()).detach().clone()
@@ -248,22 +249,40 @@ def test_proximal_gradient_is_added_after_the_noise(patients):
                                torch.full_like(flat(plain.parameters()), mu))
 
 
-def test_coordination_runs_off_under_dp(patients):
+def test_coordination_under_dp_acts_on_the_noised_gradient_only(patients):
+    """One SGD step (lr 1) with and without coordination, same draws and noise: only the split heads
+    differ, and the coordinated heads are exactly the symmetric rule applied to the privatized
+    gradient the uncoordinated run stepped on (so coordination has an effect, and it and its counts
+    are post-processing of the noised gradient: no confidence or other batch quantity is read)."""
     cfg_on = config(*DP_ON, "train.coordination=pcgrad")
     cfg_off = config(*DP_ON, "train.coordination=off")
-    assert any("train.coordination" in n for n in check_dp_config(cfg_on))
+    assert any("symmetric" in n for n in check_dp_config(cfg_on))
     torch.manual_seed(0)
-    a = build_model(cfg_on.model)
-    b = copy.deepcopy(a)
+    start = build_model(cfg_on.model)
+    a, b = copy.deepcopy(start), copy.deepcopy(start)
     runs = []
     for model, cfg in ((a, cfg_on), (b, cfg_off)):
-        logs, _ = dp_train_steps(model, patients[:8], cfg, steps=2, sample_rate=0.5, noise_multiplier=1.0,
+        logs, _ = dp_train_steps(model, patients[:8], cfg, steps=1, sample_rate=0.5, noise_multiplier=1.0,
                                  generator=torch.Generator().manual_seed(2),
                                  noise_generator=torch.Generator().manual_seed(3),
-                                 device=torch.device("cpu"), optimizer=sgd(model))
+                                 device=torch.device("cpu"), optimizer=sgd(model, 1.0))
         runs.append(logs)
-    assert runs[0][0].coordination == {}
-    torch.testing.assert_close(flat(a.parameters()), flat(b.parameters()))
+    heads = {f"heads.{t}.weight" for t in start.split_heads()}
+    p0, pa, pb = (dict(m.named_parameters()) for m in (start, a, b))
+    for name in p0:
+        if name not in heads:
+            torch.testing.assert_close(pa[name], pb[name])
+    changed = 0
+    for name in heads:
+        g = (p0[name] - pb[name]).detach()  # (C, 2H): the privatized gradient of the uncoordinated step
+        H = g.shape[1] // 2
+        new_t, ct = project_conflicting(g[:, :H], g[:, H:], "pcgrad")
+        new_e, ce = project_conflicting(g[:, H:], g[:, :H], "pcgrad")
+        torch.testing.assert_close(pa[name], p0[name] - torch.cat([new_t, new_e], dim=1), **TOL)
+        changed += int(ct.sum())
+    coord = runs[0][0].coordination
+    assert changed > 0 and sum(c["conflicts"] for c in coord.values()) == changed
+    assert all(c["tumour"] == c["micro"] == c["conflicts"] for c in coord.values()) and runs[1][0].coordination == {}
     # Parameters are left plain (no per-sample attributes behind).
     assert not any(hasattr(p, "grad_sample") or hasattr(p, "summed_grad") for p in a.parameters())
 
