@@ -361,6 +361,9 @@ class PrivacyConfig:
     ``min-cell``), so a server cannot lower it. ``min_cell: 1`` switches the policy off (tests and
     closed simulations only). The ``dp_*`` keys configure patient-level DP-SGD (one sample = one
     patient's bag) in the local trainer, with one accountant per site kept on the site's disk.
+    The ``central_dp*`` keys configure site-level DP at the server (``server.aggregation.central_dp``):
+    it protects a site's contribution in the released models from the sites and anyone who
+    receives a model, but not from the server, which sees every update.
     """
 
     min_cell: int = 5  # k: no outgoing count cell below k (except 0); sums and means over >= k patients
@@ -371,6 +374,11 @@ class PrivacyConfig:
     dp_max_grad_norm: float = 1.0  # per-patient gradient clipping norm C
     dp_accountant: str = "rdp"  # rdp or prv (Opacus accountants)
     dp_epsilon_budget: float = 10.0  # most epsilon a site spends over everything its ledger records; sites may lower it
+    # Central (site-level) DP at the server: each site's update clipped to central_dp_clipping_norm,
+    # the sum noised with sigma = central_dp_noise_multiplier, before the mean leaves the server.
+    central_dp: bool = False  # site-level DP at the server: clip each site's update, noise the sum (protects against sites and model users, not the server)
+    central_dp_noise_multiplier: float | None = None  # sigma of the noise on the sum of clipped updates (required with central_dp)
+    central_dp_clipping_norm: float | None = None  # L2 bound C on each site's update (required with central_dp)
 
     def __post_init__(self) -> None:
         p = "privacy"
@@ -383,6 +391,10 @@ class PrivacyConfig:
         for name in ("dp_noise_multiplier", "dp_target_epsilon"):
             v = getattr(self, name)
             _require(v is None or v > 0, f"{p}.{name}", f"must be > 0 or null, got {v}")
+        for name in ("central_dp_noise_multiplier", "central_dp_clipping_norm"):
+            v = getattr(self, name)
+            _require(v is None or v > 0, f"{p}.{name}", f"must be > 0 or null, got {v}")
+            _require(not self.central_dp or v is not None, f"{p}.{name}", "must be set when privacy.central_dp is on")
         if self.dp:
             _require((self.dp_noise_multiplier is None) != (self.dp_target_epsilon is None), f"{p}.dp_noise_multiplier",
                      "with privacy.dp on, set exactly one of dp_noise_multiplier and dp_target_epsilon")

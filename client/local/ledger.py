@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from smm_model.config import ACCOUNTANTS
+from smm_model.contract.accounting import epsilon_of, mechanisms
 from smm_model.contract.atomic import atomic_write_json
 
 __all__ = ["LEDGER_FORMAT", "LEDGER_VERSION", "LedgerError", "BudgetExceeded", "LedgerEntry", "PrivacyLedger",
@@ -88,36 +89,6 @@ def _check_mechanism(sigma: float, q: float, steps: int, where: str) -> None:
 def _check_accountant(kind: str) -> None:
     if kind not in ACCOUNTANTS:
         raise ValueError(f"privacy.dp_accountant: unknown {kind!r}; expected one of {ACCOUNTANTS}")
-
-
-def mechanisms(history: Sequence[LedgerEntry | tuple[float, float, int]]) -> list[tuple[float, float, int]]:
-    """The history as an Opacus accountant's ``history``: (sigma, q, steps) with the steps of equal
-    (sigma, q) pairs added up. Composition does not depend on order, so this is the same mechanism;
-    it makes the PRV accountant, whose cost grows with the number of entries, as fast as one round."""
-    merged: dict[tuple[float, float], int] = {}
-    for e in history:
-        sigma, q, steps = e.mechanism if isinstance(e, LedgerEntry) else e
-        merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
-    return [(s, q, n) for (s, q), n in merged.items()]
-
-
-def epsilon_of(history: Sequence[LedgerEntry | tuple[float, float, int]], delta: float,
-               accountant: str = "rdp") -> float:
-    """epsilon(delta) of a history of mechanisms, from a fresh Opacus accountant (0 for no history,
-    inf when a step had no noise)."""
-    _check_accountant(accountant)
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"privacy.dp_delta: must be in (0, 1), got {delta}")
-    mech = mechanisms(history)
-    if not mech:
-        return 0.0
-    if any(s == 0 for s, _, _ in mech):
-        return math.inf  # no noise: no finite epsilon (RDP would say so too, PRV would fail)
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    acc.history = mech
-    return float(acc.get_epsilon(delta=delta))
 
 
 @contextmanager

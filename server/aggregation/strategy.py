@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, K
 
 from smm_model.config import ConfigError, FederationConfig, TrainConfig
 
+from server.aggregation.central_dp import CentralDP
 from server.aggregation.guard import control_norms, flag_outliers, guard_replies, update_norms
 from server.aggregation.server_opt import ServerOptimizer, build_server_optimizer
 from server.federation.messages import Reply
@@ -186,6 +187,7 @@ class AggregateOutcome:
     outliers: list[int] = field(default_factory=list)
     control_norms: dict[int, float] = field(default_factory=dict)  # SCAFFOLD: ||c_i|| per kept reply
     control_outliers: list[int] = field(default_factory=list)
+    central_dp: dict[str, Any] | None = None  # privacy.central_dp: what the clip-and-noise step did
     site_metrics: dict[int, dict[str, int | float]] = field(default_factory=dict)
     skip_reason: str | None = None
 
@@ -221,22 +223,27 @@ class GuardedStrategy:
     """
 
     def __init__(self, strategy: Strategy, cfg: FederationConfig, outlier_k: float = 3.0,
-                 control: ControlVariates | None = None) -> None:
+                 control: ControlVariates | None = None, central: CentralDP | None = None) -> None:
         self.strategy = strategy
         self.cfg = cfg
         self.outlier_k = outlier_k
         self.control = control  # SCAFFOLD (federation.strategy: scaffold)
+        self.central = central  # privacy.central_dp: the mean is replaced by a clipped, noised one
 
     def state_dict(self) -> dict[str, Any]:
         out = strategy_state(self.strategy)
         if self.control is not None:
             out["scaffold"] = self.control.state_dict()
+        if self.central is not None:
+            out["central_dp"] = self.central.state_dict()
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         restore_strategy_state(self.strategy, state)
         if self.control is not None:
             self.control.load_state_dict(state.get("scaffold") or {})
+        if self.central is not None:
+            self.central.load_state_dict(state.get("central_dp") or {})
 
     def aggregate(self, server_round: int, replies: Sequence[Reply], global_arrays: Mapping[str, np.ndarray]
                   ) -> AggregateOutcome:
@@ -270,13 +277,21 @@ class GuardedStrategy:
         messages = [_reply_message(r, keys, server_round, list(global_arrays)) for r in kept]
         averaging, server_opt = self.strategy.averaging, self.strategy.server_opt
         snapshot = strategy_state(self.strategy)
+        central_history = None if self.central is None else list(self.central.history)
         try:
             arrays, metrics = averaging.aggregate_train(server_round, messages)
             mean = None if arrays is None else self._as_global(arrays, global_arrays, cast=server_opt is None)
+            if mean is not None and self.central is not None:
+                # The example-weighted mean is replaced by the clipped, noised, site-weighted one.
+                noised, out.central_dp = self.central.release([r.arrays for r in kept], global_arrays)  # type: ignore[misc]
+                mean = self._checked(noised, global_arrays) if server_opt is None else noised
             new = mean if server_opt is None or mean is None else self._checked(
                 server_opt.step(server_round, global_arrays, mean), global_arrays)
         except Exception as e:  # Flower's AggregationError, InconsistentMessageReplies, numeric errors
             restore_strategy_state(self.strategy, snapshot)
+            if self.central is not None and central_history is not None:
+                self.central.history = central_history  # nothing was released
+            out.central_dp = None
             out.skip_reason = "E_AGGREGATION"
             log.error("round %d skipped: the %s aggregation failed (%s); the global model is unchanged",
                       server_round, self.strategy.name, type(e).__name__)
@@ -287,6 +302,9 @@ class GuardedStrategy:
             return out
         if new is None:
             restore_strategy_state(self.strategy, snapshot)
+            if self.central is not None and central_history is not None:
+                self.central.history = central_history  # nothing was released
+            out.central_dp = None
             out.skip_reason = "E_NONFINITE_AGGREGATE"
             log.error("round %d skipped: the aggregate is not finite or does not match the model; "
                       "the global model is unchanged", server_round)

@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from server.aggregation.guard import guard_eval_replies
+from server.aggregation.central_dp import CentralDP, check_central_dp
 from server.aggregation.strategy import AggregateOutcome, ControlVariates, GuardedStrategy, build_strategy
 from server.federation.messages import Instruction, Reply, Transport
 from server.federation.wait import NodeWaitTimeout, wait_for_nodes
@@ -288,6 +289,7 @@ class FederationRun:
         self.resume = resume
         self.keep_last, self.poll_s, self.clock, self.sleep = keep_last, poll_s, clock, sleep
         Selection.for_config(cfg)  # an unknown or disabled selection metric fails before any site is asked
+        check_central_dp(cfg)  # so does a central DP config this server cannot honour
         self.config_text = resolved_config_text(cfg)
         self.runlog = RunLog(self.run_dir)
         self.accepted: list[int] = []
@@ -490,7 +492,8 @@ class FederationRun:
                       "update_norms": {str(n): v for n, v in sorted(out.norms.items())},
                       "norm_outliers": out.outliers,
                       **({"control_norms": {str(n): v for n, v in sorted(out.control_norms.items())},
-                          "control_norm_outliers": out.control_outliers} if out.control_norms else {})},
+                          "control_norm_outliers": out.control_outliers} if out.control_norms else {}),
+                      **({"central_dp": out.central_dp} if out.central_dp is not None else {})},
             "val": ev.to_record() if ev is not None else None,
             "bytes": {"sent": sum(x.bytes_sent for x in replies) + (ev.bytes_sent if ev else 0),
                       "received": sum(x.bytes_received for x in replies) + (ev.bytes_received if ev else 0)},
@@ -563,8 +566,9 @@ class FederationRun:
         self.km_len = len(shared.km_grid)
         self.km_grid = list(shared.km_grid)
         control = ControlVariates(model_parameters(self.cfg)) if self.fed.strategy == "scaffold" else None
+        central = CentralDP.from_config(self.cfg)
         self._guarded = GuardedStrategy(build_strategy(self.fed, self.cfg.train, n_sites=len(self.accepted)),
-                                        self.fed, control=control)
+                                        self.fed, control=control, central=central)
         if state is None:
             p = _Progress(weights=initial_weights(self.cfg), selection=Selection.for_config(self.cfg))
             self._round_zero(p)
@@ -579,6 +583,10 @@ class FederationRun:
             self.runlog.truncate_rounds(state.round)
             self.resumed_after = state.round
             log.info("resuming after round %d of %d", state.round, self.fed.rounds)
+        if central is not None:
+            log.info("central DP: sigma %.3g, clipping norm %.3g; epsilon at delta %.0e after all %d rounds: %.3f (%s)",
+                     central.noise_multiplier, central.clipping_norm, central.delta, self.fed.rounds,
+                     central.planned_epsilon(self.fed.rounds - p.round), central.accountant)
         for r in range(p.round + 1, self.fed.rounds + 1):
             self._train_round(p, r)
         return self._final(p)

@@ -401,10 +401,10 @@ class ReportBuilder:
                 sec.blocks.append(table)
         else:
             sec.blocks.append(self._rounds_table(main))
-            dp = self._privacy_table(main)
-            if dp is not None:
+            tables = [t for t in (self._privacy_table(main), self._central_dp_table(main)) if t is not None]
+            if tables:
                 sec.blocks.append(Heading("Differential privacy"))
-                sec.blocks.append(dp)
+                sec.blocks.extend(tables)
 
     @staticmethod
     def _privacy_table(run: RunData) -> Table | None:
@@ -426,6 +426,26 @@ class ReportBuilder:
                      caption="Patient-level DP-SGD as each site accounted it (Opacus; one ledger per site, "
                              "never reset by a round, a run or a restart). The statistics the sites sent "
                              "(counts, evaluation) are protected by the cell rules, not by DP.")
+
+    @staticmethod
+    def _central_dp_table(run: RunData) -> Table | None:
+        """Per aggregated round, the server's central DP release (privacy.central_dp)."""
+        rows = []
+        for r in run.training_rounds:
+            c = (r.get("train") or {}).get("central_dp")
+            if not isinstance(c, dict):
+                continue
+            rows.append([str(r["round"]), f"{c.get('epsilon', float('nan')):.3f}", f"{c.get('delta', float('nan')):.0e}",
+                         f"{c.get('sigma', float('nan')):.3f}", f"{c.get('clip', float('nan')):.3g}",
+                         f"{c.get('clipped', '—')} of {c.get('sites', '—')}"])
+        if not rows:
+            return None
+        return Table(["round", "epsilon (cumulative, site-level)", "delta", "noise multiplier", "clipping norm",
+                      "updates clipped"], rows,
+                     caption="Central DP at the server: each site's update clipped, the sum noised before the "
+                             "model left the server (one release per aggregated round, no sampling "
+                             "amplification claimed). It protects a site's contribution from the other sites "
+                             "and anyone given a model, not from the server, which sees every update.")
 
     def _comparison_curve(self, run: RunData, key: str):
         if run.local:
