@@ -431,6 +431,9 @@ class EvalStats:
                 out.km_groups = s.km_groups
         out.withheld = sorted({w for s in used for w in s.withheld})
         out.min_cell = max((s.min_cell for s in used), default=0)
+        # Which confusion cells any site suppressed: the summed matrix is then incomplete.
+        out.hidden = {t: sorted({i for s in used for i in s.hidden.get(t, [])})
+                      for t in sorted({t for s in used for t in s.hidden if s.hidden[t]})}
         return out
 
 
@@ -447,6 +450,14 @@ def metrics_from_eval(stats: EvalStats, n_classes: Mapping[str, int]) -> MetricR
         rep = metrics_from_confusion(np.asarray(flat).reshape(C, C))
         values.update({f"{task}.{k}": v for k, v in rep.values.items()})
         reasons.update({f"{task}.{k}": v for k, v in rep.reasons.items()})
+        if stats.hidden.get(task):
+            # Suppressed cells are sent as 0: what is left is mostly the large (diagonal) cells, so
+            # accuracy and F1 computed from it would be biased upwards (measured: 100 % where the
+            # complete matrix gives 88 %). Not computable from what was sent, and said so.
+            for k in rep.values:
+                values[f"{task}.{k}"] = float("nan")
+                reasons[f"{task}.{k}"] = (f"{len(stats.hidden[task])} confusion cell(s) suppressed by disclosure "
+                                          f"control (k = {stats.min_cell}); not computable from what the sites sent")
         if task in stats.histograms:
             auc = auc_from_histograms(np.asarray(stats.histograms[task]).reshape(C, 2, SCORE_BINS))
             values[f"{task}.auc"] = auc.values["auc"]
