@@ -106,7 +106,8 @@ def release_eval(stats: EvalStats, policy: DisclosurePolicy, split: str) -> Eval
     confusion rows by ``suppress_unordered`` (a row's total, the class count, is known), each
     class's positive and negative score histograms merged on one grouping (a class with fewer
     than k positives or negatives sends none: its one-vs-rest AUC is then left out of this
-    site's and the pooled macro AUC, with the class named in ``withheld``), Kaplan-Meier counts only
+    site's and the pooled macro AUC, with the class named in ``withheld``; a merged one is named by
+    ``<task>-hist-coarsened``), Kaplan-Meier counts only
     for ``KM_SPLITS`` and then by ``release_km``. C-index pair counts and the loss sum are sums
     over the split's (at least k) patients and leave as they are."""
     if stats.suppressed:
@@ -131,12 +132,16 @@ def release_eval(stats: EvalStats, policy: DisclosurePolicy, split: str) -> Eval
     for task, flat in stats.histograms.items():
         hist = np.asarray(flat, dtype=np.int64).reshape(-1, 2, SCORE_BINS)
         released = np.zeros_like(hist)
+        coarsened = False
         for c, pair in enumerate(hist):  # (2, bins): class c's positives and negatives, one grouping
             rows, groups = release_ordered(pair, policy)
             if groups is None:  # fewer than k positives (or negatives): this class's curve stays home
                 out.withheld.append(f"{task}-hist-class-{c}")
             else:
                 released[c] = rows
+                coarsened |= not np.array_equal(rows, pair)
+        if coarsened:  # sent, but merged: the server must not read it as the full-resolution histogram
+            out.withheld.append(f"{task}-hist-coarsened")
         if released.any():
             out.histograms[task] = released.ravel().tolist()
         else:

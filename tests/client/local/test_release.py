@@ -45,3 +45,24 @@ def test_a_complete_matrix_is_used_as_it_is():
     assert not sent.hidden.get("diagnosis")
     rep = metrics_from_eval(EvalStats.merge([sent]), {"diagnosis": 3})
     assert rep.values["diagnosis.accuracy"] == accuracy_score(y_true, y_pred)
+
+
+def test_coarsened_score_histograms_give_no_auc_full_resolution_ones_do():
+    """A class's positive/negative score histograms merged to cells of 0 or >= k are named
+    ``<task>-hist-coarsened`` and the server reports no AUC from them; the same site with the
+    policy off gives the AUC of its full histograms."""
+    from smm_model.metrics.federated import auc_from_histograms, score_histograms
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 9 + [1] * 8 + [2] * 8)
+    probs = rng.dirichlet(np.ones(3), size=len(y)) * 0.5
+    probs[np.arange(len(y)), y] += 0.5  # informative scores
+    hist = score_histograms(y, probs, 3)
+    exact = EvalStats(n=len(y), loss_sum=1.0, histograms={"diagnosis": hist.ravel().tolist()},
+                      confusion={"diagnosis": confusion_counts(y, probs.argmax(1), 3).ravel().tolist()})
+    sent = release_eval(exact, DisclosurePolicy(5), "test")
+    assert "diagnosis-hist-coarsened" in sent.withheld
+    rep = metrics_from_eval(EvalStats.merge([sent]), {"diagnosis": 3})
+    assert math.isnan(rep.values["diagnosis.auc"]) and "coarsened" in rep.reasons["diagnosis.auc"]
+    off = metrics_from_eval(EvalStats.merge([release_eval(exact, DisclosurePolicy(1), "test")]), {"diagnosis": 3})
+    assert off.values["diagnosis.auc"] == auc_from_histograms(hist).values["auc"] > 0.8
