@@ -16,7 +16,7 @@ import numpy as np
 
 from smm_model.contract.disclosure import KM_SPLITS, DisclosurePolicy, release_km, release_ordered, suppress_unordered
 from smm_model.contract.protocol import EvalStats, SiteSummary
-from smm_model.metrics.federated import SCORE_BINS
+from smm_model.metrics.federated import SCORE_BINS, auc_from_histograms
 
 __all__ = ["release_summary", "release_eval", "check_training_size"]
 
@@ -101,6 +101,28 @@ def release_summary(summary: SiteSummary, policy: DisclosurePolicy) -> SiteSumma
                                disclosure={"min_cell": policy.k, "coarsened": notes})
 
 
+def _site_aucs(stats: EvalStats, policy: DisclosurePolicy) -> dict[str, list[float]]:
+    """Each task's AUC on this site's own full-resolution score histograms, for the server to use
+    where the pooled histograms are coarsened: only when the task has at least k labelled patients
+    here, macro over the classes with at least k positives and k negatives (the classes whose
+    histograms may leave at all), as ``[n x auc, n, 1]`` (``EvalStats.site_values``). A rank
+    statistic over at least k x k pairs, like the C-index pair counts; the confusion-matrix metrics
+    (accuracy, F1) are not sent this way: with the released cells they would give back the
+    suppressed ones (the diagonal sum less the released diagonal)."""
+    out: dict[str, list[float]] = {}
+    for task, flat in stats.histograms.items():
+        if not policy.release_allowed(int(np.sum(stats.confusion.get(task, [0])))):
+            continue
+        hist = np.asarray(flat, dtype=np.int64).reshape(-1, 2, SCORE_BINS)
+        kept = hist.sum(axis=2).min(axis=1) >= policy.k  # (C,): both positives and negatives >= k
+        if not kept.any():
+            continue
+        auc = auc_from_histograms(np.where(kept[:, None, None], hist, 0)).values["auc"]
+        if np.isfinite(auc):
+            out[f"{task}.auc"] = [stats.n * float(auc), float(stats.n), 1.0]
+    return out
+
+
 def release_eval(stats: EvalStats, policy: DisclosurePolicy, split: str) -> EvalStats:
     """Evaluation statistics as they may leave the site: a split below k is suppressed whole;
     confusion rows by ``suppress_unordered`` (a row's total, the class count, is known), each
@@ -115,7 +137,7 @@ def release_eval(stats: EvalStats, policy: DisclosurePolicy, split: str) -> Eval
     if not policy.release_allowed(stats.n):
         return EvalStats(n=0, suppressed=True)
     out = dataclasses.replace(stats, confusion=dict(stats.confusion), histograms=dict(stats.histograms),
-                              hidden={}, withheld=[], min_cell=policy.k)
+                              hidden={}, withheld=[], min_cell=policy.k, site_values=_site_aucs(stats, policy))
     if not policy.active:
         return out
     for task, flat in stats.confusion.items():

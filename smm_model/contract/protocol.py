@@ -367,6 +367,11 @@ class EvalStats:
     (flat indices) suppressed to 0; ``withheld`` the statistics not sent (``<task>-hist``,
     ``<task>-hist-class-<c>``, ``survival-km``) or sent coarsened (``<task>-hist-coarsened``);
     ``min_cell`` the threshold k applied (0: not recorded).
+    ``site_values``: metrics a site computed on its own full-resolution statistics and sent because
+    the pooled ones may not be computable from its coarsened counts (today ``<task>.auc``), as
+    ``[sum of n x value, sum of n, sites]`` so that they add; a site's value is weighted by its
+    evaluated patients ``n`` (already sent), never by a per-task count that would tell how many of
+    its patients are unlabelled.
     """
 
     n: int
@@ -380,6 +385,7 @@ class EvalStats:
     hidden: dict[str, list[int]] = field(default_factory=dict)
     withheld: list[str] = field(default_factory=list)
     min_cell: int = 0
+    site_values: dict[str, list[float]] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, int | float | list[int] | list[float]]:
         """Flat mapping of scalars and lists (what a Flower MetricRecord holds)."""
@@ -399,6 +405,9 @@ class EvalStats:
             rec[f"{t}-confusion-hidden"] = [int(x) for x in v]
         for name in self.withheld:
             rec[f"withheld-{name}"] = 1
+        for name, (wsum, weight, _sites) in self.site_values.items():
+            task, metric = name.split(".")
+            rec[f"{task}-site-{metric}"] = float(wsum / weight)
         return rec
 
     @classmethod
@@ -407,13 +416,16 @@ class EvalStats:
         hidden = {k[: -len("-confusion-hidden")]: [int(x) for x in v] for k, v in rec.items()
                   if k.endswith("-confusion-hidden")}
         withheld = sorted(k[len("withheld-"):] for k in rec if k.startswith("withheld-"))
+        n = int(rec["num-examples"])
+        site_values = {f"{k.split('-site-')[0]}.{k.split('-site-')[1]}": [n * float(v), float(n), 1.0]
+                       for k, v in rec.items() if "-site-" in k and n > 0}
         hist = {k[: -len("-hist")]: list(v) for k, v in rec.items()
                 if k.endswith("-hist") and not k.startswith("withheld-")}
         return cls(n=int(rec["num-examples"]), loss_sum=float(rec.get("loss-sum", 0.0)), confusion=conf,
                    histograms=hist, cindex=list(rec["survival-cindex"]) if "survival-cindex" in rec else None,
                    km=list(rec["survival-km"]) if "survival-km" in rec else None,
                    km_groups=int(rec.get("km-groups", 0)), suppressed=bool(rec.get("suppressed", 0)),
-                   hidden=hidden, withheld=withheld, min_cell=int(rec.get("min-cell", 0)))
+                   hidden=hidden, withheld=withheld, min_cell=int(rec.get("min-cell", 0)), site_values=site_values)
 
     @classmethod
     def merge(cls, stats: Sequence["EvalStats"]) -> "EvalStats":
@@ -430,6 +442,9 @@ class EvalStats:
             if s.km is not None:
                 out.km = (np.asarray(out.km) + s.km).tolist() if out.km is not None else list(s.km)
                 out.km_groups = s.km_groups
+            for name, part in s.site_values.items():
+                acc = out.site_values.setdefault(name, [0.0, 0.0, 0.0])
+                out.site_values[name] = [a + b for a, b in zip(acc, part)]
         out.withheld = sorted({w for s in used for w in s.withheld})
         out.min_cell = max((s.min_cell for s in used), default=0)
         # Which confusion cells any site suppressed: the summed matrix is then incomplete.
@@ -471,6 +486,14 @@ def metrics_from_eval(stats: EvalStats, n_classes: Mapping[str, int]) -> MetricR
             values[f"{task}.auc"] = float("nan")
             reasons[f"{task}.auc"] = (f"score histograms coarsened or withheld by disclosure control (k = "
                                       f"{stats.min_cell}): {', '.join(coarse)}; not computable at full resolution")
+        site = stats.site_values.get(f"{task}.auc")
+        if site and site[1] > 0 and not math.isfinite(values.get(f"{task}.auc", float("nan"))):
+            # Not the pooled AUC (no pairs across sites; each site's AUC over its classes with at
+            # least k positives and k negatives), but each site's exact one, and labelled as such.
+            why = reasons.get(f"{task}.auc", "no pooled score histograms")
+            values[f"{task}.auc"] = site[0] / site[1]
+            reasons[f"{task}.auc"] = (f"patient-weighted mean of {int(site[2])} site(s)' own AUCs ({int(site[1])} of "
+                                      f"{stats.n} patients), not the pooled AUC, which is n/a: {why}")
     if stats.cindex is not None:
         c, why = c_index_from_counts(stats.cindex)
         values["survival.c_index"] = c

@@ -152,6 +152,9 @@ def small_cells(summary: SiteSummary, evals) -> list[str]:
             h = np.asarray(flat).reshape(-1, 2, SCORE_BINS)
             check(f"{split} round {rnd} {task} score histograms", h)
             totals.setdefault((split, task), []).append(int(h[:, 0].sum()))
+        for name in ev.site_values:  # a site's own accuracy or F1 would give back its suppressed cells
+            if not name.endswith(".auc"):
+                bad.append(f"{split} round {rnd} site value {name}")
         if ev.km is not None and ev.km_groups:
             km = np.asarray(ev.km).reshape(ev.km_groups, 2, -1)
             at_risk = km[:, 1]
