@@ -26,14 +26,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.local.round import (SITE_DIR_KEY, SiteError, evaluate_round, preflight_summary, resolve_site_dir,
                                 ledger_file, site_label, site_policy, stage, train_round)
 from smm_model.config import ExperimentConfig
 from smm_model.contract import wire
+from smm_model.contract.packing import Layout, pack, unpack
 from smm_model.contract.protocol import SharedStats
 
 __all__ = ["app", "LOG_DIR_ENV", "OPTIMIZER_STATE_KEY", "site_log_path"]
@@ -124,6 +126,23 @@ def _handle(kind: str, msg: Message, context: Context, work: Work) -> Message:
         raise SiteError(err.code, err.cause_type) from None
 
 
+def _weights_in(content: RecordDict, name: str) -> tuple[dict[str, torch.Tensor], Layout]:
+    """The packed weights record ``name`` of an instruction, unpacked with the layout the server
+    sent beside it (``smm_model.contract.packing``): flat arrays that do not fit it are a protocol error."""
+    with stage("E_PROTOCOL"):
+        layout = Layout.from_json(str(content[wire.CONFIG][wire.layout_key(name)]))
+        arrays = unpack({k: a.numpy() for k, a in content[name].items()}, layout)
+        return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, layout
+
+
+def _weights_out(state: dict[str, torch.Tensor], layout: Layout) -> ArrayRecord:
+    """Weights packed in the instruction's layout (same names, shapes, dtypes and order), so the
+    server unpacks them with the layout it sent; anything else is refused here, before it leaves."""
+    with stage("E_PROTOCOL"):
+        flat, _ = pack({k: v.detach().cpu().numpy() for k, v in state.items()}, layout)
+        return ArrayRecord({dtype: Array(a) for dtype, a in flat.items()})
+
+
 def _shared(cfg_rec: ConfigRecord) -> SharedStats:
     with stage("E_PROTOCOL"):
         return SharedStats.from_json(str(cfg_rec[wire.KEY_SHARED]))
@@ -148,8 +167,9 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
         lr, epochs = float(c[wire.KEY_LR]), int(c[wire.KEY_LOCAL_EPOCHS])
         steps = int(c[wire.KEY_LOCAL_STEPS]) if wire.KEY_LOCAL_STEPS in c else 0
         mu = float(c[wire.KEY_PROXIMAL_MU]) if wire.KEY_PROXIMAL_MU in c else 0.0
-        state = msg.content[wire.ARRAYS].to_torch_state_dict()
-        control = msg.content[wire.CONTROL].to_torch_state_dict() if wire.CONTROL in msg.content.array_records else None
+    state, layout = _weights_in(msg.content, wire.ARRAYS)
+    control, control_layout = (_weights_in(msg.content, wire.CONTROL) if wire.CONTROL in msg.content.array_records
+                               else (None, None))
     persist = site_state is not None and cfg.federation.site_optimizer == "persist"
     previous = None
     with stage("E_TRAIN"):
@@ -160,9 +180,14 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
         control=control, ledger_path=ledger_file(site_dir, node_config) if cfg.privacy.dp else None)
     if persist:
         site_state[OPTIMIZER_STATE_KEY] = ArrayRecord(optimizer_state)
-    reply = RecordDict({wire.ARRAYS: ArrayRecord(new_state), wire.METRICS: MetricRecord(metrics)})
+    reply = RecordDict({wire.ARRAYS: _weights_out(new_state, layout), wire.METRICS: MetricRecord(metrics)})
+    digests = {wire.ARRAYS: layout.digest}
     if new_control is not None:  # SCAFFOLD: the site's new c_i (its mean gradient), for the server to average
-        reply[wire.CONTROL] = ArrayRecord(new_control)
+        if control_layout is None:
+            raise SiteError("E_PROTOCOL", "MissingControlLayout")
+        reply[wire.CONTROL] = _weights_out(new_control, control_layout)
+        digests[wire.CONTROL] = control_layout.digest
+    reply[wire.LAYOUT] = ConfigRecord(digests)
     if wire.DP_EPSILON in metrics:
         log.info("train round %d: DP-SGD, sigma %.3f, C %.3g, q %.3f; the site's epsilon is now %.3f at delta %.1e",
                  rnd, metrics[wire.DP_SIGMA], metrics[wire.DP_CLIP], metrics[wire.DP_SAMPLE_RATE],
@@ -184,7 +209,7 @@ def _evaluate(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.
     with stage("E_PROTOCOL"):
         rnd = int(c[wire.KEY_ROUND]) if wire.KEY_ROUND in c else -1
         split = str(c[wire.KEY_SPLIT])
-        state = msg.content[wire.ARRAYS].to_torch_state_dict()
+    state, _ = _weights_in(msg.content, wire.ARRAYS)
     stats = evaluate_round(site_dir, cfg, shared, state, split)
     log.info("evaluate round %d on %s: %d patients%s", rnd, split, stats.n,
              " (suppressed: below federation.min_site_patients or privacy.min_cell)" if stats.suppressed else

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,11 @@ from smm_model.config import ConfigError, ExperimentConfig
 
 from server.federation.loop import run_federation
 from server.federation.messages import Instruction, Reply, sanitize_error
-from smm_model.contract.wire import ARRAYS, CONFIG, CONTROL, KEY_ROUND, METRICS
+from smm_model.contract.packing import Layout, pack, unpack
+from smm_model.contract.wire import ARRAYS, CONFIG, CONTROL, KEY_ROUND, LAYOUT, METRICS, layout_key
 
 __all__ = ["app", "main", "RunSettings", "read_run_settings", "parse_overrides", "load_experiment",
-           "FlowerTransport", "instruction_message", "reply_from_message", "APP_DIR",
+           "FlowerTransport", "Packed", "pack_record", "instruction_content", "instruction_message", "reply_from_message", "APP_DIR",
            "RUN_CONFIG_KEYS"]
 
 log = logging.getLogger("fedsmm.server")
@@ -119,44 +121,69 @@ def _default_run_dir(cfg: ExperimentConfig, cwd: Path | None = None) -> Path:
 
 # --- neutral <-> Flower messages -------------------------------------------------------------------------
 
-def _array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+@dataclass(frozen=True)
+class Packed:
+    """A weights mapping as it travels: one flat array per dtype and the layout that unpacks it."""
+
+    record: ArrayRecord
+    layout: Layout
 
 
-def instruction_message(ins: Instruction, arrays: ArrayRecord | None, ttl: float | None = None,
-                        control: ArrayRecord | None = None) -> Message:
+def pack_record(arrays: Mapping[str, np.ndarray]) -> Packed:
+    flat, layout = pack(arrays)
+    return Packed(ArrayRecord({dtype: Array(a) for dtype, a in flat.items()}), layout)
+
+
+def instruction_content(ins: Instruction, arrays: Packed | None, control: Packed | None = None) -> RecordDict:
+    """The content of ``ins``'s message: its config record (with each packed record's layout) and
+    the packed weights records."""
+    config = dict(ins.config)
+    content = RecordDict()
+    for name, packed in ((ARRAYS, arrays), (CONTROL, control)):
+        if packed is not None:
+            content[name] = packed.record
+            config[layout_key(name)] = packed.layout.to_json()
+    content[CONFIG] = ConfigRecord(config)
+    return content
+
+
+def instruction_message(ins: Instruction, arrays: Packed | None, ttl: float | None = None,
+                        control: Packed | None = None) -> Message:
     """A Flower instruction ``Message`` for ``ins`` (only inside a running ServerApp: Flower needs
     the task identity it sets up)."""
-    content = RecordDict({CONFIG: ConfigRecord(dict(ins.config))})
-    if arrays is not None:
-        content[ARRAYS] = arrays
-    if control is not None:
-        content[CONTROL] = control
+    content = instruction_content(ins, arrays, control)
     group = ins.config.get(KEY_ROUND)  # Flower's group id is conventionally the round
     return Message(content=content, dst_node_id=int(ins.node_id), message_type=ins.message_type, ttl=ttl,
                    group_id=None if group is None else str(group))
 
 
-def reply_from_message(msg: Message) -> Reply:
+def reply_from_message(msg: Message, expected: Mapping[str, Layout] | None = None) -> Reply:
     """A neutral ``Reply`` from a Flower reply; an error becomes a sanitized code (its reason text,
-    the site's exception message, is dropped here and goes nowhere)."""
+    the site's exception message, is dropped here and goes nowhere).
+
+    ``expected``: the layout each weights record of the instruction was packed with; a reply's
+    weights must carry the same layout's digest and fit it exactly, or the reply is ``E_BAD_REPLY``
+    (as is a weights record nobody sent a layout for)."""
     nid = int(msg.metadata.src_node_id)
     if msg.has_error():
         return Reply(nid, error=sanitize_error(int(msg.error.code), msg.error.reason))
+    expected = expected or {}
     try:
         content = msg.content
-        arrays = control = None
         received = content_bytes(content)
+        unpacked: dict[str, dict[str, np.ndarray]] = {}
+        digests = dict(content.config_records[LAYOUT]) if LAYOUT in content.config_records else {}
         for name, rec in content.array_records.items():
-            if name == ARRAYS:
-                arrays = {k: a.numpy() for k, a in rec.items()}
-            elif name == CONTROL:
-                control = {k: a.numpy() for k, a in rec.items()}
+            layout = expected.get(name)
+            if name not in (ARRAYS, CONTROL) or layout is None or digests.get(name) != layout.digest:
+                return Reply(nid, error="E_BAD_REPLY")
+            unpacked[name] = unpack({k: a.numpy() for k, a in rec.items()}, layout)
         metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else None
-        records = {name: dict(rec) for name, rec in content.config_records.items()}
-    except Exception:  # an undecodable array or record: a bad reply, not a crashed server
+        records = {name: dict(rec) for name, rec in content.config_records.items() if name != LAYOUT}
+    except Exception:  # an undecodable array or record, weights that do not fit: a bad reply, not a crashed server
         return Reply(nid, error="E_BAD_REPLY")
-    return Reply(nid, arrays=arrays, control=control, metrics=metrics, records=records, bytes_received=received)
+    return Reply(nid, arrays=unpacked.get(ARRAYS), control=unpacked.get(CONTROL), metrics=metrics, records=records,
+                 bytes_received=received)
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -168,37 +195,60 @@ def content_bytes(content: RecordDict) -> int:
 class FlowerTransport:
     """``server.federation.loop``'s transport over a Flower ``Grid``.
 
-    ``send`` serialises each distinct weights mapping once (all sites of a round share it), sends
-    with ``Grid.send_and_receive(timeout=timeout_s)`` and returns one ``Reply`` per instruction; a
-    site that did not answer in time gets ``E_NO_REPLY``. Messages carry ``ttl=timeout_s`` so an
-    instruction nobody picked up in time expires instead of being trained on later.
+    ``send`` packs each distinct weights mapping once (all sites of a round share it; one flat
+    array per dtype, ``smm_model.contract.packing``), pushes the messages and pulls the replies
+    every ``poll_s`` seconds (Flower's ``send_and_receive`` sleeps a fixed 3 s between pulls)
+    until all have answered or ``timeout_s`` has passed; a site that did not answer in time gets
+    ``E_NO_REPLY``, and its late reply is never pulled (pulls ask for this exchange's message ids
+    only). Messages carry ``ttl=timeout_s`` so an instruction nobody picked up in time expires
+    instead of being trained on later.
     """
 
-    def __init__(self, grid: Grid, timeout_s: float) -> None:
+    def __init__(self, grid: Grid, timeout_s: float, poll_s: float = 0.2,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.grid = grid
         self.timeout_s = float(timeout_s)
+        self.poll_s = float(poll_s)
+        self.clock, self.sleep = clock, sleep
 
     def node_ids(self) -> list[int]:
         return sorted(int(n) for n in self.grid.get_node_ids())
 
+    def _exchange(self, messages: list[Message]) -> list[Message]:
+        """Push, then pull until every pushed message has its reply or the timeout passes."""
+        pending = {i for i in self.grid.push_messages(messages) if i}  # None: a message the SuperLink refused
+        end = self.clock() + self.timeout_s
+        replies: list[Message] = []
+        while pending:
+            got = list(self.grid.pull_messages(sorted(pending)))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or self.clock() >= end:
+                break
+            self.sleep(min(self.poll_s, max(0.0, end - self.clock())))
+        return replies
+
     def send(self, instructions: Sequence[Instruction]) -> list[Reply]:
-        records: dict[int, ArrayRecord] = {}
-        messages, sent = [], {}
-        def record(arrays: Mapping[str, np.ndarray] | None) -> ArrayRecord | None:
+        packed: dict[int, Packed] = {}
+        messages, sent, expected = [], {}, {}
+
+        def record(arrays: Mapping[str, np.ndarray] | None) -> Packed | None:
             if arrays is None:
                 return None
-            if id(arrays) not in records:
-                records[id(arrays)] = _array_record(arrays)
-            return records[id(arrays)]
+            if id(arrays) not in packed:
+                packed[id(arrays)] = pack_record(arrays)
+            return packed[id(arrays)]
 
         for ins in instructions:
-            messages.append(instruction_message(ins, record(ins.arrays), ttl=self.timeout_s,
-                                                control=record(ins.control)))
+            a, c = record(ins.arrays), record(ins.control)
+            messages.append(instruction_message(ins, a, ttl=self.timeout_s, control=c))
             sent[int(ins.node_id)] = content_bytes(messages[-1].content)
-        replies: Iterable[Message] = self.grid.send_and_receive(messages, timeout=self.timeout_s)
+            # The site replies with weights of the model it was sent (and SCAFFOLD's control variate
+            # in the correction's layout: the model's parameters).
+            expected[int(ins.node_id)] = {name: p.layout for name, p in ((ARRAYS, a), (CONTROL, c)) if p is not None}
         by_node: dict[int, Reply] = {}
-        for m in replies:
-            r = reply_from_message(m)
+        for m in self._exchange(messages):
+            r = reply_from_message(m, expected.get(int(m.metadata.src_node_id)))
             by_node.setdefault(r.node_id, r)
         out = []
         for ins in instructions:
@@ -233,7 +283,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = settings.run_dir or _default_run_dir(cfg)
     log.info("run %r: config %s, run folder %s%s", cfg.name, settings.config_path, run_dir,
              " (resume)" if settings.resume else "")
-    transport = FlowerTransport(grid, timeout_s=cfg.federation.round_timeout_s)
+    transport = FlowerTransport(grid, timeout_s=cfg.federation.round_timeout_s, poll_s=cfg.federation.poll_interval_s)
     run_federation(transport, cfg, run_dir, resume=settings.resume)
     from server.report.build import report_after_run  # matplotlib: imported only once the run has finished
 

@@ -282,6 +282,9 @@ class FederationConfig:
     min_nodes: int = 2  # sites needed to start and to aggregate a round
     wait_for_nodes_s: float = 300.0  # bounded wait for min_nodes (Flower's own wait is unbounded)
     round_timeout_s: float = 3600.0  # per send-and-receive
+    # How often the server pulls replies while a message phase is open (Flower's own
+    # send_and_receive sleeps a fixed 3 s); each pull is one small request to the SuperLink.
+    poll_interval_s: float = 0.2
     max_examples_per_site: int = 100_000  # a site's claimed example count is clamped to this
     # Server learning rate: FedAdam / FedYogi / FedAdagrad's eta (default 0.01) or FedAvgM's
     # (default 1.0, plain averaging); None = the strategy's default.
@@ -323,6 +326,8 @@ class FederationConfig:
         for name in ("wait_for_nodes_s", "round_timeout_s", "server_tau", "client_cpus"):
             v = getattr(self, name)
             _require(v > 0, f"{p}.{name}", f"must be > 0, got {v}")
+        _require(0.01 <= self.poll_interval_s <= 10.0, f"{p}.poll_interval_s",
+                 f"must be in [0.01, 10] seconds, got {self.poll_interval_s}")
         for name in ("server_beta_1", "server_beta_2"):
             v = getattr(self, name)
             _require(0.0 <= v < 1.0, f"{p}.{name}", f"must be in [0, 1), got {v}")

@@ -9,21 +9,27 @@ changed here changes on both sides at once.
 message_type        config keys -> reply content
 ==================  =======================================================================
 ``query.preflight`` ``experiment`` -> ConfigRecord ``"summary"`` = {``json``: SiteSummary JSON}
-``train``           ``experiment, shared, server-round, lr, local-epochs, local-steps, proximal-mu``
-                    + arrays [+ ArrayRecord ``"control"``: SCAFFOLD's correction c - c_i]
+``train``           ``experiment, shared, server-round, lr, local-epochs, local-steps, proximal-mu``,
+                    ``arrays-layout`` + arrays [+ ``control-layout`` + ArrayRecord ``"control"``:
+                    SCAFFOLD's correction c - c_i]
                     -> ArrayRecord ``"arrays"`` [+ ``"control"``: the site's new control
-                    variate] + MetricRecord ``"metrics"`` (``num-examples``, ``train-loss``,
+                    variate] + ConfigRecord ``"layout"`` (the digests of the layouts they were
+                    packed with) + MetricRecord ``"metrics"`` (``num-examples``, ``train-loss``,
                     ``steps``, ``seconds``, ``coord-<task>-{tumour,micro,conflicts}``)
-``evaluate``        ``experiment, shared, server-round, split`` + arrays
+``evaluate``        ``experiment, shared, server-round, split, arrays-layout`` + arrays
                     -> MetricRecord ``"metrics"`` = ``EvalStats.to_record()``
 ==================  =======================================================================
+
+Weights travel packed (``smm_model.contract.packing``): an ArrayRecord holds one flat array per
+dtype, keyed by the dtype's name, and the config key ``<record>-layout`` holds the names, shapes and
+dtypes that take it apart again.
 """
 
 from __future__ import annotations
 
 __all__ = ["PREFLIGHT", "PREFLIGHT_HANDLER", "TRAIN", "EVALUATE", "ARRAYS", "CONTROL", "METRICS", "CONFIG", "SUMMARY",
            "DP_EPSILON", "DP_DELTA", "DP_SIGMA", "DP_CLIP", "DP_SAMPLE_RATE", "SUMMARY_JSON", "KEY_EXPERIMENT", "KEY_SHARED", "KEY_ROUND", "KEY_LR", "KEY_LOCAL_EPOCHS", "KEY_LOCAL_STEPS",
-           "KEY_PROXIMAL_MU", "KEY_SPLIT", "NUM_EXAMPLES", "TRAIN_LOSS", "STEPS", "SECONDS"]
+           "KEY_PROXIMAL_MU", "KEY_SPLIT", "LAYOUT", "layout_key", "NUM_EXAMPLES", "TRAIN_LOSS", "STEPS", "SECONDS"]
 
 # Message types (Flower's MessageType.QUERY is "query"; ".preflight" names our handler).
 PREFLIGHT_HANDLER = "preflight"
@@ -38,6 +44,7 @@ METRICS = "metrics"
 CONFIG = "config"
 SUMMARY = "summary"
 SUMMARY_JSON = "json"
+LAYOUT = "layout"  # a train reply's ConfigRecord: {record name: digest of the layout it was packed with}
 
 # Keys of the "config" ConfigRecord the server sends.
 KEY_EXPERIMENT = "experiment"  # resolved config YAML: smm_model.contract.protocol.config_text(cfg)
@@ -48,6 +55,11 @@ KEY_LOCAL_EPOCHS = "local-epochs"
 KEY_LOCAL_STEPS = "local-steps"  # optimizer steps per round (0: local-epochs passes instead)
 KEY_PROXIMAL_MU = "proximal-mu"
 KEY_SPLIT = "split"  # "val" | "test"
+
+
+def layout_key(record: str) -> str:
+    """The config key holding the packing layout of ArrayRecord ``record`` (``arrays-layout``)."""
+    return f"{record}-layout"
 
 # Keys of a train reply's "metrics" MetricRecord.
 #: The weighting key of every train reply (Flower's ``weighted_by_key``).

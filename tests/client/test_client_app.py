@@ -17,14 +17,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import (DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord,
+from flwr.app import (DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord,
                       RecordDict)
 from torch.utils.data import DataLoader
 
 import client.app as client_app
 from client.site.collate import collate_patients
 from client.local.round import (SharedGenomicsStats, SiteError, evaluate_round, load_site, preflight_summary, resolve_site_dir, risk_groups, train_round)
+from smm_model.contract.packing import pack, unpack
 from smm_model.contract.sites import simulation_site_dirs
+from smm_model.contract.wire import LAYOUT, layout_key
 from client.site.labels import SPLITS
 from client.cohorts.synth import CohortSpec, write_cohort
 from smm_model.config import ConfigError, ExperimentConfig
@@ -348,19 +350,25 @@ def test_handlers_follow_the_message_contract(cfg, sites, init_state, tmp_path, 
     assert summary == preflight_summary(sites[2], cfg, label=sites[2].name)  # simulation: the folder's name
     shared = derive_shared([summary], cfg)
     base = {KEY_EXPERIMENT: text, KEY_SHARED: shared.to_json(), KEY_ROUND: 1}
+    flat, layout = pack({k: v.numpy() for k, v in init_state.items()})
     reply = client_app.app(_message(TRAIN, RecordDict({
-        ARRAYS: ArrayRecord(init_state),
+        ARRAYS: ArrayRecord({d: Array(a) for d, a in flat.items()}),
         CONFIG: ConfigRecord({**base, KEY_LR: 0.001, KEY_LOCAL_EPOCHS: 1, KEY_LOCAL_STEPS: 3,
-                              KEY_PROXIMAL_MU: 0.0})})), ctx)
+                              KEY_PROXIMAL_MU: 0.0, layout_key(ARRAYS): layout.to_json()})})), ctx)
     assert set(reply.content.array_records) == {ARRAYS} and set(reply.content.metric_records) == {METRICS}
+    # Packed in the instruction's layout (one flat array per dtype), and says so.
+    assert set(reply.content[ARRAYS]) == set(flat) and reply.content[LAYOUT][ARRAYS] == layout.digest
     assert reply.content[METRICS]["steps"] == 3  # local-steps wins over local-epochs
     assert client_app.OPTIMIZER_STATE_KEY not in ctx.state  # site_optimizer: fresh keeps nothing
-    new = reply.content[ARRAYS].to_torch_state_dict()
-    assert list(new) == list(init_state)
+    new_flat = {d: a.numpy() for d, a in reply.content[ARRAYS].items()}
+    new = unpack(new_flat, layout)
+    assert list(new) == list(init_state) and all(new[k].shape == tuple(init_state[k].shape) for k in new)
+    assert not all(np.array_equal(new[k], init_state[k].numpy()) for k in new)  # it trained
     assert reply.content[METRICS]["num-examples"] == summary.splits["train"]["patients"]
     assert torch.get_num_threads() == 1  # simulation: held to federation.client_cpus
-    reply = client_app.app(_message(EVALUATE, RecordDict({ARRAYS: ArrayRecord(new),
-                                                          CONFIG: ConfigRecord({**base, KEY_SPLIT: "val"})})), ctx)
+    reply = client_app.app(_message(EVALUATE, RecordDict({
+        ARRAYS: ArrayRecord({d: Array(a) for d, a in new_flat.items()}),
+        CONFIG: ConfigRecord({**base, KEY_SPLIT: "val", layout_key(ARRAYS): layout.to_json()})})), ctx)
     stats = EvalStats.from_record(reply.content[METRICS])
     assert stats.n == summary.splits["val"]["patients"] and not stats.suppressed
     assert set(stats.confusion) == {"diagnosis", "grade"} and stats.km_groups == cfg.model.survival_bins

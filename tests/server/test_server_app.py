@@ -19,9 +19,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from server_fakes import SENTINEL, FakeSite, config
 
 import server.app as server_app
-from server.app import APP_DIR, FlowerTransport, read_run_settings, reply_from_message
+from server.app import APP_DIR, FlowerTransport, pack_record, read_run_settings, reply_from_message
 from server.federation.loop import resolved_config_text
 from server.federation.messages import ARRAYS, CONFIG, METRICS, Instruction
+from smm_model.contract.packing import Layout, pack, unpack
+from smm_model.contract.wire import LAYOUT, layout_key
 from server.federation.wait import NodeWaitTimeout
 from smm_model.config import ConfigError
 
@@ -53,41 +55,58 @@ def task_identity():
 
 
 class FakeGrid:
-    """The two Grid methods the ServerApp uses, answering through in-process fake sites."""
+    """The Grid methods the ServerApp uses (node ids, push, pull), answering through in-process
+    fake sites: a push computes each site's reply at once, a pull hands over those asked for.
+    Sites in ``silent`` never answer; ``pulls`` counts the pull requests."""
 
     def __init__(self, sites: dict[int, FakeSite], connected: list[int] | None = None) -> None:
         self.sites = sites
         self.connected = connected if connected is not None else sorted(sites)
-        self.timeouts: list[float | None] = []
+        self.silent: set[int] = set()
         self.ttls: list[float] = []
+        self.replies: dict[str, Message] = {}
+        self.pulls = 0
+        self._next = 0
 
     def get_node_ids(self):
         return list(self.connected)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        self.timeouts.append(timeout)
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for msg in messages:
+            self._next += 1
+            mid = f"msg-{self._next}"
+            msg.metadata.__dict__["_message_id"] = mid  # as Flower's grids stamp it before pushing
+            ids.append(mid)
             self.ttls.append(msg.metadata.ttl)
-            nid = msg.metadata.dst_node_id
-            content = msg.content
-            arrays = ({k: a.numpy() for k, a in content[ARRAYS].items()} if ARRAYS in content.array_records
-                      else None)
-            ins = Instruction(nid, msg.metadata.message_type, dict(content[CONFIG]), arrays)
-            try:
-                r = self.sites[nid](ins)
-            except Exception as e:
-                replies.append(Message(Error(code=2, reason=f"<class '{type(e).__name__}'>:<'{e}'>"), reply_to=msg))
-                continue
-            out = RecordDict()
-            if r.arrays is not None:
-                out[ARRAYS] = ArrayRecord({k: Array(v) for k, v in r.arrays.items()})
-            if r.metrics is not None:
-                out[METRICS] = MetricRecord(r.metrics)
-            for name, rec in r.records.items():
-                out[name] = ConfigRecord(rec)
-            replies.append(Message(out, reply_to=msg))
-        return replies
+            if msg.metadata.dst_node_id not in self.silent:
+                self.replies[mid] = self._answer(msg)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def _answer(self, msg):
+        nid = msg.metadata.dst_node_id
+        content = msg.content
+        layout = Layout.from_json(content[CONFIG][layout_key(ARRAYS)]) if ARRAYS in content.array_records else None
+        arrays = unpack({k: a.numpy() for k, a in content[ARRAYS].items()}, layout) if layout else None
+        ins = Instruction(nid, msg.metadata.message_type, dict(content[CONFIG]), arrays)
+        try:
+            r = self.sites[nid](ins)
+        except Exception as e:
+            return Message(Error(code=2, reason=f"<class '{type(e).__name__}'>:<'{e}'>"), reply_to=msg)
+        out = RecordDict()
+        if r.arrays is not None:  # a site replies in the layout it was sent
+            flat, _ = pack(r.arrays, layout)
+            out[ARRAYS] = ArrayRecord({d: Array(a) for d, a in flat.items()})
+            out[LAYOUT] = ConfigRecord({ARRAYS: layout.digest})
+        if r.metrics is not None:
+            out[METRICS] = MetricRecord(r.metrics)
+        for name, rec in r.records.items():
+            out[name] = ConfigRecord(rec)
+        return Message(out, reply_to=msg)
 
 
 def write_config(tmp_path: Path, *extra: str) -> Path:
@@ -128,15 +147,47 @@ def test_error_replies_lose_their_text():
 
 
 def test_reply_contents_are_converted_and_counted():
-    arrays = ArrayRecord({"w": Array(np.arange(3, dtype=np.float32))})
+    w = {"w": np.arange(3, dtype=np.float32), "n": np.array([4, 5], dtype=np.int64)}
+    flat, layout = pack(w)
+    arrays = ArrayRecord({d: Array(a) for d, a in flat.items()})
+    assert len(arrays) == 2  # one flat array per dtype, not one per tensor
     msg = Message(RecordDict({ARRAYS: arrays, METRICS: MetricRecord({"num-examples": 4}),
+                              LAYOUT: ConfigRecord({ARRAYS: layout.digest}),
                               "summary": ConfigRecord({"json": "{}"})}), metadata=_metadata(7))
-    r = reply_from_message(msg)
-    assert r.error is None and np.array_equal(r.arrays["w"], np.arange(3, dtype=np.float32))
+    r = reply_from_message(msg, {ARRAYS: layout})
+    assert r.error is None and list(r.arrays) == ["w", "n"]
+    assert np.array_equal(r.arrays["w"], w["w"]) and r.arrays["n"].dtype == np.int64
     assert r.metrics == {"num-examples": 4} and r.records == {"summary": {"json": "{}"}}
     # every record counts: arrays, metrics and config text
-    assert r.bytes_received == arrays.count_bytes() + msg.content[METRICS].count_bytes() + \
-        msg.content["summary"].count_bytes() > arrays.count_bytes()
+    assert r.bytes_received == sum(msg.content[k].count_bytes() for k in (ARRAYS, METRICS, LAYOUT, "summary")) \
+        > arrays.count_bytes()
+
+
+def test_a_reply_whose_weights_do_not_fit_the_sent_layout_is_refused():
+    """Weights in another layout (another model, another order, a truncated array), or weights
+    nobody asked for, are E_BAD_REPLY, never reshaped into the global model. (A site that packs in
+    another order and claims the sent layout cannot be told apart by the bytes; the ClientApp
+    packs in the instruction's layout, ``pack(state, layout)``, which checks names and shapes.)"""
+    w = {"a": np.zeros((2, 2), dtype=np.float32), "b": np.ones(3, dtype=np.float32)}
+    sent = Layout.of(w)
+
+    def reply(arrays, digest):
+        flat, _ = pack(arrays)
+        content = RecordDict({ARRAYS: ArrayRecord({d: Array(a) for d, a in flat.items()}),
+                              METRICS: MetricRecord({"num-examples": 4})})
+        if digest is not None:
+            content[LAYOUT] = ConfigRecord({ARRAYS: digest})
+        return reply_from_message(Message(content, metadata=_metadata(7)), {ARRAYS: sent})
+
+    assert reply(w, sent.digest).error is None
+    swapped = {"b": w["b"], "a": w["a"]}  # same bytes, another order
+    assert reply(swapped, Layout.of(swapped).digest).error == "E_BAD_REPLY"
+    assert reply({"a": w["a"], "b": w["b"][:2]}, sent.digest).error == "E_BAD_REPLY"
+    assert reply(w, None).error == "E_BAD_REPLY"  # no layout digest
+    flat, _ = pack(w)
+    unasked = Message(RecordDict({ARRAYS: ArrayRecord({d: Array(a) for d, a in flat.items()}),
+                                  LAYOUT: ConfigRecord({ARRAYS: sent.digest})}), metadata=_metadata(7))
+    assert reply_from_message(unasked).error == "E_BAD_REPLY"
 
 
 def _metadata(src: int):
@@ -148,26 +199,33 @@ def _metadata(src: int):
 
 
 def test_flower_transport_one_reply_per_instruction(task_identity):
-    sites = {11: FakeSite(11), 12: FakeSite(12, train_fault="error")}
-    grid = FakeGrid(sites)
-    t = FlowerTransport(grid, timeout_s=30.0)
+    sites = {11: FakeSite(11), 12: FakeSite(12, train_fault="error"), 13: FakeSite(13)}
+    grid = FakeGrid(sites, connected=[11, 12])
+    grid.silent = {13}  # 13 never answers
+    clock = [0.0]
+
+    def sleep(s):
+        clock[0] += s
+
+    t = FlowerTransport(grid, timeout_s=30.0, poll_s=0.5, clock=lambda: clock[0], sleep=sleep)
     cfg_text = resolved_config_text(config())
     w = {"a": np.zeros((2, 2), dtype=np.float32)}
     ins = [Instruction(n, "train", {"experiment": cfg_text, "server-round": 1}, w) for n in (11, 12, 13)]
-    grid.sites[13] = FakeSite(13)
-    grid.connected = [11, 12]
-    grid_send = grid.send_and_receive
-    grid.send_and_receive = lambda msgs, timeout=None: [m for m in grid_send(msgs, timeout=timeout)
-                                                        if m.metadata.src_node_id != 13]  # 13 never answers
     replies = t.send(ins)
     assert [r.node_id for r in replies] == [11, 12, 13]
     assert replies[0].error is None and replies[0].arrays["a"].shape == (2, 2)
     assert replies[1].error == "E_CLIENT_ERROR" and replies[2].error == "E_NO_REPLY"
-    weights = ArrayRecord({"a": Array(w["a"])}).count_bytes()
-    config_bytes = ConfigRecord({"experiment": cfg_text, "server-round": 1}).count_bytes()
+    packed = pack_record(w)
+    weights = packed.record.count_bytes()
+    config_bytes = ConfigRecord({"experiment": cfg_text, "server-round": 1,
+                                 layout_key(ARRAYS): packed.layout.to_json()}).count_bytes()
     assert [r.bytes_sent for r in replies] == [weights + config_bytes] * 3  # the config text travels too
     assert replies[0].bytes_received > weights  # the trained weights plus the metrics
-    assert grid.timeouts == [30.0] and set(grid.ttls) == {30.0}
+    assert set(grid.ttls) == {30.0}
+    # Pulled every poll_s until the timeout, for the one that never answered: 30 s / 0.5 s, plus the first.
+    assert grid.pulls == 61 and clock[0] == 30.0
+    grid.silent, grid.pulls = set(), 0
+    assert all(r.error in (None, "E_CLIENT_ERROR") for r in t.send(ins)) and grid.pulls == 1
 
 
 def test_server_app_runs_a_federation_over_flower_messages(tmp_path, task_identity):

@@ -21,11 +21,13 @@ import torch
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 import client.app as client_app
-from server.app import reply_from_message
+from server.app import instruction_content, pack_record, reply_from_message
 from server.runs.checkpoint import load_checkpoint, load_latest
 from server.federation.loop import run_federation
 from server.federation.messages import ARRAYS, CONFIG, CONTROL, TRAIN, Instruction, Reply, sanitize_error
 from sim_cohort import SMALL, write_features_cohort
+from smm_model.contract.packing import Layout, unpack
+from smm_model.contract.wire import LAYOUT, layout_key
 from smm_model.config import ExperimentConfig
 
 
@@ -55,15 +57,14 @@ class InProcessFlower:
         for i, ins in enumerate(instructions):
             if self.crash is not None and self.crash(ins):
                 raise Crash(f"server killed before sending {ins.message_type} to node {ins.node_id}")
-            content = RecordDict({CONFIG: ConfigRecord(dict(ins.config))})
-            for name, arrays in ((ARRAYS, ins.arrays), (CONTROL, ins.control)):  # as server.app.instruction_message
-                if arrays is not None:
-                    content[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+            packed = {name: pack_record(a) for name, a in ((ARRAYS, ins.arrays), (CONTROL, ins.control)) if a is not None}
+            content = instruction_content(ins, packed.get(ARRAYS), packed.get(CONTROL))  # as server.app's transport
             msg = Message(content=content, metadata=Metadata(
                 run_id=1, message_id=f"m{i}", src_node_id=1, dst_node_id=ins.node_id, reply_to_message_id="",
                 group_id="", created_at=time.time(), ttl=DEFAULT_TTL, message_type=ins.message_type))
             try:
-                reply = reply_from_message(client_app.app(msg, self.contexts[ins.node_id]))
+                reply = reply_from_message(client_app.app(msg, self.contexts[ins.node_id]),
+                                           {name: p.layout for name, p in packed.items()})
             except Exception as e:  # what Flower sends back for a raising ClientApp
                 reason = str(type(e)) + ":<'" + str(e) + "'>"
                 self.reasons.append(reason)
@@ -136,6 +137,12 @@ class TrainSeen:
     reply: RecordDict
     state: dict[str, dict[str, np.ndarray]]
 
+    def arrays(self, side: str, name: str) -> dict[str, np.ndarray]:
+        """Weights record ``name`` of the message (``side="sent"``) or the reply, unpacked with
+        the layout the server sent for it."""
+        layout = Layout.from_json(self.sent[CONFIG][layout_key(name)])
+        return unpack({k: a.numpy() for k, a in getattr(self, side)[name].items()}, layout)
+
 
 def _record_runs(tmp, cohort, variants: dict[str, list[str]]) -> dict[str, dict]:
     """Run each variant (name -> config overrides on top of 3 rounds of ``STEPS`` local steps) over
@@ -180,11 +187,16 @@ def _rounds(run_dir):
     return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
 
 
-def _assert_reply_is_the_model_only(content, model_keys):
-    """A train reply: the model's arrays under "arrays" and the metrics, nothing of the optimizer."""
+def _assert_reply_is_the_model_only(t, model_keys):
+    """A train reply: the model's arrays under "arrays" (packed in the layout the server sent) and
+    the metrics, nothing of the optimizer."""
+    content = t.reply
     assert set(content.array_records) == {ARRAYS} and set(content.metric_records) == {"metrics"}
-    assert not content.config_records
-    assert list(content[ARRAYS].keys()) == model_keys  # exactly the state_dict's keys, in order
+    assert set(content.config_records) == {LAYOUT}
+    layout = Layout.from_json(t.sent[CONFIG][layout_key(ARRAYS)])
+    assert content[LAYOUT][ARRAYS] == layout.digest
+    assert [n for n, _, _ in layout.entries] == model_keys  # exactly the state_dict's keys, in order
+    assert list(unpack({k: a.numpy() for k, a in content[ARRAYS].items()}, layout)) == model_keys
     metrics = content["metrics"]
     assert not [k for k in metrics if "optimizer" in k or k.split(".")[0].isdigit()], list(metrics)
 
@@ -198,14 +210,14 @@ def test_a_persisting_site_keeps_its_optimizer_at_the_site_only(site_optimizer_r
     assert sorted((t.round, t.node) for t in seen) == [(r, n) for r in (1, 2, 3) for n in (100, 101, 102)]
     for t in seen:
         r, node, content, kept = t.round, t.node, t.reply, t.state.get(client_app.OPTIMIZER_STATE_KEY)
-        _assert_reply_is_the_model_only(content, model_keys)
+        _assert_reply_is_the_model_only(t, model_keys)
         assert content["metrics"]["steps"] == STEPS
         # After round r the node holds Adam's state, continued: every step count is r x local_steps.
         assert kept is not None, (r, node)
         steps = {k: float(v) for k, v in kept.items() if k.endswith(".step")}
         assert steps and set(steps.values()) == {float(r * STEPS)}, (r, node)
         assert {k.split(".", 1)[1] for k in kept} == {"step", "exp_avg", "exp_avg_sq"}  # train.optimizer=adamw
-        assert not set(kept) & set(content[ARRAYS].keys())
+        assert not set(kept) & set(t.arrays("reply", ARRAYS))
     for ctx in run["transport"].contexts.values():
         assert client_app.OPTIMIZER_STATE_KEY in ctx.state
     for name, text in run["logs"].items():
@@ -223,7 +235,7 @@ def test_a_fresh_site_optimizer_keeps_nothing_and_round_one_is_the_same(site_opt
     model_keys = list(build_model(run["cfg"].model).state_dict())
     assert len(run["seen"]) == 9
     for t in run["seen"]:
-        _assert_reply_is_the_model_only(t.reply, model_keys)
+        _assert_reply_is_the_model_only(t, model_keys)
         assert not t.state and t.reply["metrics"]["steps"] == STEPS
     for ctx in run["transport"].contexts.values():
         assert client_app.OPTIMIZER_STATE_KEY not in ctx.state and not ctx.state.array_records
@@ -260,14 +272,10 @@ def scaffold_run(tmp_path_factory):
     return _record_runs(tmp, cohort, {"scaffold": ["federation.strategy=scaffold"]})["scaffold"]
 
 
-def _numpy(record) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in record.items()}
-
-
-def _weighted_c(replies: dict[int, RecordDict], params) -> dict[str, np.ndarray]:
+def _weighted_c(replies: dict[int, TrainSeen], params) -> dict[str, np.ndarray]:
     """c by hand (float64): the example-weighted mean of the replies' c_i."""
-    weights = {n: float(rep["metrics"]["num-examples"]) for n, rep in replies.items()}
-    return {k: sum(w * replies[n][CONTROL][k].numpy().astype(np.float64) for n, w in weights.items())
+    weights = {n: float(t.reply["metrics"]["num-examples"]) for n, t in replies.items()}
+    return {k: sum(w * replies[n].arrays("reply", CONTROL)[k].astype(np.float64) for n, w in weights.items())
             / sum(weights.values()) for k in params}
 
 
@@ -293,37 +301,36 @@ def test_scaffold_sends_each_site_its_correction_and_the_site_keeps_nothing(scaf
     assert sorted(seen) == [(r, n) for r in (1, 2, 3) for n in nodes]
     for (r, node), t in seen.items():
         assert set(t.sent.array_records) == set(t.reply.array_records) == {ARRAYS, CONTROL}
-        assert list(t.reply[ARRAYS].keys()) == model_keys
-        for record in (t.sent[CONTROL], t.reply[CONTROL]):  # exactly the model's parameters, in order
-            values = _numpy(record)
+        assert list(t.arrays("reply", ARRAYS)) == model_keys
+        for values in (t.arrays("sent", CONTROL), t.arrays("reply", CONTROL)):  # the model's parameters, in order
             assert list(values) == list(params), (r, node)
             assert all(values[k].shape == p.shape and values[k].dtype == p.dtype for k, p in params.items())
             assert all(np.isfinite(v).all() for v in values.values())
-        assert any(v.any() for v in _numpy(t.reply[CONTROL]).values())
+        assert any(v.any() for v in t.arrays("reply", CONTROL).values())
         # Nothing SCAFFOLD-related (nothing at all) in the node's Context.state after its round.
         assert t.state == {}, (r, node, list(t.state))
     for ctx in run["transport"].contexts.values():
         _assert_no_scaffold_state(ctx.state)
     # What a node is sent: round 1, zeros at every node (c = 0, no c_i yet); then c - c_i, with c the
     # example-weighted mean of the previous round's c_i and c_i the node's own reply of that round.
-    assert all(not v.any() for n in nodes for v in _numpy(seen[1, n].sent[CONTROL]).values())
+    assert all(not v.any() for n in nodes for v in seen[1, n].arrays("sent", CONTROL).values())
     for r in (2, 3):
-        prev = {n: seen[r - 1, n].reply for n in nodes}
+        prev = {n: seen[r - 1, n] for n in nodes}
         c = _weighted_c(prev, params)
         for n in nodes:
-            sent = _numpy(seen[r, n].sent[CONTROL])
+            sent = seen[r, n].arrays("sent", CONTROL)
             for k in params:
-                own = prev[n][CONTROL][k].numpy().astype(np.float64)
+                own = prev[n].arrays("reply", CONTROL)[k].astype(np.float64)
                 scale = float(np.abs(c[k]).max() + np.abs(own).max())
                 np.testing.assert_allclose(sent[k], c[k] - own, rtol=1e-5, atol=1e-6 * scale + 1e-12,
                                            err_msg=f"round {r} node {n} {k}")
         # Per node, not shared: the nodes' corrections differ, and their example-weighted sum is 0.
         first = next(iter(params))
-        assert not np.array_equal(seen[r, 100].sent[CONTROL][first].numpy(), seen[r, 101].sent[CONTROL][first].numpy())
-        weights = {n: float(prev[n]["metrics"]["num-examples"]) for n in nodes}
+        assert not np.array_equal(seen[r, 100].arrays("sent", CONTROL)[first], seen[r, 101].arrays("sent", CONTROL)[first])
+        weights = {n: float(prev[n].reply["metrics"]["num-examples"]) for n in nodes}
         for k in params:
-            total = sum(w * seen[r, n].sent[CONTROL][k].numpy().astype(np.float64) for n, w in weights.items())
-            scale = sum(w * np.abs(prev[n][CONTROL][k].numpy()).max() for n, w in weights.items())
+            total = sum(w * seen[r, n].arrays("sent", CONTROL)[k].astype(np.float64) for n, w in weights.items())
+            scale = sum(w * np.abs(prev[n].arrays("reply", CONTROL)[k]).max() for n, w in weights.items())
             np.testing.assert_allclose(total, 0.0, atol=1e-5 * scale + 1e-12, err_msg=k)
     # The site log says a correction was applied, with its norm (0 in round 1).
     for node, (name, text) in zip(nodes, sorted(run["logs"].items())):
@@ -332,7 +339,7 @@ def test_scaffold_sends_each_site_its_correction_and_the_site_keeps_nothing(scaf
         for r, line in zip((1, 2, 3), lines):
             assert f"train round {r}: SCAFFOLD correction applied (norm " in line, line
             norm = float(line.rsplit("(norm ", 1)[1].rstrip(")"))
-            sent = _numpy(seen[r, node].sent[CONTROL])
+            sent = seen[r, node].arrays("sent", CONTROL)
             want = float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in sent.values())))
             assert norm == pytest.approx(want, rel=1e-3, abs=1e-12), (name, r)
             assert (norm == 0.0) == (r == 1), (name, r)
@@ -343,9 +350,9 @@ def test_scaffold_sends_each_site_its_correction_and_the_site_keeps_nothing(scaf
     sites = saved.strategy_state["scaffold"]["sites"]
     assert sorted(sites) == list(nodes)
     for n, entry in sites.items():
-        last = seen[3, n].reply
-        assert entry["weight"] == last["metrics"]["num-examples"]
-        assert all(np.array_equal(entry["control"][k], last[CONTROL][k].numpy()) for k in params)
+        last = seen[3, n]
+        assert entry["weight"] == last.reply["metrics"]["num-examples"]
+        assert all(np.array_equal(entry["control"][k], last.arrays("reply", CONTROL)[k]) for k in params)
 
 
 def _crash_in_round(r: int, after: int) -> tuple[Callable[[Instruction], bool], list[int]]:
