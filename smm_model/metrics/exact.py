@@ -23,14 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from lifelines.utils import concordance_index as _lifelines_concordance_index
 from scipy.special import expit
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    f1_score,
-    roc_auc_score,
-)
+
+# lifelines (1.7 s) and scikit-learn's metrics are imported where they are used: every message a
+# site answers starts a new ClientApp process, and most never compute an exact metric.
 
 __all__ = [
     "MetricReport",
@@ -201,7 +197,9 @@ def c_index(time: Any, event: Any, risk: Any) -> tuple[float, str | None]:
     if _no_comparable_pair(t, e):
         return math.nan, "no comparable pair (no sample outlives an observed event)"
     try:
-        value = _lifelines_concordance_index(t, -r, e)
+        from lifelines.utils import concordance_index
+
+        value = concordance_index(t, -r, e)
     except ZeroDivisionError:  # lifelines: "No admissable pairs" (belt and braces)
         return math.nan, "no comparable pair (lifelines found no admissible pairs)"
     return float(value), None
@@ -280,6 +278,8 @@ def _ovr_macro_auc(y: np.ndarray, p: np.ndarray, n_classes: int) -> tuple[float,
         if pos.all() or not pos.any():
             skipped.append(c)
             continue
+        from sklearn.metrics import roc_auc_score
+
         aucs.append(float(roc_auc_score(pos, p[:, c])))
     if not aucs:
         present = np.unique(y).tolist()
@@ -327,6 +327,8 @@ def classification_report(y_true: Any, probs: Any, n_classes: int) -> MetricRepo
             values={k: math.nan for k in _CLASSIFICATION_METRICS},
             reasons={k: "no samples" for k in _CLASSIFICATION_METRICS},
         )
+
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
     pred = np.argmax(p, axis=1)
     values: dict[str, float] = {}

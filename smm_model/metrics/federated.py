@@ -18,7 +18,6 @@ over patients, so adding sites' statistics gives exactly the statistic of the po
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 from smm_model.metrics.exact import MetricReport
 
@@ -189,4 +188,6 @@ def logrank_from_counts(counts: np.ndarray) -> tuple[float, float, int]:
     z = observed_minus_expected[:-1]
     chi2 = float(z @ np.linalg.pinv(V[:-1, :-1]) @ z)
     df = G - 1
+    from scipy import stats  # 1 s to import; most ClientApp processes never need it
+
     return chi2, float(stats.chi2.sf(chi2, df)), df
