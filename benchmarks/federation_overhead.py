@@ -761,12 +761,11 @@ def main() -> int:
     from client.cohorts.synth import CohortSpec, write_cohort
     from client.local.train import resolve_device
     from server.federation.loop import initial_weights
-    from server.ops.simulate import pids_with_env, resolve_config
+    from server.ops.simulate import FLOWER_ENV, pids_with_env, resolve_config
     from smm_model.nn.model import build_model, count_parameters
     from smm_model.contract.protocol import config_text
 
-    for k, v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    for k, v in FLOWER_ENV.items():
         os.environ[k] = v  # also set by server.ops.simulate.flwr_env for every process started
     default_threads = torch.get_num_threads()
     cores = os.cpu_count() or 1

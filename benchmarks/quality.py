@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 import provenance  # noqa: E402
 
+from server.ops.simulate import FLOWER_ENV  # noqa: E402
 from smm_model.contract.runfolder import FINAL_FILE, LOCAL_ONLY_FILE, ROUNDS_FILE, read_rounds_file  # noqa: E402
 
-#: Flower and Ray settings every federated subprocess gets (environment.md / flower.md)
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+#: Flower and Ray settings every federated subprocess gets (their home: server.ops.simulate)
+QUIET_ENV = FLOWER_ENV
 
 #: (task, metric) pairs the paper's tables report, in table order
 CLASSIFICATION_METRICS = ("auc", "accuracy", "macro_f1")

@@ -173,6 +173,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+#: What every Flower process started by this project runs with (environment.md, flower.md): nothing
+#: phoned home, no update check, no run-time ``uv sync`` of the app's dependencies, no Ray usage
+#: statistics, and the SuperExec looking for new tasks every 0.1 s instead of Flower's 1 s (each
+#: message to a site waits for that poll before its ClientApp process starts). The README's
+#: coordinator and site guides export the same.
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
+              "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+
+
 def flwr_env(flwr_home: Path, site_log_dir: Path | None = None, ray_tmp: Path | None = None) -> dict[str, str]:
     """The environment of every Flower process started here: this interpreter's scripts first on
     PATH, a private FLWR_HOME, nothing phoned home, no runtime ``uv sync`` of the app's
@@ -180,9 +190,7 @@ def flwr_env(flwr_home: Path, site_log_dir: Path | None = None, ray_tmp: Path | 
     env = dict(os.environ)
     # The SuperLink starts flower-superexec, flwr-simulation, ... by name: this environment's first.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update({"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                "PYTHONUNBUFFERED": "1"})
+    env.update({"FLWR_HOME": str(flwr_home), **FLOWER_ENV, "PYTHONUNBUFFERED": "1"})
     if site_log_dir is not None:
         env[SITE_LOG_ENV] = str(site_log_dir)
     if ray_tmp is not None:
