@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from server.ops.simulate import FLOWER_ENV
+
 __all__ = ["CertFiles", "parse_hosts", "make_ca", "make_server_cert", "make_supernode_key", "write_credentials",
            "next_steps", "main"]
 
@@ -198,6 +200,10 @@ def write_credentials(out: Path, n_supernodes: int = 3, hosts: str = DEFAULT_HOS
     return files
 
 
+#: The fedsmm app folder (``flwr run`` needs it as its first argument).
+APP_DIR = Path(__file__).resolve().parents[2]
+
+
 def next_steps(files: CertFiles, hosts: str, port: int = 8000) -> str:
     """The exact commands that use these files (printed by ``smm certs``)."""
     d = files.out.resolve()
@@ -215,26 +221,33 @@ def next_steps(files: CertFiles, hosts: str, port: int = 8000) -> str:
         "1. Coordinator: start the SuperLink (TLS, persistent state, only registered SuperNodes):",
         f"   flower-superlink --ssl-ca-certfile {d}/ca.crt --ssl-certfile {d}/server.pem \\",
         f"       --ssl-keyfile {d}/server.key --enable-supernode-auth --host 0.0.0.0 --port {port} \\",
-        f"       --database state.db --disable-runtime-dependency-installation",
+        f"       --database {d.parent / 'superlink-state.db'} --disable-runtime-dependency-installation",
         "",
         "2. Coordinator: a CLI connection in $FLWR_HOME/config.toml (default ~/.flwr/config.toml):",
+        "   [superlink]",
+        '   default = "fedsmm"',
+        "",
         "   [superlink.fedsmm]",
         f'   address = "{link}"',
         f'   root-certificates = "{d}/ca.crt"',
         "",
-        "3. Coordinator: register each site's public key:",
+        "3. Coordinator: register each site's public key (Flower shows the --name nowhere later: keep",
+        "   the node id each command prints beside the site's name; the run's report names sites by",
+        "   their site-name node config):",
     ]
     lines += [f"   flwr supernode register {d}/supernode-{k}.pub fedsmm --name site-{k}"
               for k in range(1, files.n_supernodes + 1)] or ["   flwr supernode register <site>.pub fedsmm"]
     lines += [
         "",
-        "4. Site K (with ca.crt and its own supernode-K only):",
-        f"   flower-supernode --root-certificates ca.crt --auth-supernode-private-key supernode-K \\",
-        f"       --superlink {link} --port 9094 --node-config 'site-dir=\"/abs/path/to/site_folder\"'",
+        "4. Site K (with ca.crt and its own supernode-K only, at absolute paths on the site's machine):",
+        f"   export {' '.join(f'{k}={v}' for k, v in FLOWER_ENV.items() if k.startswith('FLWR_'))}",
+        "   flower-supernode --root-certificates /abs/path/ca.crt \\",
+        f"       --auth-supernode-private-key /abs/path/supernode-K --superlink {link} --port 9094 \\",
+        "       --node-config 'site-dir=\"/abs/path/to/site_folder\" site-name=\"hospital-k\"'",
         "",
-        "5. Coordinator: run and check:",
-        "   flwr run . fedsmm --run-config run-config.toml --format json",
-        "   flwr ls fedsmm --format json",
+        "5. Coordinator: run from the fedsmm repository (flwr run reads the app from the folder it is given) and check:",
+        f"   cd {APP_DIR} && flwr run . fedsmm --run-config run-config.toml --stream",
+        "   flwr ls fedsmm --format json   # flwr run exits 0 even when the run failed: read its status here",
     ]
     return "\n".join(lines)
 
