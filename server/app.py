@@ -35,7 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from smm_model.contract.runfolder import default_run_dir
 from smm_model.config import ConfigError, ExperimentConfig
 
-from server.federation.loop import run_federation
+from server.federation.loop import RunDirInUse, run_federation
 from server.federation.messages import Instruction, Reply, sanitize_error
 from smm_model.contract.packing import Layout, pack, unpack
 from smm_model.contract.wire import ARRAYS, CONFIG, CONTROL, KEY_ROUND, LAYOUT, METRICS, layout_key
@@ -284,11 +284,23 @@ def main(grid: Grid, context: Context) -> None:
     log.info("run %r: config %s, run folder %s%s", cfg.name, settings.config_path, run_dir,
              " (resume)" if settings.resume else "")
     transport = FlowerTransport(grid, timeout_s=cfg.federation.round_timeout_s, poll_s=cfg.federation.poll_interval_s)
-    run_federation(transport, cfg, run_dir, resume=settings.resume)
-    from server.report.build import report_after_run  # matplotlib: imported only once the run has finished
+    try:
+        run_federation(transport, cfg, run_dir, resume=settings.resume)
+    except RunDirInUse:
+        raise  # another run's folder: its report is not this run's to rewrite
+    except Exception:
+        _report(run_dir, "failed")  # what was recorded, with the reason (failure.json); then the run fails
+        raise
+    _report(run_dir, "finished")
 
+
+def _report(run_dir: Path, how: str) -> None:
+    from server.report.build import report_after_run  # matplotlib: imported only once the run has ended
+
+    if not run_dir.is_dir():
+        return
     path, problem = report_after_run(run_dir)
     if path is not None:
         log.info("report: %s", path)
     else:
-        log.warning("the run finished but %s", problem)
+        log.warning("the run %s but %s", how, problem)

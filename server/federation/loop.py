@@ -591,6 +591,23 @@ class FederationRun:
             self._train_round(p, r)
         return self._final(p)
 
+    def record_failure(self, error: Exception) -> None:
+        """``failure.json``: why the run failed (the server's own message; a site's text never
+        reaches it), the last round checkpointed (what ``--resume`` continues from), and the sites
+        as far as known, so that the report names them and says what happened."""
+        try:
+            latest = load_latest(self.run_dir)
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint must not hide the original failure
+            latest = None
+        self.runlog.write_failure({
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "error": type(error).__name__,
+            "reason": str(error)[:4000], "last_checkpoint_round": None if latest is None else latest.round,
+            "rounds_configured": self.fed.rounds, "sites": list(self.accepted),
+            "site_info": {str(n): self.site_info[n] for n in sorted(self.site_info)},
+            "refused_sites": {str(n): m for n, m in sorted(self.refused.items())},
+            "resume": "resume the run (smm simulate --resume, or run-config resume=true) to continue from the "
+                      "last checkpoint" if latest is not None else "no checkpoint: start the run again"})
+
     def _load_state(self) -> ServerState | None:
         has_run = (self.run_dir / CHECKPOINT_DIR / INDEX_FILE).exists() or self.runlog.rounds_path.exists()
         if not self.resume:
@@ -636,6 +653,9 @@ def run_federation(transport: Transport, cfg: ExperimentConfig, run_dir: str | P
     with fr.runlog.log_to_file():
         try:
             return fr.run()
+        except RunDirInUse:
+            raise  # another run's folder: nothing of this run to record there
         except Exception as e:
             log.error("the run failed: %s: %s", type(e).__name__, e)
+            fr.record_failure(e)
             raise

@@ -82,6 +82,8 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
     meta = [f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by smm report from "
             f"{main.path}" + (f", compared with {', '.join(str(r.path) for r in runs[1:])}" if runs[1:] else "") + ".",
             ("Status: complete." if main.complete else
+             f"Status: FAILED: {(main.failure or {}).get('reason', 'no reason recorded')} ({len(main.problems)} "
+             f"problem(s), listed in the run summary)." if main.failure is not None else
              f"Status: INCOMPLETE ({len(main.problems)} problem(s), listed in the run summary).")]
     fig_dir = out_dir / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ import yaml
 
 from smm_model.config import TASKS
 from smm_model.contract.protocol import evaluation_round
-from smm_model.contract.runfolder import CONFIG_FILE, FINAL_FILE, LOCAL_ONLY_FILE, ROUNDS_FILE, read_rounds_file
+from smm_model.contract.runfolder import (CONFIG_FILE, FAILURE_FILE, FINAL_FILE, LOCAL_ONLY_FILE, ROUNDS_FILE,
+                                         read_rounds_file)
 
 __all__ = ["NOT_RECORDED", "MODES", "ReportError", "RunData", "load_run", "label_runs", "fmt_sites", "natural_key"]
 
@@ -62,6 +63,7 @@ class RunData:
     local: dict[str, "RunData"] = field(default_factory=dict)
     local_summary: dict[str, Any] | None = None
     label: str = ""
+    failure: dict[str, Any] | None = None  # failure.json: a federated run that failed, and why
 
     # -- convenience views (all tolerant of missing pieces)
 
@@ -115,6 +117,8 @@ class RunData:
     def site_info(self) -> dict[str, Any]:
         """final_metrics.json's ``site_info`` (a local-only run: its site runs' merged)."""
         info = (self.final or {}).get("site_info")
+        if not isinstance(info, dict):
+            info = (self.failure or {}).get("site_info")
         if not isinstance(info, dict):
             info = {}
             for child in self.local.values():
@@ -180,7 +184,7 @@ def load_run(path: str | Path) -> RunData:
     path = Path(path)
     if not path.is_dir():
         raise ReportError(f"{path}: not a folder")
-    names = (CONFIG_FILE, ROUNDS_FILE, FINAL_FILE, LOCAL_ONLY_FILE)
+    names = (CONFIG_FILE, ROUNDS_FILE, FINAL_FILE, LOCAL_ONLY_FILE, FAILURE_FILE)
     if not any((path / n).exists() for n in names):
         raise ReportError(f"{path}: not a run folder (none of {', '.join(names)})")
     problems: list[str] = []
@@ -199,6 +203,7 @@ def load_run(path: str | Path) -> RunData:
     final = _read_json(path / FINAL_FILE, problems)
     rounds = _read_rounds(path / ROUNDS_FILE, problems)
     local_summary = _read_json(path / LOCAL_ONLY_FILE, problems)
+    failure = _read_json(path / FAILURE_FILE, problems) if final is None else None  # a finished resume supersedes it
     mode = _guess_mode(final, rounds, local_summary is not None)
     if final and isinstance(final.get("config_sha256"), str):
         recorded = final["config_sha256"]
@@ -207,7 +212,8 @@ def load_run(path: str | Path) -> RunData:
                           "value is shown")
         sha, sha_source = recorded, "recorded by the run"
     run = RunData(path=path, mode=mode, config=config, config_sha256=sha, config_sha_source=sha_source,
-                  rounds=rounds, final=final, problems=problems, events=events, local_summary=local_summary)
+                  rounds=rounds, final=final, problems=problems, events=events, local_summary=local_summary,
+                  failure=failure)
     if local_summary is not None:
         sites = local_summary.get("sites") if isinstance(local_summary.get("sites"), dict) else {}
         for site, entry in sites.items():
@@ -235,7 +241,14 @@ def _check_run(run: RunData) -> None:
     """Fill ``problems`` and ``events`` from the records (a stopped run, skipped rounds, ...)."""
     p, ev = run.problems, run.events
     if run.mode != "evaluate":
-        if run.final is None:
+        if run.failure is not None:
+            f = run.failure
+            last = f.get("last_checkpoint_round")
+            p.append(f"the run FAILED ({f.get('error', 'error')}): {f.get('reason', 'no reason recorded')}; "
+                     + (f"the last checkpoint is round {last}; resume the run to continue from it"
+                        if last is not None else "no round was checkpointed; start the run again")
+                     + "; there are no test results, only the rounds recorded so far")
+        elif run.final is None:
             p.append("final_metrics.json is missing: the run did not finish (it was stopped, crashed or failed); "
                      "there are no test results, only the rounds recorded so far")
         if not run.rounds:
@@ -273,7 +286,7 @@ def _check_run(run: RunData) -> None:
         if r.get("joined"):
             ev.append(f"round {r['round']}: {fmt_sites(run, r['joined'])} joined the federation")
     final = run.final or {}
-    for site, why in (final.get("refused_sites") or {}).items():
+    for site, why in (final.get("refused_sites") or (run.failure or {}).get("refused_sites") or {}).items():
         ev.append(f"{run.site_name(site)} was refused: {why}")
     for d in (run.test or {}).get("dropped") or []:
         ev.append(f"test: the reply of {run.site_name(d.get('node'))} was dropped ({d.get('reason')})")

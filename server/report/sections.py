@@ -204,14 +204,15 @@ class ReportBuilder:
                 bytes_s = "none (not a federated run)"
         versions = final.get("versions") or (run.local_summary or {}).get("versions")
         versions_s = ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) else NOT_RECORDED
-        sites = final.get("sites")
+        sites = final.get("sites") if "sites" in final else (run.failure or {}).get("sites")
         if run.local:
             sites_s = ", ".join(run.local)
         elif isinstance(sites, list):
             sites_s = f"{len(sites)}: {fmt_sites(run, sites)}"
         else:
             sites_s = NOT_RECORDED
-        status = "complete" if run.complete else "INCOMPLETE: " + "; ".join(run.problems)
+        status = ("complete" if run.complete else ("FAILED: " if run.failure is not None else "INCOMPLETE: ")
+                  + "; ".join(run.problems))
         msha = (final.get("model") or {}).get("sha256")
         return {
             "folder": str(run.path), "mode": run.mode + ("" if final.get("mode") or run.local else

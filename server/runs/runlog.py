@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from smm_model.contract.atomic import append_line, atomic_write_json, atomic_write_text, dumps
-from smm_model.contract.runfolder import CONFIG_FILE, FINAL_FILE, LOG_FILE, MODEL_FILE, ROUNDS_FILE, read_rounds_file
+from smm_model.contract.runfolder import (CONFIG_FILE, FAILURE_FILE, FINAL_FILE, LOG_FILE, MODEL_FILE, ROUNDS_FILE,
+                                         read_rounds_file)
 
 __all__ = ["RunLog", "CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "LOG_FILE"]
 
@@ -80,7 +81,17 @@ class RunLog:
         return kept
 
     def write_final(self, metrics: Mapping[str, Any]) -> None:
+        """The finished run's record; a failure recorded by an earlier attempt of this run (which
+        this one resumed and finished) goes."""
         atomic_write_json(self.final_path, metrics)
+        self.failure_path.unlink(missing_ok=True)
+
+    @property
+    def failure_path(self) -> Path:
+        return self.dir / FAILURE_FILE
+
+    def write_failure(self, record: Mapping[str, Any]) -> None:
+        atomic_write_json(self.failure_path, record)
 
     @contextlib.contextmanager
     def log_to_file(self, logger_name: str = "fedsmm") -> Iterator[None]:

@@ -33,7 +33,7 @@ from smm_model.contract.atomic import atomic_write_bytes, sha256_bytes
 from smm_model.contract.protocol import config_text
 from smm_model.contract.records import library_versions
 
-__all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "MODEL_FILE", "LOG_FILE", "LOCAL_ONLY_FILE", "CHECKPOINT_DIR", "MODEL_FORMAT",
+__all__ = ["CONFIG_FILE", "ROUNDS_FILE", "FINAL_FILE", "FAILURE_FILE", "MODEL_FILE", "LOG_FILE", "LOCAL_ONLY_FILE", "CHECKPOINT_DIR", "MODEL_FORMAT",
            "CHECKPOINT_FORMAT", "C_INDEX_NOTE", "FINAL_KEYS", "FEDERATED_KEYS", "RUNS_DIR", "default_run_dir",
            "model_payload", "write_model", "RoundsFile", "read_rounds_file"]
 
@@ -41,6 +41,9 @@ CONFIG_FILE = "config.yaml"
 ROUNDS_FILE = "rounds.jsonl"
 FINAL_FILE = "final_metrics.json"
 MODEL_FILE = "model.pt"
+#: Written by a federated run that failed (the reason, the last checkpointed round, the sites it had);
+#: removed when a resumed run finishes. The report reads it.
+FAILURE_FILE = "failure.json"
 LOG_FILE = "server.log"
 #: A local-only run's summary over its per-site run folders (``RUN_DIR/local/<site>/``).
 LOCAL_ONLY_FILE = "local_only.json"

@@ -143,6 +143,43 @@ def test_resume_after_a_crash_continues_bit_exactly(tmp_path, uninterrupted):
     assert_same_run(uninterrupted[0], run)
 
 
+def test_sites_lost_between_rounds_fail_the_run_with_a_record_the_report_reads_and_resume_finishes_it(
+        tmp_path, uninterrupted):
+    """Every site gone after round 2 (below min_nodes): the run fails after waiting
+    wait_for_nodes_s (a fake clock here), writes failure.json (the reason, the last checkpoint, the
+    sites by name) and the report says FAILED with the reason; the checkpoint is intact and a
+    resume with the sites back ends with the uninterrupted run's weights and removes the failure
+    record."""
+    from server.report.build import write_report
+    from smm_model.contract.runfolder import FAILURE_FILE
+
+    cfg = config(*RESUME_CFG)
+    run = tmp_path / "run"
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    def connected():  # gone once round 2's record is written (3 lines: rounds 0, 1, 2)
+        path = run / "rounds.jsonl"
+        return [] if path.exists() and len(path.read_text().splitlines()) >= 3 else [11, 12, 13]
+
+    with pytest.raises(loop.NodeWaitTimeout):
+        run_federation(FakeTransport(sites(3), connected=connected), cfg, run, clock=lambda: now[0], sleep=sleep)
+    assert now[0] >= cfg.federation.wait_for_nodes_s
+    failure = json.loads((run / FAILURE_FILE).read_text())
+    assert failure["error"] == "NodeWaitTimeout" and failure["last_checkpoint_round"] == 2
+    assert "min_nodes" in failure["reason"] or "sites" in failure["reason"]
+    assert failure["sites"] == [11, 12, 13] and set(failure["site_info"]) == {"11", "12", "13"}
+    assert load_latest(run).round == 2
+    html = write_report([run]).read_text()
+    assert "FAILED" in html and failure["reason"][:40] in html and "last checkpoint is round 2" in html
+    assert all(f"fake-{n}" in html for n in (11, 12, 13))  # sites by their names, not node ids
+    run_federation(FakeTransport(sites(3)), cfg, run, resume=True)
+    assert not (run / FAILURE_FILE).exists()
+    assert_same_run(uninterrupted[0], run)
+
+
 def test_resume_after_a_crash_between_log_line_and_checkpoint(tmp_path, uninterrupted, monkeypatch):
     """Round 3's line was appended but its checkpoint never written: the line is dropped and redone."""
     cfg = config(*RESUME_CFG)
