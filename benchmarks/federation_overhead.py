@@ -755,8 +755,8 @@ def main() -> int:
 
     import numpy as np
     import torch
-    from flwr.app import Array, ArrayRecord
 
+    from server.app import pack_record
     from smm_model.contract.sites import simulation_site_dirs
     from client.cohorts.synth import CohortSpec, write_cohort
     from client.local.train import resolve_device
@@ -793,7 +793,7 @@ def main() -> int:
         train_patients = [len(load_site(s, cfg).patients("train")) for s in sites]
         w = initial_weights(cfg)
         weight_bytes = int(sum(v.nbytes for v in w.values()))
-        record_bytes = int(ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in w.items()}).count_bytes())
+        record_bytes = int(pack_record(w).record.count_bytes())  # as the ServerApp sends it: one flat array per dtype
         # every train / evaluate message also carries the resolved config and the shared statistics
         # as text (a ConfigRecord), which rounds.jsonl's array byte counts leave out
         config_bytes = len(config_text(cfg).encode()) + len(shared_stats(cfg, simulation_site_dirs(cfg.data)).encode())
