@@ -135,7 +135,9 @@ def evaluate_sites(model: LoadedModel, site_dirs: Sequence[Path], out_dir: Path,
     ``out_dir/final_metrics.json``; returns its content."""
     if split not in SPLIT_CHOICES:
         raise ValueError(f"split must be one of {SPLIT_CHOICES}")
-    cfg = model.cfg
+    # Evaluation trains nothing and so spends no privacy budget: a model trained with DP-SGD is
+    # evaluated on sites whose ledgers are spent (the preflight's budget check is for training).
+    cfg = dataclasses.replace(model.cfg, privacy=dataclasses.replace(model.cfg.privacy, dp=False))
     t0 = time.perf_counter()
     problems: list[str] = []
     names = site_names(site_dirs)

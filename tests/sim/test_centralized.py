@@ -165,6 +165,30 @@ def test_evaluate_reproduces_the_runs_test_metrics(cohort, central, tmp_path, ca
     assert ev_all["test"]["patients"] > n_test and ev_all["split"] == "all"
 
 
+def test_evaluate_a_dp_model_on_sites_whose_budget_is_spent(cohort, central, tmp_path):
+    """Evaluation spends no privacy budget: a model whose config has privacy.dp on is evaluated on
+    sites whose ledgers hold more than the budget (measured: smm evaluate refused every site of
+    the DP benchmark's epsilon-8 run with E_PRIVACY_BUDGET)."""
+    import dataclasses
+    import shutil
+
+    from client.local.ledger import PrivacyLedger
+    from client.local.round import ledger_file
+
+    sites = tmp_path / "sites"
+    shutil.copytree(cohort, sites)
+    site_dirs = [sites / p.name for p in sites_of(cfg_for(cohort)).values()]
+    model = load_model_file(central / rf.MODEL_FILE)
+    priv = dataclasses.replace(model.cfg.privacy, dp=True, dp_epsilon_budget=1.0, dp_noise_multiplier=1.0)
+    model.cfg = dataclasses.replace(model.cfg, privacy=priv)
+    for d in site_dirs:
+        ledger = PrivacyLedger.open(ledger_file(d))
+        ledger.reserve("earlier", 1, 0.5, 1.0, 50, priv.dp_delta, budget=1e9)
+        assert ledger.epsilon(priv.dp_delta) > priv.dp_epsilon_budget
+    out = evaluate_sites(model, site_dirs, tmp_path / "ev", "test")
+    assert out["test"]["patients"] > 0 and not out.get("problems")
+
+
 def test_evaluate_refuses_a_site_with_another_feature_dim(cohort, central, tmp_path, capsys):
     other = write_features_cohort(tmp_path / "other", sites=1, patients=6, feature_dim=16)
     bad = other / "site_1"
