@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.ops.simulate import FLOWER_ENV
+from server.ops.simulate import APP_DIR, FLOWER_ENV
 
 __all__ = ["CertFiles", "parse_hosts", "make_ca", "make_server_cert", "make_supernode_key", "write_credentials",
            "next_steps", "main"]
@@ -198,10 +198,6 @@ def write_credentials(out: Path, n_supernodes: int = 3, hosts: str = DEFAULT_HOS
         _write(files.supernode_key(k), private, private=True)
         _write(files.supernode_pub(k), public, private=False)
     return files
-
-
-#: The fedsmm app folder (``flwr run`` needs it as its first argument).
-APP_DIR = Path(__file__).resolve().parents[2]
 
 
 def next_steps(files: CertFiles, hosts: str, port: int = 8000) -> str:

@@ -417,7 +417,7 @@ class EvalStats:
                   if k.endswith("-confusion-hidden")}
         withheld = sorted(k[len("withheld-"):] for k in rec if k.startswith("withheld-"))
         n = int(rec["num-examples"])
-        site_values = {f"{k.split('-site-')[0]}.{k.split('-site-')[1]}": [n * float(v), float(n), 1.0]
+        site_values = {".".join(k.partition("-site-")[::2]): [n * float(v), float(n), 1.0]
                        for k, v in rec.items() if "-site-" in k and n > 0}
         hist = {k[: -len("-hist")]: list(v) for k, v in rec.items()
                 if k.endswith("-hist") and not k.startswith("withheld-")}

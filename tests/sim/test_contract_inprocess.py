@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import DEFAULT_TTL, Context, Message, Metadata, RecordDict
 
 import client.app as client_app
 from server.app import instruction_content, pack_record, reply_from_message
