@@ -30,6 +30,11 @@ round trains all sites either way). It measures:
    get ``client_cpus``; ``--deployment-threads 0`` leaves torch's default, as a SuperNode alone on
    its own machine would run. Every process is stopped by PID afterwards, also on errors.
 
+A round is one message phase (issue 14): the train message makes each site first validate the model
+it received (the previous round's global model), then train; its ``seconds`` hold both. Runs of
+older commits had a separate evaluate phase per round; the overhead "with evaluation" compares
+either kind with the direct training + evaluation.
+
 From each run folder: ``rounds.jsonl`` (per round ``timings`` wait/train/aggregate/evaluate, each
 site's own ``seconds``, ``bytes`` sent/received), the ``server.log`` time stamps of the round lines
 (the whole round, checkpoint included) and each site's log (when its training started and ended,
@@ -37,7 +42,8 @@ so the train phase splits into dispatch, the sites' work and collecting the repl
 federated run is going, every process it started (found by an environment tag they inherit) has
 its CPU time sampled once a second, per Flower component, next to the whole machine's. Round 1
 is the warm-up (first training step of each worker / actor / ClientApp process) and is left out
-of the medians; so are round 0 (the initial model's evaluation) and the final test evaluation.
+of the medians; so are round 0 (the initial model, validated by round 1's messages), the last
+round's own validation phase and the final test evaluation.
 
 Overhead = (federated round wall time - the direct local work of that round) / federated round
 wall time, with the round as ``train + aggregate`` against the direct training makespan, and as
@@ -48,6 +54,7 @@ aggregate``. Results go to ``benchmarks/results/federation_overhead_<device>.jso
 
     python benchmarks/federation_overhead.py            # 4 rounds (11 to 15 minutes on 2 CPU cores)
     python benchmarks/federation_overhead.py --quick    # 2 rounds (7 to 10 minutes; make bench)
+    python benchmarks/federation_overhead.py --skip simulation --local-steps 60   # ~20 s of local work a round
 """
 
 from __future__ import annotations
@@ -80,7 +87,12 @@ from quality import median, training_rounds  # noqa: E402
 
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 DEMO_SPLIT = (0.6, 0.15, 0.25)  # `make demo`'s smm synth --split
-TARGET = 0.20  # the issue's target: overhead under 20 % of the round time at the demo size
+# The targets (issue 14), on the whole round against the direct local work (validation + training):
+# under 10 % simulated and 50 % deployed at the demo size, and under 20 % deployed with about 20 s
+# of local work per site and round (``--local-steps 60``).
+TARGETS = {"simulation": 0.10, "deployment": 0.50}
+TARGETS_LONG_ROUND = {"simulation": 0.10, "deployment": 0.20}
+LONG_ROUND_STEPS = 60
 CONN = "bench"
 _ROUND_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO fedsmm\.server: round (\d+)\b")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -235,22 +247,29 @@ def read_run(run_dir: Path, workers: int) -> list[dict]:
     own seconds and their makespan on ``workers``, bytes."""
     stamps = round_stamps(run_dir)
     out = []
-    for rec in training_rounds(run_dir):
+    recs = training_rounds(run_dir)
+    # One message phase per round: only the last round's record has an evaluate phase (its model's
+    # validation, once per run); it is kept apart so that the medians are per-round costs.
+    single_phase = len(recs) > 1 and not any("evaluate" in rec["timings"] for rec in recs[:-1])
+    for rec in recs:
         r = int(rec["round"])
-        t = rec["timings"]
+        t = dict(rec["timings"])
+        last_validation = t.pop("evaluate", None) if single_phase and rec is recs[-1] else None
         site_s = [float(m["seconds"]) for m in rec["train"]["per_site"].values()]
         out.append({"round": r, "wait_s": t.get("wait", 0.0), "train_s": t["train"], "aggregate_s": t["aggregate"],
                     "evaluate_s": t.get("evaluate", 0.0),
                     "round_s": (stamps[r] - stamps[r - 1]) if r in stamps and r - 1 in stamps else None,
                     "site_seconds": site_s, "site_makespan_s": makespan(site_s, workers),
                     "sites": len(site_s), "bytes_sent": rec["bytes"]["sent"],
-                    "bytes_received": rec["bytes"]["received"]})
+                    "bytes_received": rec["bytes"]["received"],
+                    **({"last_validation_phase_s": last_validation} if last_validation is not None else {})})
     return out
 
 
 def summarise(fed_rounds: list[dict], direct: dict, first: int, timeline: list[dict] | None = None) -> dict:
     """Medians over rounds >= ``first`` and the overhead fractions against the direct baseline."""
     fr = [r for r in fed_rounds if r["round"] >= first]
+    fr_all = fed_rounds
     dr = [r for r in direct["rounds"] if r["round"] >= first]
     med = lambda rows, key: median(r[key] for r in rows)  # noqa: E731
     train, agg, ev = med(fr, "train_s"), med(fr, "aggregate_s"), med(fr, "evaluate_s")
@@ -292,7 +311,11 @@ def summarise(fed_rounds: list[dict], direct: dict, first: int, timeline: list[d
         # the same without the direct baseline (immune to the machine's load changing between the
         # runs): the train phase beyond the sites' own makespan, plus aggregation
         s["overhead_messaging_share"] = (s["train_phase_messaging_s"] + agg) / round_ta
-        s["train_phase_slower_sites_s"] = s["site_makespan_in_federation_s"] - d_train
+        # one message phase per round (no evaluate phase in the measured rounds): the sites' seconds
+        # hold validation and training, against the direct training + evaluation
+        single_phase = not any(r["evaluate_s"] for r in fr_all)
+        s["single_phase"] = single_phase
+        s["train_phase_slower_sites_s"] = s["site_makespan_in_federation_s"] - d_train - (d_eval if single_phase else 0.0)
         s["evaluate_extra_s"] = ev - d_eval
         s["checkpoint_and_other_s"] = (whole - (s["wait_s"] or 0.0) - round_tae) if whole else None
     for when, run in direct.get("runs", {}).items():
@@ -739,6 +762,9 @@ def main() -> int:
     ap.add_argument("--patients", type=int, default=60, help="patients per site (demo: 60)")
     ap.add_argument("--slide-size", type=int, default=1024, help="synthetic slide side in px (demo: 1024)")
     ap.add_argument("--sites", type=int, default=3, help="sites (demo: 3)")
+    ap.add_argument("--local-steps", type=int, default=None, metavar="N",
+                    help=f"optimizer steps per site and round (demo: configs/demo.yaml's 9); {LONG_ROUND_STEPS} "
+                         "gives about 20 s of local work a round, where the deployed target is 20 %%")
     ap.add_argument("--skip", nargs="*", default=[], choices=["simulation", "deployment"],
                     help="leave out a federated mode (and its direct baseline)")
     ap.add_argument("--deployment-threads", type=int, default=None, metavar="N",
@@ -785,6 +811,9 @@ def main() -> int:
         synth_s = time.monotonic() - t0
         overrides = [f"data.sites_root={cohort}", f"federation.rounds={rounds}",
                      f"federation.min_nodes={args.sites}"]
+        if args.local_steps is not None:
+            overrides.append(f"federation.local_steps={args.local_steps}")
+        targets = TARGETS_LONG_ROUND if (args.local_steps or 0) >= LONG_ROUND_STEPS else TARGETS
         cfg = resolve_config(DEMO_CONFIG, overrides)
         sites = simulation_site_dirs(cfg.data)
         summary = json.loads((cohort / "cohort.json").read_text()) if (cohort / "cohort.json").exists() else {}
@@ -936,20 +965,21 @@ def main() -> int:
         if net and net.get("total-bytes"):
             print(f"{m}: Flower's network traffic for the whole run: out {net['outbound-bytes']:,} B, "
                   f"in {net['inbound-bytes']:,} B")
-        ok = result[m]["summary"].get("overhead_train_aggregate")
+        ok = result[m]["summary"].get("overhead_train_aggregate_evaluate")
         if ok is not None:
-            print(f"{m}: target (< {TARGET:.0%} of the round) {'met' if ok < TARGET else 'NOT met'} "
-                  f"({ok:.0%} of train + aggregate)")
-    result["target"] = {"overhead_below": TARGET, **{m: {
-        k: (result[m]["summary"].get(k) is not None and result[m]["summary"][k] < TARGET)
-        for k in ("overhead_train_aggregate", "overhead_train_aggregate_evaluate", "overhead_whole_round")}
+            print(f"{m}: target (< {targets[m]:.0%} of the round, evaluation included) "
+                  f"{'met' if ok < targets[m] else 'NOT met'} ({ok:.0%})")
+    result["target"] = {"overhead_below": {m: targets[m] for m in modes}, **{m: {
+        k: (result[m]["summary"].get(k) is not None and result[m]["summary"][k] < targets[m])
+        for k in ("overhead_train_aggregate_evaluate", "overhead_whole_round")}
         for m in modes}}
     if any(result["leftover_processes"].values()):
         print(f"WARNING: processes left: {result['leftover_processes']}", file=sys.stderr)
     if new:
         print(f"note: {len(new)} Flower/Ray process(es) not started here appeared meanwhile (other users)")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "federation_overhead_quick" if args.quick else "federation_overhead"
+    name = ("federation_overhead_quick" if args.quick else "federation_overhead") + (
+        f"_steps{args.local_steps}" if args.local_steps is not None else "")
     path = RESULTS / f"{name}_{device}.json"
     path.write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"total {result['total_s']:.0f} s; wrote {path}")

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,13 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
     state, layout = _weights_in(msg.content, wire.ARRAYS)
     control, control_layout = (_weights_in(msg.content, wire.CONTROL) if wire.CONTROL in msg.content.array_records
                                else (None, None))
+    with stage("E_PROTOCOL"):
+        validate = str(c[wire.KEY_VALIDATE]) if wire.KEY_VALIDATE in c else None
+    # One message phase per round: the weights as received are validated first (the global model
+    # of the previous round), then trained on.
+    t_val = time.perf_counter()
+    val_stats = evaluate_round(site_dir, cfg, shared, state, validate) if validate else None
+    t_val = time.perf_counter() - t_val
     persist = site_state is not None and cfg.federation.site_optimizer == "persist"
     previous = None
     with stage("E_TRAIN"):
@@ -178,6 +186,8 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
     new_state, metrics, optimizer_state, new_control = train_round(
         site_dir, cfg, shared, state, lr, epochs, mu, server_round=rnd, local_steps=steps, optimizer_state=previous,
         control=control, ledger_path=ledger_file(site_dir, node_config) if cfg.privacy.dp else None)
+    if val_stats is not None:  # the site's seconds for this message: validation and training
+        metrics = {**metrics, wire.SECONDS: float(metrics[wire.SECONDS]) + t_val}
     if persist:
         site_state[OPTIMIZER_STATE_KEY] = ArrayRecord(optimizer_state)
     reply = RecordDict({wire.ARRAYS: _weights_out(new_state, layout), wire.METRICS: MetricRecord(metrics)})
@@ -188,6 +198,12 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
         reply[wire.CONTROL] = _weights_out(new_control, control_layout)
         digests[wire.CONTROL] = control_layout.digest
     reply[wire.LAYOUT] = ConfigRecord(digests)
+    if val_stats is not None:
+        reply[wire.VALIDATION] = ConfigRecord(val_stats.to_record())
+        # "validate", not "train" or "evaluate": log readers (benchmarks/federation_overhead.py) key on the verb.
+        log.info("validate round %d on %s (the model received, before training): %d patients%s, %.2f s", rnd, validate,
+                 val_stats.n, " (suppressed)" if val_stats.suppressed
+                 else f", loss {val_stats.loss_sum / max(val_stats.n, 1):.4f}", t_val)
     if wire.DP_EPSILON in metrics:
         log.info("train round %d: DP-SGD, sigma %.3f, C %.3g, q %.3f; the site's epsilon is now %.3f at delta %.1e",
                  rnd, metrics[wire.DP_SIGMA], metrics[wire.DP_CLIP], metrics[wire.DP_SAMPLE_RATE],

@@ -58,8 +58,8 @@ from smm_model.contract.runfolder import model_payload, write_model
 from smm_model.contract.selection import Selection, final_record
 from smm_model.contract.stats import GenomicsStats
 from smm_model.contract.wire import (EVALUATE, KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LOCAL_STEPS, KEY_LR,
-                                     KEY_PROXIMAL_MU, KEY_ROUND, KEY_SHARED, KEY_SPLIT, PREFLIGHT, SUMMARY,
-                                     SUMMARY_JSON, TRAIN)
+                                     KEY_PROXIMAL_MU, KEY_ROUND, KEY_SHARED, KEY_SPLIT, KEY_VALIDATE, PREFLIGHT,
+                                     SUMMARY, SUMMARY_JSON, TRAIN, VALIDATION)
 from smm_model.metrics.exact import MetricReport
 from smm_model.nn.model import build_model
 
@@ -304,6 +304,7 @@ class FederationRun:
         self.site_info: dict[int, dict[str, Any]] = {}  # accepted sites' counts and provenance
         self.started = time.monotonic()
         self.resumed_after: int | None = None
+        self.pending: dict[str, Any] | None = None  # the last round record, awaiting its validation
 
     @property
     def guarded(self) -> GuardedStrategy:
@@ -437,17 +438,41 @@ class FederationRun:
         log.debug("round %d checkpointed in %.2f s", p.round, time.perf_counter() - t0)
 
     def _round_zero(self, p: _Progress) -> None:
-        t0 = self.clock()
-        available, _ = self._available(0)
-        nodes = sample_nodes(self.sampler, available, self.fed.fraction_evaluate, self.fed.min_nodes)
-        ev = self._evaluate(0, "val", p.weights, nodes)
-        record = {"round": 0, "status": "initial", "lr": None, "timings": {"evaluate": self.clock() - t0},
-                  "train": None, "val": ev.to_record(),
-                  "bytes": {"sent": ev.bytes_sent, "received": ev.bytes_received},
-                  "selection": p.selection.record(self._selection_value(ev))}
+        """Round 0's record: the initial model, validated by round 1's train messages (one message
+        phase per round), so it is written pending and completed then."""
+        record = {"round": 0, "status": "initial", "lr": None, "timings": {}, "train": None, "val": None,
+                  "validation": "pending", "bytes": {"sent": 0, "received": 0},
+                  "selection": p.selection.record(None)}
         self.runlog.append_round(record)
+        self.pending = record
         self._checkpoint(p)
-        log.info("round 0 (initial model): val %s = %s", self.fed.selection_metric, _fmt(self._selection_value(ev)))
+
+    def _complete_pending(self, p: _Progress, ev: EvalOutcome) -> None:
+        """The pending record (the last one written) gets its validation: offered to the selection,
+        checkpointed by the caller, amended in ``rounds.jsonl``."""
+        rec = dict(self.pending or {})
+        self.pending = None
+        value = self._selection_value(ev)
+        if int(rec["round"]) > 0:  # the initial model is measured, never selected
+            p.selection.offer(int(rec["round"]), value)
+        rec.pop("validation", None)
+        rec["val"] = ev.to_record()
+        rec["selection"] = p.selection.record(value)
+        self.runlog.amend_last_round(rec)
+        log.info("round %d's model: val %s = %s (best round %s)", rec["round"], self.fed.selection_metric, _fmt(value),
+                 p.selection.best_round)
+
+    def _validations(self, replies: Sequence[Reply]) -> list[Reply]:
+        """The validation statistics riding on train replies, as evaluate replies for ``summarise_eval``."""
+        out = []
+        for r in replies:
+            if r.error is not None:
+                out.append(Reply(r.node_id, error=r.error))
+            elif VALIDATION in r.records:
+                out.append(Reply(r.node_id, metrics=dict(r.records[VALIDATION])))
+            else:
+                out.append(Reply(r.node_id, error="E_MISSING_VALIDATION"))
+        return out
 
     def _train_round(self, p: _Progress, r: int) -> None:
         fed = self.fed
@@ -460,27 +485,26 @@ class FederationRun:
         lr = round_lr(self.cfg.train, fed.rounds, r)
         config = {**self._base_config(r), KEY_LR: lr, KEY_LOCAL_EPOCHS: int(fed.local_epochs),
                   KEY_LOCAL_STEPS: int(fed.local_steps), KEY_PROXIMAL_MU: float(self.cfg.train.proximal_mu)}
+        validating = self.pending is not None  # the weights sent now are the pending round's model
+        if validating:
+            config[KEY_VALIDATE] = "val"
         control = self.guarded.control  # SCAFFOLD: each site gets c - c_i (ControlVariates.correction)
         replies = self._send([Instruction(n, TRAIN, config, p.weights,
                                           None if control is None else control.correction(n, train_nodes))
                               for n in train_nodes])
         timings["train"] = self.clock() - t
+        if validating:
+            self._complete_pending(p, summarise_eval(self._validations(replies), self.cfg, self.km_len, "val",
+                                                     train_nodes, self.km_grid))
         t = self.clock()
         out: AggregateOutcome = self.guarded.aggregate(r, replies, p.weights)
         timings["aggregate"] = self.clock() - t
-        ev = None
         if out.arrays is not None:
             p.weights = out.arrays
-        if out.arrays is not None and evaluation_round(r, fed.rounds, fed.eval_every) or self._unvalidated_end(p, r, out):
-            t = self.clock()
-            eval_nodes = sample_nodes(self.sampler, available, fed.fraction_evaluate, fed.min_nodes)
-            ev = self._evaluate(r, "val", p.weights, eval_nodes)
-            timings["evaluate"] = self.clock() - t
-        if out.arrays is None:
+        else:
             p.skipped.append(r)
         p.round = r
-        value = self._selection_value(ev)
-        p.selection.offer(r, value)
+        pending = out.arrays is not None and evaluation_round(r, fed.rounds, fed.eval_every)
         record = {
             "round": r, "status": "aggregated" if out.arrays is not None else "skipped",
             "skip_reason": out.skip_reason, "lr": lr, "timings": timings, "joined": joined,
@@ -494,26 +518,42 @@ class FederationRun:
                       **({"control_norms": {str(n): v for n, v in sorted(out.control_norms.items())},
                           "control_norm_outliers": out.control_outliers} if out.control_norms else {}),
                       **({"central_dp": out.central_dp} if out.central_dp is not None else {})},
-            "val": ev.to_record() if ev is not None else None,
-            "bytes": {"sent": sum(x.bytes_sent for x in replies) + (ev.bytes_sent if ev else 0),
-                      "received": sum(x.bytes_received for x in replies) + (ev.bytes_received if ev else 0)},
-            "selection": p.selection.record(value),
+            "val": None, **({"validation": "pending"} if pending else {}),
+            "bytes": {"sent": sum(x.bytes_sent for x in replies), "received": sum(x.bytes_received for x in replies)},
+            "selection": p.selection.record(None),
         }
         self.runlog.append_round(record)
+        self.pending = record if pending else None
         self._checkpoint(p)
-        log.info("round %d/%d: %d of %d replies aggregated%s; val %s = %s (best round %s)", r, fed.rounds,
+        log.info("round %d/%d: %d of %d replies aggregated%s%s", r, fed.rounds,
                  len(out.kept) if out.arrays is not None else 0, len(train_nodes),
-                 f", skipped ({out.skip_reason})" if out.skip_reason else "", fed.selection_metric, _fmt(value),
-                 p.selection.best_round)
+                 f", skipped ({out.skip_reason})" if out.skip_reason else "",
+                 "; its model is validated by the next message phase" if pending else "")
 
-    def _unvalidated_end(self, p: _Progress, r: int, out: AggregateOutcome) -> bool:
-        """The last round was skipped and the newest aggregated weights were never validated
-        (``eval_every`` > 1): validate them now, under this round (whose checkpoint holds them), so
-        that selection can choose the final model, as ``evaluation_round`` promises."""
-        if out.arrays is not None or r != self.fed.rounds:
-            return False
-        aggregated = [k for k in range(1, r) if k not in p.skipped]
-        return bool(aggregated) and not evaluation_round(aggregated[-1], self.fed.rounds, self.fed.eval_every)
+    def _validate_last(self, p: _Progress) -> None:
+        """After the last round: validate the model no later train message carried (the last
+        round's, or, when the last round was skipped and the newest aggregated model was never
+        validated, that one under the last round's record, which its checkpoint holds), in one
+        evaluate phase, so that selection can choose the final model."""
+        if self.pending is None:
+            aggregated = [k for k in range(1, p.round + 1) if k not in p.skipped]
+            if not (aggregated and p.round == self.fed.rounds and p.round in p.skipped
+                    and not evaluation_round(aggregated[-1], self.fed.rounds, self.fed.eval_every)):
+                return
+            self.pending = self.runlog.read_rounds()[-1]
+        t = self.clock()
+        available, _ = self._available(p.round + 1)
+        nodes = sample_nodes(self.sampler, available, self.fed.fraction_evaluate, self.fed.min_nodes)
+        ev = self._evaluate(int(self.pending["round"]), "val", p.weights, nodes)
+        self.pending = {**self.pending, "timings": {**(self.pending.get("timings") or {}), "evaluate": self.clock() - t},
+                        "bytes": {"sent": int(self.pending["bytes"]["sent"]) + ev.bytes_sent,
+                                  "received": int(self.pending["bytes"]["received"]) + ev.bytes_received}}
+        record_round = int(self.pending["round"])
+        value = self._selection_value(ev)
+        p.selection.offer(record_round, value)
+        self._checkpoint(p)  # the selection first: a crash before the amend re-validates, and offer is idempotent
+        self.pending = {**self.pending, "validation": "pending"}
+        self._complete_pending(p, ev)
 
     def _final(self, p: _Progress) -> dict[str, Any]:
         aggregated = [r for r in range(1, p.round + 1) if r not in p.skipped]
@@ -580,7 +620,14 @@ class FederationRun:
             if state.sampler_state is not None:
                 self.sampler.setstate(state.sampler_state)
             restore_rng(state.rng)
-            self.runlog.truncate_rounds(state.round)
+            kept = self.runlog.truncate_rounds(state.round)
+            last = kept[-1] if kept else None
+            if last is not None and last.get("validation") == "pending":
+                self.pending = last  # its validation rides on the next round's messages
+            elif last is not None and last.get("val") is not None:
+                # Validated after the checkpoint was written (amended before the crash): offer it
+                # again; offer is idempotent for a value it already holds.
+                p.selection.offer(int(last["round"]), (last.get("selection") or {}).get("value"))
             self.resumed_after = state.round
             log.info("resuming after round %d of %d", state.round, self.fed.rounds)
         if central is not None:
@@ -589,6 +636,7 @@ class FederationRun:
                      central.planned_epsilon(self.fed.rounds - p.round), central.accountant)
         for r in range(p.round + 1, self.fed.rounds + 1):
             self._train_round(p, r)
+        self._validate_last(p)
         return self._final(p)
 
     def record_failure(self, error: Exception) -> None:

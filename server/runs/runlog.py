@@ -62,6 +62,14 @@ class RunLog:
         """Append one round's record as one fsynced line."""
         append_line(self.rounds_path, dumps(record))
 
+    def amend_last_round(self, record: Mapping[str, Any]) -> None:
+        """Replace the last round's record (the one awaiting its validation, which arrives with the
+        next round's replies), rewriting the file atomically."""
+        rounds = self.read_rounds()
+        if not rounds or int(rounds[-1].get("round", -1)) != int(record["round"]):
+            raise ValueError(f"{self.rounds_path}: the last record is not round {record['round']}'s")
+        atomic_write_text(self.rounds_path, "".join(dumps(r) + "\n" for r in [*rounds[:-1], record]))
+
     def read_rounds(self) -> list[dict[str, Any]]:
         """All complete round records; a torn last line (a crash mid-append) is left out with a
         warning, any other unreadable line is an error naming the file and line."""

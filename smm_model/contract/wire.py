@@ -10,12 +10,13 @@ message_type        config keys -> reply content
 ==================  =======================================================================
 ``query.preflight`` ``experiment`` -> ConfigRecord ``"summary"`` = {``json``: SiteSummary JSON}
 ``train``           ``experiment, shared, server-round, lr, local-epochs, local-steps, proximal-mu``,
-                    ``arrays-layout`` + arrays [+ ``control-layout`` + ArrayRecord ``"control"``:
+                    [``validate``], ``arrays-layout`` + arrays [+ ``control-layout`` + ArrayRecord ``"control"``:
                     SCAFFOLD's correction c - c_i]
                     -> ArrayRecord ``"arrays"`` [+ ``"control"``: the site's new control
                     variate] + ConfigRecord ``"layout"`` (the digests of the layouts they were
                     packed with) + MetricRecord ``"metrics"`` (``num-examples``, ``train-loss``,
                     ``steps``, ``seconds``, ``coord-<task>-{tumour,micro,conflicts}``)
+                    [+ ConfigRecord ``"validation"``: the received weights' EvalStats on ``validate``]
 ``evaluate``        ``experiment, shared, server-round, split, arrays-layout`` + arrays
                     -> MetricRecord ``"metrics"`` = ``EvalStats.to_record()``
 ==================  =======================================================================
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 __all__ = ["PREFLIGHT", "PREFLIGHT_HANDLER", "TRAIN", "EVALUATE", "ARRAYS", "CONTROL", "METRICS", "CONFIG", "SUMMARY",
            "DP_EPSILON", "DP_DELTA", "DP_SIGMA", "DP_CLIP", "DP_SAMPLE_RATE", "SUMMARY_JSON", "KEY_EXPERIMENT", "KEY_SHARED", "KEY_ROUND", "KEY_LR", "KEY_LOCAL_EPOCHS", "KEY_LOCAL_STEPS",
-           "KEY_PROXIMAL_MU", "KEY_SPLIT", "LAYOUT", "layout_key", "NUM_EXAMPLES", "TRAIN_LOSS", "STEPS", "SECONDS"]
+           "KEY_PROXIMAL_MU", "KEY_SPLIT", "KEY_VALIDATE", "VALIDATION", "LAYOUT", "layout_key", "NUM_EXAMPLES", "TRAIN_LOSS", "STEPS", "SECONDS"]
 
 # Message types (Flower's MessageType.QUERY is "query"; ".preflight" names our handler).
 PREFLIGHT_HANDLER = "preflight"
@@ -45,6 +46,9 @@ CONFIG = "config"
 SUMMARY = "summary"
 SUMMARY_JSON = "json"
 LAYOUT = "layout"  # a train reply's ConfigRecord: {record name: digest of the layout it was packed with}
+#: A train reply's ConfigRecord when the message asked for KEY_VALIDATE: ``EvalStats.to_record()`` of
+#: the weights as received, on that split, computed before training (one message phase per round).
+VALIDATION = "validation"
 
 # Keys of the "config" ConfigRecord the server sends.
 KEY_EXPERIMENT = "experiment"  # resolved config YAML: smm_model.contract.protocol.config_text(cfg)
@@ -55,6 +59,7 @@ KEY_LOCAL_EPOCHS = "local-epochs"
 KEY_LOCAL_STEPS = "local-steps"  # optimizer steps per round (0: local-epochs passes instead)
 KEY_PROXIMAL_MU = "proximal-mu"
 KEY_SPLIT = "split"  # "val" | "test"
+KEY_VALIDATE = "validate"  # train: first evaluate the received weights on this split ("val"), reply VALIDATION
 
 
 def layout_key(record: str) -> str:
@@ -66,7 +71,7 @@ def layout_key(record: str) -> str:
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 STEPS = "steps"
-SECONDS = "seconds"
+SECONDS = "seconds"  # the site's wall time for the message: validation (when asked) + training
 #: DP-SGD at the site (privacy.dp): the site's cumulative epsilon at DP_DELTA after this round, the
 #: noise multiplier, the per-patient clipping norm and the Poisson sample rate of the round.
 DP_EPSILON = "dp-epsilon"

@@ -27,7 +27,7 @@ from server.federation.loop import run_federation
 from server.federation.messages import ARRAYS, CONFIG, CONTROL, TRAIN, Instruction, Reply, sanitize_error
 from sim_cohort import SMALL, write_features_cohort
 from smm_model.contract.packing import Layout, unpack
-from smm_model.contract.wire import LAYOUT, layout_key
+from smm_model.contract.wire import KEY_VALIDATE, LAYOUT, VALIDATION, layout_key
 from smm_model.config import ExperimentConfig
 
 
@@ -192,7 +192,10 @@ def _assert_reply_is_the_model_only(t, model_keys):
     the metrics, nothing of the optimizer."""
     content = t.reply
     assert set(content.array_records) == {ARRAYS} and set(content.metric_records) == {"metrics"}
-    assert set(content.config_records) == {LAYOUT}
+    # the layout digest, and the validation of the received model when the message asked for it
+    # (one phase per round)
+    asked = KEY_VALIDATE in t.sent[CONFIG]
+    assert set(content.config_records) == {LAYOUT, *([VALIDATION] if asked else [])}
     layout = Layout.from_json(t.sent[CONFIG][layout_key(ARRAYS)])
     assert content[LAYOUT][ARRAYS] == layout.digest
     assert [n for n, _, _ in layout.entries] == model_keys  # exactly the state_dict's keys, in order

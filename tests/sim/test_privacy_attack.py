@@ -86,7 +86,14 @@ def site_replies(t: Recording, node: int = SITE):
             grid = np.asarray(SharedStats.from_json(config[wire.KEY_SHARED]).km_grid)
         elif kind == wire.TRAIN:
             trains.append(rep.metrics)
+            # Every record the reply holds is read: a new kind of record must be added here.
+            assert set(rep.records) <= {wire.VALIDATION}, set(rep.records)
+            if wire.VALIDATION in rep.records:  # the received model's validation, on the way (one phase a round)
+                evals.append((config[wire.KEY_VALIDATE], config.get(wire.KEY_ROUND),
+                              EvalStats.from_record(rep.records[wire.VALIDATION])))
+                grid = np.asarray(SharedStats.from_json(config[wire.KEY_SHARED]).km_grid)
     assert summary is not None and evals and trains and grid is not None
+    assert any(kind == wire.TRAIN and wire.VALIDATION in rep.records for kind, _, rep in t.replies)
     return summary, evals, trains, grid
 
 
@@ -208,7 +215,11 @@ def test_a_sentinel_raised_inside_a_site_reaches_nothing_the_server_keeps(tmp_pa
                                                "federation.min_nodes=1"])
     t = Recording(3)
     caplog.set_level(logging.DEBUG, logger="fedsmm")
-    run_federation(t, cfg, tmp_path / "run", poll_s=0.01)  # completes: no evaluation reached the server
+    # Every evaluation raises, and validation rides on the train messages (one phase per round):
+    # no round aggregates and the run fails, recording why (failure.json), with codes only.
+    with pytest.raises(RuntimeError, match="no round aggregated"):
+        run_federation(t, cfg, tmp_path / "run", poll_s=0.01)
+    assert (tmp_path / "run" / "failure.json").is_file()
     monkeypatch.setattr(site_round, "evaluate_dataset", real)
     seen = [repr(rep) for _, _, rep in t.replies] + [r.getMessage() for r in caplog.records]
     seen += [p.read_text(errors="replace") for p in (tmp_path / "run").rglob("*") if p.is_file()

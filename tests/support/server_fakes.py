@@ -21,6 +21,7 @@ import numpy as np
 from server.federation.messages import (EVALUATE, KEY_EXPERIMENT, KEY_ROUND, KEY_SPLIT, PREFLIGHT, TRAIN, Instruction, Reply,
                              arrays_nbytes, sanitize_error)
 from smm_model.config import ExperimentConfig
+from smm_model.contract.wire import KEY_VALIDATE, VALIDATION
 from smm_model.contract.protocol import SURVIVAL_HIST_EDGES, EvalStats, SiteSummary
 from smm_model.contract.stats import GenomicsStats
 
@@ -155,11 +156,18 @@ class FakeSite:
             metrics[SENTINEL] = 1.0
         elif fault == "scaled":
             new = {k: (v + 100 * (new[k] - v)).astype(v.dtype) for k, v in ins.arrays.items()}
+        records = {}
+        if KEY_VALIDATE in ins.config:  # one phase per round: the received weights validated first
+            cfg = ExperimentConfig.from_yaml_text(ins.config[KEY_EXPERIMENT])
+            val = self._evaluate(Instruction(ins.node_id, EVALUATE, {**ins.config, KEY_SPLIT: ins.config[KEY_VALIDATE]},
+                                             ins.arrays), cfg)
+            if val.metrics is not None:
+                records[VALIDATION] = val.metrics
         if fault == "no_metrics":
-            return Reply(self.node_id, arrays=new)
+            return Reply(self.node_id, arrays=new, records=records)
         if fault == "no_arrays":
-            return Reply(self.node_id, metrics=metrics)
-        return Reply(self.node_id, arrays=new, metrics=metrics)
+            return Reply(self.node_id, metrics=metrics, records=records)
+        return Reply(self.node_id, arrays=new, metrics=metrics, records=records)
 
     def _evaluate(self, ins: Instruction, cfg: ExperimentConfig) -> Reply:
         assert ins.arrays is not None

@@ -30,6 +30,7 @@ from server.federation.messages import (KEY_EXPERIMENT, KEY_LOCAL_EPOCHS, KEY_LR
 from server.runs.checkpoint import load_checkpoint
 from smm_model.config import ExperimentConfig
 from smm_model.contract.protocol import SharedStats
+from smm_model.contract.wire import KEY_VALIDATE, VALIDATION
 
 CFG = ("model.tasks=[diagnosis]", "federation.rounds=3", "federation.local_epochs=2", "train.lr=0.004",
        "federation.selection_metric=diagnosis.accuracy",
@@ -70,9 +71,13 @@ class RoundSite:
         shared = SharedStats.from_json(ins.config[KEY_SHARED])
         state = {k: torch.from_numpy(np.array(v)) for k, v in ins.arrays.items()}
         if ins.message_type == TRAIN:
+            records = {}
+            if KEY_VALIDATE in ins.config:  # as client/app.py: the received weights validated first
+                val = evaluate_round(self.site_dir, cfg, shared, state, str(ins.config[KEY_VALIDATE]))
+                records[VALIDATION] = val.to_record()
             new, metrics, _, _ = train_round(self.site_dir, cfg, shared, state, float(ins.config[KEY_LR]),
                                              int(ins.config[KEY_LOCAL_EPOCHS]), server_round=int(ins.config[KEY_ROUND]))
-            return Reply(self.node_id, arrays={k: v.numpy() for k, v in new.items()}, metrics=metrics)
+            return Reply(self.node_id, arrays={k: v.numpy() for k, v in new.items()}, metrics=metrics, records=records)
         stats = evaluate_round(self.site_dir, cfg, shared, state, str(ins.config[KEY_SPLIT]))
         return Reply(self.node_id, metrics=stats.to_record())
 

@@ -47,7 +47,11 @@ def test_a_run_writes_its_folder_and_follows_the_message_contract(tmp_path):
     for r in rounds[1:]:
         assert r["status"] == "aggregated" and r["skip_reason"] is None
         assert r["lr"] == pytest.approx(round_lr(cfg.train, 3, r["round"]))
-        assert set(r["timings"]) == {"wait", "train", "aggregate", "evaluate"}
+        # One message phase per round: round r's model is validated by round r + 1's train
+        # messages, the last round's by one evaluate phase after it.
+        last = r["round"] == 3
+        assert set(r["timings"]) == {"wait", "train", "aggregate", *(["evaluate"] if last else [])}
+        assert "validation" not in r  # none left pending
         t = r["train"]
         assert t["sampled"] == t["kept"] == [11, 12, 13] and t["dropped"] == [] and t["clamped"] == []
         assert set(t["per_site"]) == {"11", "12", "13"}
@@ -55,7 +59,7 @@ def test_a_run_writes_its_folder_and_follows_the_message_contract(tmp_path):
                                             "coord-diagnosis-micro", "coord-diagnosis-conflicts"}
         assert t["per_site"]["12"]["num-examples"] == 40 and t["per_site"]["12"]["coord-diagnosis-conflicts"] == 2
         assert set(t["update_norms"]) == {"11", "12", "13"} and t["norm_outliers"] == []
-        assert r["bytes"] == {"sent": 6 * nbytes, "received": 3 * nbytes}  # 3 train + 3 evaluate messages out
+        assert r["bytes"] == {"sent": (6 if last else 3) * nbytes, "received": 3 * nbytes}  # + 3 evaluate after the last
         v = r["val"]
         assert v["split"] == "val" and v["patients"] == 60 and set(v["per_site"]) == {"11", "12", "13"}
         assert v["suppressed"] == [] and v["dropped"] == []
@@ -84,9 +88,12 @@ def test_a_run_writes_its_folder_and_follows_the_message_contract(tmp_path):
     kinds = [(i.message_type, frozenset(i.config)) for i in transport.sent]
     assert kinds[0] == (PREFLIGHT, frozenset({"experiment"}))
     assert (TRAIN, frozenset({"experiment", "shared", "server-round", "lr", "local-epochs", "local-steps",
-                              "proximal-mu"})) in kinds
+                              "proximal-mu", "validate"})) in kinds
     assert (EVALUATE, frozenset({"experiment", "shared", "server-round", "split"})) in kinds
     train = [i for i in transport.sent if i.message_type == TRAIN]
+    assert {i.config["validate"] for i in train} == {"val"}  # rounds 0, 1, 2's models, validated on the way
+    vals = [i for i in transport.sent if i.message_type == EVALUATE and i.config["split"] == "val"]
+    assert [(i.node_id, i.config["server-round"]) for i in vals] == [(11, 3), (12, 3), (13, 3)]  # the last round's
     assert {i.config["local-epochs"] for i in train} == {2} and {i.config["proximal-mu"] for i in train} == {0.01}
     assert {i.config["local-steps"] for i in train} == {0}  # federation.local_steps: 0 = local_epochs
     assert [i.config["server-round"] for i in train] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
@@ -236,11 +243,16 @@ def test_eval_every_selects_among_the_validated_rounds_only(tmp_path):
     assert rounds[1]["selection"] == {"metric": "loss", "value": None, "best_round": None, "best_value": None}
     assert "evaluate" not in rounds[1]["timings"]
     nbytes = arrays_nbytes(initial_weights(config()))
-    assert rounds[1]["bytes"]["sent"] == 3 * nbytes and rounds[2]["bytes"]["sent"] == 6 * nbytes
+    # Validation rides on the next round's train messages (rounds 0 and 2's models), the last
+    # round's model gets one evaluate phase.
+    assert [r["bytes"]["sent"] for r in rounds[1:]] == [3 * nbytes, 3 * nbytes, 6 * nbytes]
+    train = [i for i in transport.sent if i.message_type == TRAIN]
+    assert [(i.config["server-round"], i.config.get("validate")) for i in train][::3] == [(1, "val"), (2, None),
+                                                                                           (3, "val")]
     losses = {r["round"]: r["val"]["global"]["values"]["loss"] for r in rounds[2:]}
     assert losses[2] < losses[3] and final["best_round"] == 2 and final["selection_value"] == losses[2]
     evals = [i for i in transport.sent if i.message_type == EVALUATE]
-    assert [i.config["server-round"] for i in evals if i.config["split"] == "val"] == [0] * 3 + [2] * 3 + [3] * 3
+    assert [i.config["server-round"] for i in evals if i.config["split"] == "val"] == [3] * 3
     tests = [i for i in evals if i.config["split"] == "test"]
     assert {i.config["server-round"] for i in tests} == {2}
     assert all(np.array_equal(tests[0].arrays[k], load_checkpoint(run, 2).weights[k]) for k in tests[0].arrays)
@@ -328,7 +340,10 @@ def test_nothing_a_site_says_except_aggregates_reaches_logs_or_files(tmp_path, s
     final = run_federation(FakeTransport(ss), config("federation.rounds=2"), run)
     rounds = read_rounds(run)
     assert {"node": 11, "reason": "E_CLIENT_ERROR"} in rounds[2]["train"]["dropped"]
-    assert {"node": 13, "reason": "E_CLIENT_ERROR"} in rounds[1]["val"]["dropped"]
+    # Site 13's evaluation fails in the message of round 1, which validates the initial model on
+    # the way (one phase per round): that round's model validation and its training both miss it.
+    assert {"node": 13, "reason": "E_CLIENT_ERROR"} in rounds[0]["val"]["dropped"]
+    assert {"node": 13, "reason": "E_CLIENT_ERROR"} in rounds[1]["train"]["dropped"]
     assert {"node": 16, "reason": "E_BAD_METRICS"} in rounds[1]["val"]["dropped"]
     assert final["refused_sites"] == {"14": "site 14: preflight failed (E_CLIENT_ERROR)",
                                       "15": "site 15: preflight failed (E_BAD_SUMMARY)"}
