@@ -201,8 +201,8 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
     if val_stats is not None:
         reply[wire.VALIDATION] = ConfigRecord(val_stats.to_record())
         # "validate", not "train" or "evaluate": log readers (benchmarks/federation_overhead.py) key on the verb.
-        log.info("validate round %d on %s (the model received, before training): %d patients%s, %.2f s", rnd, validate,
-                 val_stats.n, " (suppressed)" if val_stats.suppressed
+        log.info("validate round %d on %s (the global model as received, before training): %d patients%s, %.2f s",
+                 rnd, validate, val_stats.n, " (suppressed)" if val_stats.suppressed
                  else f", loss {val_stats.loss_sum / max(val_stats.n, 1):.4f}", t_val)
     if wire.DP_EPSILON in metrics:
         log.info("train round %d: DP-SGD, sigma %.3f, C %.3g, q %.3f; the site's epsilon is now %.3f at delta %.1e",

@@ -136,6 +136,11 @@ class EvalOutcome:
     def patients(self) -> int:
         return int(sum(n for n, _ in self.per_site.values()))
 
+    @property
+    def sites_validated(self) -> int:
+        """Sites that took part (suppressed ones too: they always are, their split is small)."""
+        return len(self.per_site) + len(self.suppressed)
+
     def to_record(self) -> dict[str, Any]:
         # The pooled statistics (for the report's confusion matrices, ROC and Kaplan-Meier curves)
         # are kept with the final test evaluation only; validation rounds keep their metrics.
@@ -171,6 +176,31 @@ def summarise_eval(replies: Sequence[Reply], cfg: ExperimentConfig, km_len: int 
                        bytes_sent=sum(r.bytes_sent for r in replies),
                        bytes_received=sum(r.bytes_received for r in replies), pooled=total,
                        km_grid=list(km_grid) if km_grid is not None else None)
+
+
+def validated_sites(val: Mapping[str, Any] | None) -> int | None:
+    """How many sites took part in a round record's validation (``EvalOutcome.sites_validated``)."""
+    if not isinstance(val, Mapping):
+        return None
+    return len(val.get("per_site") or {}) + len(val.get("suppressed") or [])
+
+
+def selection_sites_note(rounds: Sequence[Mapping[str, Any]], best_round: int, n_sites: int) -> str | None:
+    """What the final record says when rounds were validated by different numbers of sites
+    (``Selection.offer`` compares values only between equal counts), else None."""
+    counts = {int(r["round"]): validated_sites(r.get("val")) for r in rounds
+              if int(r["round"]) > 0 and (r.get("selection") or {}).get("value") is not None}
+    best = counts.get(best_round)
+    if best is None:
+        return None
+    fewer = sorted(k for k, c in counts.items() if c is not None and c < best)
+    parts = []
+    if fewer:
+        parts.append(f"round(s) {', '.join(map(str, fewer))} were validated by fewer sites than round {best_round} "
+                     f"({', '.join(str(counts[k]) for k in fewer)} against {best}) and were not compared with it")
+    if best < n_sites:
+        parts.append(f"round {best_round} was validated by {best} of the run's {n_sites} sites")
+    return "; ".join(parts) or None
 
 
 # --- preflight ------------------------------------------------------------------------------------------
@@ -454,7 +484,7 @@ class FederationRun:
         self.pending = None
         value = self._selection_value(ev)
         if int(rec["round"]) > 0:  # the initial model is measured, never selected
-            p.selection.offer(int(rec["round"]), value)
+            p.selection.offer(int(rec["round"]), value, ev.sites_validated)
         rec.pop("validation", None)
         rec["val"] = ev.to_record()
         rec["selection"] = p.selection.record(value)
@@ -485,17 +515,24 @@ class FederationRun:
         lr = round_lr(self.cfg.train, fed.rounds, r)
         config = {**self._base_config(r), KEY_LR: lr, KEY_LOCAL_EPOCHS: int(fed.local_epochs),
                   KEY_LOCAL_STEPS: int(fed.local_steps), KEY_PROXIMAL_MU: float(self.cfg.train.proximal_mu)}
-        validating = self.pending is not None  # the weights sent now are the pending round's model
-        if validating:
-            config[KEY_VALIDATE] = "val"
+        # The weights sent now are the pending round's model: the sites sampled for validation
+        # (fraction_evaluate) validate it in this same message phase, before training if they train,
+        # with an evaluate message if they do not.
+        val_nodes = (sample_nodes(self.sampler, available, fed.fraction_evaluate, fed.min_nodes)
+                     if self.pending is not None else [])
         control = self.guarded.control  # SCAFFOLD: each site gets c - c_i (ControlVariates.correction)
-        replies = self._send([Instruction(n, TRAIN, config, p.weights,
-                                          None if control is None else control.correction(n, train_nodes))
-                              for n in train_nodes])
+        eval_only = [n for n in val_nodes if n not in train_nodes]
+        val_config = {**self._base_config(int(self.pending["round"])), KEY_SPLIT: "val"} if eval_only else {}
+        replies = self._send([Instruction(n, TRAIN, {**config, **({KEY_VALIDATE: "val"} if n in val_nodes else {})},
+                                          p.weights, None if control is None else control.correction(n, train_nodes))
+                              for n in train_nodes] + [Instruction(n, EVALUATE, val_config, p.weights) for n in eval_only])
         timings["train"] = self.clock() - t
-        if validating:
-            self._complete_pending(p, summarise_eval(self._validations(replies), self.cfg, self.km_len, "val",
-                                                     train_nodes, self.km_grid))
+        by_node = {int(x.node_id): x for x in replies}  # _send: one reply per instruction, one instruction per node
+        if val_nodes:
+            self._complete_pending(p, summarise_eval(
+                self._validations([by_node[n] for n in val_nodes if n in train_nodes])
+                + [by_node[n] for n in eval_only], self.cfg, self.km_len, "val", val_nodes, self.km_grid))
+        replies = [by_node[n] for n in train_nodes]
         t = self.clock()
         out: AggregateOutcome = self.guarded.aggregate(r, replies, p.weights)
         timings["aggregate"] = self.clock() - t
@@ -550,7 +587,7 @@ class FederationRun:
                                   "received": int(self.pending["bytes"]["received"]) + ev.bytes_received}}
         record_round = int(self.pending["round"])
         value = self._selection_value(ev)
-        p.selection.offer(record_round, value)
+        p.selection.offer(record_round, value, ev.sites_validated)
         self._checkpoint(p)  # the selection first: a crash before the amend re-validates, and offer is idempotent
         self.pending = {**self.pending, "validation": "pending"}
         self._complete_pending(p, ev)
@@ -561,6 +598,8 @@ class FederationRun:
             raise RuntimeError(f"no round aggregated any update ({len(p.skipped)} rounds skipped); see "
                                f"{self.runlog.rounds_path} for the reason codes")
         best_round, note = p.selection.chosen(aggregated[-1], "aggregated round")
+        rounds = self.runlog.read_rounds()
+        note = "; ".join(x for x in (note, selection_sites_note(rounds, best_round, len(self.accepted))) if x) or None
         if note is not None:
             log.warning(note)
         best_value = p.selection.best_value
@@ -568,7 +607,6 @@ class FederationRun:
         available, _ = self._available(p.round + 1)
         test = self._evaluate(best_round, "test", weights, available)
         model_sha = self._write_model(weights, best_round, best_value)
-        rounds = self.runlog.read_rounds()
         sent = sum(int((r.get("bytes") or {}).get("sent", 0)) for r in rounds) + test.bytes_sent
         received = sum(int((r.get("bytes") or {}).get("received", 0)) for r in rounds) + test.bytes_received
         final = final_record(
@@ -616,18 +654,24 @@ class FederationRun:
             p = _Progress(weights=state.weights, round=state.round,
                           selection=Selection.for_config(self.cfg, state.best_round, state.best_value),
                           skipped=list(state.skipped_rounds))
+            best = next((rec for rec in self.runlog.read_rounds() if rec.get("round") == state.best_round), None)
+            p.selection.best_sites = validated_sites(best.get("val")) if best else None
             self.guarded.load_state_dict(state.strategy_state)
             if state.sampler_state is not None:
                 self.sampler.setstate(state.sampler_state)
             restore_rng(state.rng)
             kept = self.runlog.truncate_rounds(state.round)
             last = kept[-1] if kept else None
-            if last is not None and last.get("validation") == "pending":
-                self.pending = last  # its validation rides on the next round's messages
+            if last is not None and (last.get("validation") == "pending"
+                                     or (last.get("val") is not None and state.round < self.fed.rounds)):
+                # Its validation rides on the next round's messages: again when they were sent but
+                # that round was never checkpointed (same sampling, same values as before the crash).
+                self.pending = {**last, "val": None, "validation": "pending"}
             elif last is not None and last.get("val") is not None:
                 # Validated after the checkpoint was written (amended before the crash): offer it
                 # again; offer is idempotent for a value it already holds.
-                p.selection.offer(int(last["round"]), (last.get("selection") or {}).get("value"))
+                p.selection.offer(int(last["round"]), (last.get("selection") or {}).get("value"),
+                                  validated_sites(last["val"]))
             self.resumed_after = state.round
             log.info("resuming after round %d of %d", state.round, self.fed.rounds)
         if central is not None:

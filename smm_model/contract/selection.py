@@ -8,6 +8,12 @@ compare like with like. The rule: the round whose validation value of
 earlier round); a round without a finite value cannot be chosen; if none had one, the last usable
 round is kept and the final record says so. Never the test split: it is evaluated once, on the
 chosen model.
+
+Values are compared only between rounds validated by the same number of sites: a round that a site
+missed (dead, timed out) is validated on fewer patients, and its loss or AUC is not comparable with
+a round's over every site. A round validated by more sites replaces one validated by fewer, and a
+round validated by fewer sites than the best is passed over (``selection_note`` in the final
+record says which rounds were passed over or compared across different sites).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class Selection:
     lower_is_better: bool
     best_round: int | None = None
     best_value: float | None = None
+    best_sites: int | None = None  # how many sites validated the best round (None: not counted)
 
     @classmethod
     def for_config(cls, cfg: ExperimentConfig, best_round: int | None = None,
@@ -43,15 +50,19 @@ class Selection:
         """Validates ``federation.selection_metric`` against the enabled tasks."""
         return cls(cfg.federation.selection_metric, selection_lower_is_better(cfg), best_round, best_value)
 
-    def offer(self, round_: int, value: float | None) -> bool:
-        """Round ``round_`` scored ``value`` on validation (None: not evaluated or not finite);
-        True when it becomes the best round."""
+    def offer(self, round_: int, value: float | None, sites: int | None = None) -> bool:
+        """Round ``round_`` scored ``value`` on validation over ``sites`` sites (None: not
+        evaluated or not finite); True when it becomes the best round. Idempotent: offering the
+        best round's own value again changes nothing."""
         if value is None:
             return False
-        if self.best_value is not None and not (value < self.best_value if self.lower_is_better
-                                                else value > self.best_value):
-            return False
-        self.best_round, self.best_value = round_, value
+        if self.best_value is not None:
+            more = sites is not None and self.best_sites is not None and sites > self.best_sites
+            fewer = sites is not None and self.best_sites is not None and sites < self.best_sites
+            better = value < self.best_value if self.lower_is_better else value > self.best_value
+            if fewer or not (more or better):
+                return False
+        self.best_round, self.best_value, self.best_sites = round_, value, sites
         return True
 
     def record(self, value: float | None) -> dict[str, Any]:

@@ -221,12 +221,14 @@ class FakeTransport:
         self.connected = connected
         self.crash = crash
         self.sent: list[Instruction] = []
+        self.phases: list[list[tuple[int, str]]] = []  # (node, message type) of each send call: one message phase
 
     def node_ids(self) -> list[int]:
         return sorted(self.connected() if self.connected else self.sites)
 
     def send(self, instructions: Sequence[Instruction]) -> list[Reply]:
         out = []
+        self.phases.append([(ins.node_id, ins.message_type) for ins in instructions])
         for ins in instructions:
             if self.crash is not None and self.crash(ins):
                 raise Crash(f"server killed before sending {ins.message_type} to node {ins.node_id}")

@@ -409,3 +409,44 @@ def test_a_skipped_last_round_still_validates_the_newest_weights(tmp_path):
     every = tmp_path / "every"
     run_federation(FakeTransport(sites(3, **fail_4)), config("federation.rounds=4"), every)
     assert [r["val"] is not None for r in read_rounds(every)] == [True, True, True, True, False]
+
+
+def test_rounds_validated_by_fewer_sites_are_not_compared_with_rounds_over_all_of_them(tmp_path):
+    """A site lost from round 3 on: round 2's model (validated with round 3's messages) and round
+    3's are validated by two sites, with a lower loss than round 1's over three (the lost site's
+    target is the farthest). Selection keeps round 1 and the final record says why."""
+    dead = lambda r: "error" if r >= 3 else None  # noqa: E731
+    run = tmp_path / "run"
+    final = run_federation(FakeTransport(sites(3, **{"13": {"train_fault": dead, "eval_fault": dead}})),
+                           config("federation.rounds=3"), run)
+    rounds = read_rounds(run)
+    count = {r["round"]: len(r["val"]["per_site"]) + len(r["val"]["suppressed"]) for r in rounds}
+    assert count == {0: 3, 1: 3, 2: 2, 3: 2}
+    loss = {r["round"]: r["val"]["global"]["values"]["loss"] for r in rounds}
+    assert min(loss[2], loss[3]) < loss[1]  # compared on values alone, a two-site round would win
+    assert final["best_round"] == 1 and final["selection_value"] == loss[1]
+    assert "round(s) 2, 3 were validated by fewer sites than round 1 (2, 2 against 3)" in final["selection_note"]
+    # Without the lost site every round is compared over the same two sites again.
+    healthy = run_federation(FakeTransport(sites(2)), config("federation.rounds=3"), tmp_path / "two")
+    assert healthy["selection_note"] is None
+
+
+def test_sites_that_do_not_train_validate_in_the_same_message_phase(tmp_path):
+    """fraction_train 0.5 of four sites: the other two get an evaluate message in the same phase
+    (one send per round), so every round's model is validated by all four."""
+    transport = FakeTransport(sites(4))
+    run = tmp_path / "run"
+    final = run_federation(transport, config("federation.rounds=3", "federation.fraction_train=0.5"), run)
+    rounds = read_rounds(run)
+    assert [len(r["val"]["per_site"]) for r in rounds] == [4, 4, 4, 4]
+    round_phases = [ph for ph in transport.phases if any(t == TRAIN for _, t in ph)]
+    assert len(round_phases) == 3
+    for ph in round_phases:
+        kinds = dict(ph)
+        assert sorted(kinds) == [11, 12, 13, 14]
+        assert sorted(kinds.values()) == [EVALUATE, EVALUATE, TRAIN, TRAIN]
+    val_only = [i for i in transport.sent if i.message_type == EVALUATE and i.config["split"] == "val"]
+    # evaluate messages of round r's phase carry the model of round r - 1 under that round's number;
+    # the last round's model is validated after it, by all four
+    assert [i.config["server-round"] for i in val_only] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert final["selection_note"] is None
