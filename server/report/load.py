@@ -31,7 +31,8 @@ from smm_model.contract.protocol import evaluation_round
 from smm_model.contract.runfolder import (CONFIG_FILE, FAILURE_FILE, FINAL_FILE, LOCAL_ONLY_FILE, ROUNDS_FILE,
                                          read_rounds_file)
 
-__all__ = ["NOT_RECORDED", "MODES", "ReportError", "RunData", "load_run", "label_runs", "fmt_sites", "natural_key"]
+__all__ = ["NOT_RECORDED", "MODES", "ReportError", "RunData", "SiteParticipation", "Participation", "load_run",
+           "label_runs", "fmt_sites", "fmt_rounds", "natural_key"]
 
 #: What the report says for a field the run folder does not hold (an older or unfinished run).
 NOT_RECORDED = "not recorded"
@@ -40,6 +41,53 @@ MODES = ("federated", "centralized", "local-only", "evaluate")
 
 class ReportError(ValueError):
     """A folder cannot be reported on at all (not a folder, not a run folder)."""
+
+
+@dataclass
+class SiteParticipation:
+    """One configured site's part in a federated run, from the records' site keys.
+
+    ``trained``: aggregated rounds whose ``train.per_site`` holds the site; ``validated``: rounds
+    whose model it validated (its key in ``val.per_site`` or ``val.suppressed``: a suppressed site
+    took part, it only has too few patients to send numbers); ``missed_*``: the rounds it was
+    expected in and is absent from; ``final_test``: whether it took part in the final test (None
+    when the run recorded no final test, which is a problem of its own).
+    """
+
+    key: str
+    trained: list[int]
+    validated: list[int]
+    missed_train: list[int]
+    missed_val: list[int]
+    final_test: bool | None
+
+    @property
+    def took_part_everywhere(self) -> bool:
+        return not self.missed_train and not self.missed_val and self.final_test is not False
+
+
+@dataclass
+class Participation:
+    """Which configured site took part in which step of a federated run, and whether the selected
+    round was validated by the same sites as the rounds it was compared with.
+
+    ``sites``: the configured sites (those accepted at preflight, else every site the records
+    name; ``source`` says which); ``val_sites``/``val_patients``: per validated round, the sites
+    that validated its model and the patients pooled; ``sampled_only``: with partial sampling
+    (``fraction_train``/``fraction_evaluate`` below 1) a site is expected only where it was
+    sampled; ``selection_warning``: set when the selected round's validation came from other
+    sites than a round it was compared with (selection then compares different patients).
+    """
+
+    sites: list[str]
+    source: str
+    aggregated: list[int]
+    val_sites: dict[int, list[str]]
+    val_patients: dict[int, Any]
+    per_site: dict[str, SiteParticipation]
+    sampled_only: bool
+    test_recorded: bool
+    selection_warning: str | None = None
 
 
 @dataclass
@@ -64,6 +112,7 @@ class RunData:
     local_summary: dict[str, Any] | None = None
     label: str = ""
     failure: dict[str, Any] | None = None  # failure.json: a federated run that failed, and why
+    participation: Participation | None = None  # a federated run's sites per round (``_participation``)
 
     # -- convenience views (all tolerant of missing pieces)
 
@@ -129,6 +178,23 @@ class RunData:
     @property
     def complete(self) -> bool:
         return not self.problems
+
+    @property
+    def status(self) -> str:
+        """The run's status in one line: "complete" only when it finished and every configured site
+        took part in every step; else FAILED (failure.json) or INCOMPLETE, with every problem."""
+        if self.complete:
+            return "complete"
+        return ("FAILED: " if self.failure is not None else "INCOMPLETE: ") + "; ".join(self.problems)
+
+    @property
+    def configured_sites(self) -> list[str] | None:
+        """The sites accepted at preflight (final_metrics.json, else failure.json), as keys."""
+        for rec in (self.final, self.failure):
+            sites = (rec or {}).get("sites")
+            if isinstance(sites, list):
+                return [str(s) for s in sites]
+        return None
 
     def site_name(self, key: Any) -> str:
         """Display name of a site key: its recorded label, else the key (node ids shortened)."""
@@ -228,8 +294,111 @@ def load_run(path: str | Path) -> RunData:
         if not run.local:
             problems.append("local_only.json lists no readable per-site run")
     else:
+        if mode == "federated":
+            run.participation = _participation(run)
         _check_run(run)
     return run
+
+
+def fmt_rounds(rounds: Sequence[int]) -> str:
+    """Rounds as compact ranges: [3, 4] -> "rounds 3-4", [1, 3, 4] -> "rounds 1, 3-4", [2] -> "round 2"."""
+    nums = sorted(set(int(r) for r in rounds))
+    spans: list[list[int]] = []
+    for n in nums:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return ("round " if len(nums) == 1 else "rounds ") + text if nums else "no round"
+
+
+def _keys(values: Any) -> list[str]:
+    """Site keys of a record's list or mapping, as text (node ids are ints in lists, text in maps)."""
+    return [str(k) for k in (values or [])]
+
+
+def _participation(run: RunData) -> Participation:
+    """Who took part in what: the configured sites against each round's train and validation
+    records and the final test. A round is expected of every configured site (with partial
+    sampling: of those sampled); a round not validated by design (``eval_every``) or skipped
+    expects nothing."""
+    configured, source = run.configured_sites, "the sites accepted at preflight"
+    if configured is None and run.site_info:
+        configured, source = list(run.site_info), "the sites in site_info"
+    fed = run.section("federation")
+    sampled_only = any(isinstance(fed.get(k), (int, float)) and fed[k] < 1
+                       for k in ("fraction_train", "fraction_evaluate"))
+    aggregated, val_sites, val_patients = [], {}, {}
+    trained: dict[str, list[int]] = {}
+    validated: dict[str, list[int]] = {}
+    missed_train: dict[str, list[int]] = {}
+    missed_val: dict[str, list[int]] = {}
+    seen: list[str] = []
+    expected_train: dict[int, list[str] | None] = {}
+    expected_val: dict[int, list[str] | None] = {}
+    for r in run.rounds:
+        n = int(r["round"])
+        train = r.get("train") or {}
+        if r.get("status") == "aggregated":
+            aggregated.append(n)
+            keys = _keys(train.get("per_site"))
+            for k in keys:
+                trained.setdefault(k, []).append(n)
+            expected_train[n] = _keys(train.get("sampled")) if sampled_only else None
+            seen += [k for k in keys if k not in seen]
+        val = r.get("val")
+        if isinstance(val, dict):
+            keys = _keys(val.get("per_site")) + [k for k in _keys(val.get("suppressed"))
+                                                 if k not in _keys(val.get("per_site"))]
+            val_sites[n], val_patients[n] = keys, val.get("patients")
+            for k in keys:
+                validated.setdefault(k, []).append(n)
+            expected_val[n] = _keys(val.get("sampled")) if sampled_only else None
+            seen += [k for k in keys if k not in seen]
+    test = run.test
+    tested = (_keys(test.get("per_site")) + _keys(test.get("suppressed"))) if test else []
+    seen += [k for k in tested if k not in seen]
+    if configured is None:
+        configured, source = seen, "the sites the records name (the accepted sites are not recorded)"
+    per_site = {}
+    for k in configured:
+        mt = [n for n, exp in expected_train.items() if n not in trained.get(k, []) and (exp is None or k in exp)]
+        mv = [n for n, exp in expected_val.items() if n not in validated.get(k, []) and (exp is None or k in exp)]
+        per_site[k] = SiteParticipation(k, trained.get(k, []), validated.get(k, []), mt, mv,
+                                        (k in tested) if test is not None else None)
+    part = Participation(sites=list(configured), source=source, aggregated=aggregated, val_sites=val_sites,
+                         val_patients=val_patients, per_site=per_site, sampled_only=sampled_only,
+                         test_recorded=test is not None)
+    part.selection_warning = _selection_warning(run, part)
+    return part
+
+
+def _selection_warning(run: RunData, part: Participation) -> str | None:
+    """Whether the selected round was validated by other sites than the rounds it was compared
+    with (the validated training rounds; the initial model is measured, never selected)."""
+    best = (run.final or {}).get("best_round")
+    if not isinstance(best, int) or best not in part.val_sites:
+        return None
+    chosen = sorted(part.val_sites[best], key=natural_key)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for n, keys in part.val_sites.items():
+        if n >= 1 and n != best and sorted(keys, key=natural_key) != chosen:
+            groups.setdefault(tuple(sorted(keys, key=natural_key)), []).append(n)
+    if not groups:
+        return None
+
+    def over(keys: Sequence[str], rounds: Sequence[int], only: str = "") -> str:
+        pts = {part.val_patients.get(n) for n in rounds}
+        patients = f"{pts.pop()} patients" if len(pts) == 1 else "patients " + "/".join(
+            str(part.val_patients.get(n)) for n in rounds)
+        return f"{fmt_sites(run, keys) if keys else 'no site'}{only} ({patients})"
+
+    only = " only" if all(set(chosen) < set(g) for g in groups) else ""
+    others = "; ".join(f"{fmt_rounds(rs)} {'was' if len(rs) == 1 else 'were'} validated by {over(keys, rs)}"
+                       for keys, rs in groups.items())
+    return (f"round {best} was selected on validation over {over(chosen, [best], only)}, while {others}: the "
+            "selection compared validation values over different sites and patients, not like for like")
 
 
 def fmt_sites(run: RunData, keys: Sequence[Any]) -> str:
@@ -269,9 +438,14 @@ def _check_run(run: RunData) -> None:
                              f"{r.get('skip_reason') or 'no reason recorded'}")
                 elif status not in ("initial", "aggregated", "trained"):
                     p.append(f"round {r['round']} has status {status!r}")
+                elif r.get("validation") == "pending" and not r.get("val"):
+                    p.append(f"round {r['round']}'s model was never validated (its validation was to come with the "
+                             "next message phase; the run stopped first)")
                 elif (status != "initial" and not r.get("val")
                       and evaluation_round(int(r["round"]), conf or last, every)):
                     p.append(f"round {r['round']} has no validation record")
+    if run.participation is not None:
+        p.extend(_missed(run, run.participation))
     for r in run.rounds:
         train = r.get("train") or {}
         for d in train.get("dropped") or []:
@@ -290,11 +464,28 @@ def _check_run(run: RunData) -> None:
         ev.append(f"{run.site_name(site)} was refused: {why}")
     for d in (run.test or {}).get("dropped") or []:
         ev.append(f"test: the reply of {run.site_name(d.get('node'))} was dropped ({d.get('reason')})")
-    if final.get("selection_note"):
-        ev.append(str(final["selection_note"]))
     recorded_skips = final.get("skipped_rounds") or []
     if sorted(recorded_skips) != sorted(run.skipped) and run.rounds and run.final is not None:
         ev.append(f"final_metrics.json lists skipped rounds {recorded_skips}, rounds.jsonl {run.skipped}")
+
+
+def _missed(run: RunData, part: Participation) -> list[str]:
+    """One sentence per configured site that missed a step: "site_2 missed rounds 3-4 (training),
+    the validation of rounds 2-4 and the final test"."""
+    out = []
+    for key, sp in part.per_site.items():
+        what = []
+        if sp.missed_train:
+            what.append(f"{fmt_rounds(sp.missed_train)} (training)")
+        if sp.missed_val:
+            what.append(f"the validation of {fmt_rounds(sp.missed_val)}'s model" if len(sp.missed_val) == 1
+                        else f"the validation of the models of {fmt_rounds(sp.missed_val)}")
+        if sp.final_test is False:
+            what.append("the final test")
+        if what:
+            joined = what[0] if len(what) == 1 else ", ".join(what[:-1]) + " and " + what[-1]
+            out.append(f"{run.site_name(key)} missed {joined}")
+    return out
 
 
 def natural_key(name: str) -> list[tuple[int, Any]]:
