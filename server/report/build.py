@@ -18,7 +18,8 @@ the modules of ``server.report``, each holding one thing::
     load             run folders -> RunData (tolerant: says what is missing; ReportError if no run folder)
     series, stats    per-round series from rounds.jsonl; statistics from the pooled test counts
                      (km_lifelines: Kaplan-Meier and log-rank recomputed with lifelines)
-    sections         RunData -> the report's Sections (ReportBuilder), guarded section by section
+    sections         RunData -> the report's Sections (ReportBuilder), guarded section by section; results
+                     (warnings, pooled test metrics with the gaps, participation) first, provenance last
     document         the Section/block model both renderers read, so report.html and report.md agree
     render_html      report.html
     render_markdown  report.md
@@ -81,10 +82,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
     title = f"fedsmm evaluation report: {main.name} ({main.mode})"
     meta = [f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by smm report from "
             f"{main.path}" + (f", compared with {', '.join(str(r.path) for r in runs[1:])}" if runs[1:] else "") + ".",
-            ("Status: complete." if main.complete else
-             f"Status: FAILED: {(main.failure or {}).get('reason', 'no reason recorded')} ({len(main.problems)} "
-             f"problem(s), listed in the run summary)." if main.failure is not None else
-             f"Status: INCOMPLETE ({len(main.problems)} problem(s), listed in the run summary).")]
+            f"Status: {main.status}." + ("" if main.complete else " Every warning opens section 1, Results.")]
     fig_dir = out_dir / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     names = {f.name for f in builder.figures}
@@ -94,7 +92,8 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
     for f in builder.figures:
         atomic_write_bytes(fig_dir / f"{f.name}.png", f.png)
     atomic_write_text(out_dir / REPORT_MD, render_markdown(sections, title, meta))
-    metrics = build_metrics(runs, builder.derived, [f.name for f in builder.figures], builder.errors)
+    metrics = build_metrics(runs, builder.derived, [f.name for f in builder.figures], builder.errors,
+                            builder.warnings)
     atomic_write_text(out_dir / METRICS_JSON, dumps(metrics, indent=2) + "\n")
     html_path = out_dir / REPORT_HTML
     atomic_write_text(html_path, render_html(sections, title, meta))

@@ -183,9 +183,11 @@ class RunData:
     def status(self) -> str:
         """The run's status in one line: "complete" only when it finished and every configured site
         took part in every step; else FAILED (failure.json) or INCOMPLETE, with every problem."""
-        if self.complete:
-            return "complete"
-        return ("FAILED: " if self.failure is not None else "INCOMPLETE: ") + "; ".join(self.problems)
+        return self.status_word + ("" if self.complete else ": " + "; ".join(self.problems))
+
+    @property
+    def status_word(self) -> str:
+        return "complete" if self.complete else "FAILED" if self.failure is not None else "INCOMPLETE"
 
     @property
     def configured_sites(self) -> list[str] | None:
@@ -300,8 +302,9 @@ def load_run(path: str | Path) -> RunData:
     return run
 
 
-def fmt_rounds(rounds: Sequence[int]) -> str:
-    """Rounds as compact ranges: [3, 4] -> "rounds 3-4", [1, 3, 4] -> "rounds 1, 3-4", [2] -> "round 2"."""
+def fmt_rounds(rounds: Sequence[int], word: bool = True) -> str:
+    """Rounds as compact ranges: [3, 4] -> "rounds 3-4", [1, 3, 4] -> "rounds 1, 3-4", [2] -> "round 2"
+    (without ``word``: "3-4", for table cells), so a run of many rounds still reads in one line."""
     nums = sorted(set(int(r) for r in rounds))
     spans: list[list[int]] = []
     for n in nums:
@@ -310,7 +313,9 @@ def fmt_rounds(rounds: Sequence[int]) -> str:
         else:
             spans.append([n, n])
     text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
-    return ("round " if len(nums) == 1 else "rounds ") + text if nums else "no round"
+    if not nums:
+        return "no round" if word else "none"
+    return (("round " if len(nums) == 1 else "rounds ") if word else "") + text
 
 
 def _keys(values: Any) -> list[str]:

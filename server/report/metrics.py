@@ -36,6 +36,20 @@ def _strip_stats(record: Any) -> Any:
     return out
 
 
+def _participation(run: RunData) -> dict[str, Any] | None:
+    """A federated run's participation as the report shows it: per configured site, the rounds it
+    trained in, whose model it validated and missed, and whether it took part in the final test."""
+    part = run.participation
+    if part is None:
+        return None
+    return {"sites": part.sites, "source": part.source, "aggregated_rounds": part.aggregated,
+            "validated_by": {str(n): keys for n, keys in part.val_sites.items()},
+            "sampled_only": part.sampled_only, "selection_warning": part.selection_warning,
+            "per_site": {k: {"name": run.site_name(k), "trained": sp.trained, "validated": sp.validated,
+                             "missed_train": sp.missed_train, "missed_val": sp.missed_val,
+                             "final_test": sp.final_test} for k, sp in part.per_site.items()}}
+
+
 def _run_metrics(run: RunData) -> dict[str, Any]:
     """One run's entry of ``runs`` (a local-only run's per-site runs nested under ``local``)."""
     final = run.final or {}
@@ -66,7 +80,8 @@ def _run_metrics(run: RunData) -> dict[str, Any]:
         sites[str(k)] = {"name": run.site_name(k), "info": run.site_info.get(str(k))}
     out: dict[str, Any] = {
         "path": str(run.path), "label": run.label, "mode": run.mode, "mode_recorded": final.get("mode"),
-        "complete": run.complete, "problems": run.problems, "events": run.events, "run": run.name,
+        "complete": run.complete, "status": run.status, "participation": _participation(run),
+        "problems": run.problems, "events": run.events, "run": run.name,
         "tasks": run.tasks,
         "rounds": {"configured": run.rounds_configured,
                    "recorded": max([int(r["round"]) for r in run.rounds], default=None),
@@ -89,13 +104,15 @@ def _run_metrics(run: RunData) -> dict[str, Any]:
 
 
 def build_metrics(runs: Sequence[RunData], derived: Mapping[str, Any] | None = None,
-                  figures: Sequence[str] = (), errors: Sequence[str] = ()) -> dict[str, Any]:
+                  figures: Sequence[str] = (), errors: Sequence[str] = (),
+                  warnings: Sequence[str] = ()) -> dict[str, Any]:
     """metrics.json's content: one entry per run (the first is the reported run), test records as the
     runs recorded them (pooled ``stats`` left out), curves per round, and ``derived``: what the report
     computed from the pooled statistics of the first run (confusion matrices, per-class AUC, KM curves,
-    the lifelines log-rank test)."""
+    the lifelines log-rank test); ``warnings``: the report's warnings, as its Results section lists them."""
     return {"format": METRICS_FORMAT, "version": 1,
             "generated_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "files": {"html": REPORT_HTML, "markdown": REPORT_MD,
                       "figures": [f"{FIGURES_DIR}/{n}.png" for n in figures]},
-            "runs": [_run_metrics(r) for r in runs], "derived": dict(derived or {}), "report_errors": list(errors)}
+            "warnings": list(warnings), "runs": [_run_metrics(r) for r in runs], "derived": dict(derived or {}),
+            "report_errors": list(errors)}

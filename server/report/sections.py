@@ -1,11 +1,14 @@
 """The report's content: ``ReportBuilder`` turns loaded runs into the document model's ``Section``s.
 
 The first run is the one reported on; the others are compared with it (a centralized baseline, a
-local-only run, another federated run, an external evaluation). Seven sections: run summary (with
-the sites and their data), learning curves (with every round), final test results per task and
-scope, diagnosis and grade (confusion matrices, ROC curves), survival (Kaplan-Meier curves by
+local-only run, another federated run, an external evaluation). The sections are in the order a
+coordinator reads them after a run, a fault included: results first (every warning in one list,
+the selected model's pooled test metrics beside the compared runs with the gaps, and which site
+took part in which round), then learning curves (with every round), final test results per task
+and scope, diagnosis and grade (confusion matrices, ROC curves), survival (Kaplan-Meier curves by
 predicted risk group and the log-rank test, recomputed with lifelines and checked against the
-recorded value), gradient coordination, and what these numbers cannot say.
+recorded value), gradient coordination, the run summary (with the sites and their data), what
+these numbers cannot say, and last the provenance (folders, versions, hashes, data digests).
 
 Every section and every figure is built under a guard: one that fails becomes a sentence saying
 so (and an entry of ``errors``) rather than taking the report down, since the report is written at
@@ -33,11 +36,12 @@ from smm_model.contract.runfolder import C_INDEX_NOTE
 from smm_model.metrics.federated import SCORE_BINS
 
 from server.report.document import Bullets, Fig, Heading, Para, Section, Table
-from server.report.load import NOT_RECORDED, RunData, fmt_sites, natural_key
+from server.report.load import NOT_RECORDED, RunData, fmt_rounds, fmt_sites, natural_key
 from server.report.series import coordination_counts, metric_value, train_loss, val_series
 from server.report.stats import count_matrix, km_lifelines, pooled_km, pooled_stats, score_hist
 
-__all__ = ["ReportBuilder", "METRIC_LABELS", "TASK_METRICS", "CURVE_METRICS", "FALLBACK_REASONS"]
+__all__ = ["ReportBuilder", "METRIC_LABELS", "TASK_METRICS", "CURVE_METRICS", "GAP_METRICS", "FALLBACK_REASONS",
+           "PROVENANCE_ROWS"]
 
 log = logging.getLogger("fedsmm.server.report")
 
@@ -49,6 +53,11 @@ TASK_METRICS = {"diagnosis": ("accuracy", "balanced_accuracy", "macro_f1", "auc"
                 "survival": ("c_index", "logrank_chi2", "logrank_p")}
 CURVE_METRICS = {"diagnosis": ("accuracy", "balanced_accuracy", "macro_f1", "auc"),
                  "grade": ("accuracy", "balanced_accuracy", "macro_f1", "auc"), "survival": ("c_index",)}
+#: Metrics where higher is better, so a difference between two runs reads as a gap; the log-rank
+#: statistics measure how far apart the risk groups are, and their difference means nothing.
+GAP_METRICS = frozenset({"accuracy", "balanced_accuracy", "macro_f1", "auc", "c_index"})
+#: Rows of the runs table that identify what ran (the provenance section at the end), not how it went.
+PROVENANCE_ROWS = ("folder", "versions", "config sha256", "model sha256")
 #: Why a metric can be undefined when the run recorded no reason (older folders).
 FALLBACK_REASONS = {"logrank_chi2": "the log-rank test needs patients in at least two predicted risk groups",
                     "logrank_p": "the log-rank test needs patients in at least two predicted risk groups",
@@ -96,6 +105,17 @@ def _seconds(s: Any) -> str:
     return f"{s / 3600:.2f} h ({s:.0f} s)"
 
 
+def _metric(rec: dict | None, task: str, metric: str) -> float | None:
+    return metric_value(rec, f"{task}.{metric}")
+
+
+def _gap(a: Any, b: Any) -> str:
+    """``a - b`` of two metric values, signed ("+0.012"), "n/a" when either is undefined."""
+    if _num(a) == "n/a" or _num(b) == "n/a":
+        return "n/a"
+    return f"{a - b:+.3f}"
+
+
 
 class ReportBuilder:
     """Builds the sections of one report (the first run plus comparisons)."""
@@ -107,6 +127,7 @@ class ReportBuilder:
         self.figures: list[Fig] = []
         self.errors: list[str] = []
         self.derived: dict[str, Any] = {}
+        self.warnings: list[str] = self._warnings()
 
     # -- helpers
 
@@ -131,15 +152,198 @@ class ReportBuilder:
         return sec
 
     def sections(self) -> list[Section]:
-        return [self.guarded("summary", "Run summary", self.summary),
+        return [self.guarded("results", "Results", self.results),
                 self.guarded("curves", "Learning curves", self.curves),
                 self.guarded("test", "Final test results", self.test_tables),
                 self.guarded("classification", "Diagnosis and grade", self.classification),
                 self.guarded("survival", "Survival", self.survival),
                 self.guarded("coordination", "Gradient coordination", self.coordination),
-                self.guarded("limits", "What these numbers cannot say", self.limits)]
+                self.guarded("summary", "Run summary", self.summary),
+                self.guarded("limits", "What these numbers cannot say", self.limits),
+                self.guarded("provenance", "Provenance", self.provenance)]
 
-    # -- 1. summary
+    # -- 1. results: what a coordinator reads first
+
+    def _warnings(self) -> list[str]:
+        """Every warning of the report in one list, the first thing it shows: what is incomplete or
+        failed (with the reason and how to resume), the sites that missed a step, a selection over
+        different sites, the server's selection note, the compared runs' problems, then the data
+        caveats (inputs that may encode the labels, suppressed sites, synthetic data, random encoder
+        weights). Built before the sections, so a section that fails cannot hide one."""
+        main = self.main
+        out = list(main.problems)
+        part = main.participation
+        if part is not None and part.selection_warning:
+            out.append(part.selection_warning[0].upper() + part.selection_warning[1:])
+        note = (main.final or {}).get("selection_note")
+        if note:
+            out.append(f"Selection note recorded by the server: {note}")
+        for other in self.others:
+            out += [f"Compared run {other.label}: {p}" for p in other.problems]
+        out += self._caveats()[0]
+        if main.events:
+            out.append(f"{len(main.events)} event(s) during the run (dropped or clamped updates, sites joining "
+                       "late or refused) are listed in the run summary.")
+        return out
+
+    def _caveats(self) -> tuple[list[str], list[str]]:
+        """(warnings, notes) about the data behind the numbers: the warnings open the report and
+        head its limits section; the notes (nothing suppressed, provenance not recorded) only the latter."""
+        main = self.main
+        warn: list[str] = []
+        notes: list[str] = []
+        final = main.final or {}
+        min_p = main.section("federation").get("min_site_patients")
+        opted_in = [r.name for r in (main, *self.others) if r.section("data").get("allow_label_features") is True]
+        if opted_in:
+            facts = ", ".join(f.what for f in LABEL_FACTS)
+            warn.append(f"INPUTS MAY ENCODE THE LABELS: {', '.join(opted_in)} ran with data.allow_label_features: "
+                        f"true, so sites could feed genomic features that measure a fact the labels are defined by "
+                        f"({facts}). Diagnosis and grade numbers may then show the model reading the label off its "
+                        "input, not what slides or expression tell it.")
+        suppressed = [str(s) for s in (final.get("suppressed_sites") or (main.test or {}).get("suppressed") or [])]
+        if suppressed:
+            warn.append(f"Small sites suppressed on the test split: {fmt_sites(main, suppressed)}. A site with "
+                        f"fewer than {min_p if min_p is not None else 'the minimum number of'} patients in a split "
+                        "sends no numbers for it, so it is in neither the pooled nor the per-site results.")
+        val_supp: dict[str, int] = {}
+        for r in main.rounds:
+            for s in (r.get("val") or {}).get("suppressed") or []:
+                val_supp[main.site_name(s)] = val_supp.get(main.site_name(s), 0) + 1
+        if val_supp:
+            warn.append("Suppressed in validation rounds (fewer patients than the minimum): "
+                        + ", ".join(f"{s} in {n} round(s)" for s, n in val_supp.items()) + ".")
+        if not suppressed and not val_supp:
+            notes.append(f"No site was suppressed (minimum {min_p if min_p is not None else '?'} patient(s) per "
+                         "site and split); a site below it would report nothing and be missing from every table.")
+        info = main.site_info or {k: v for c in main.local.values() for k, v in c.site_info.items()}
+        if info:
+            synth = [main.site_name(k) for k, v in info.items() if (v or {}).get("synthetic")]
+            if synth:
+                warn.append(f"SYNTHETIC DATA: {', '.join(synth)} hold synthetic patients (written by smm synth). "
+                            "These numbers show that the pipeline runs end to end, not how the model would do on "
+                            "real patients.")
+            random_w = [main.site_name(k) for k, v in info.items()
+                        if str((v or {}).get("weights") or "").lower() == "random"]
+            if random_w:
+                warn.append(f"The slide encoder had random weights at {', '.join(random_w)}: histology features "
+                            "carry no pretrained information, so any histology signal is what the small model "
+                            "learned on top of random projections.")
+        else:
+            notes.append("Whether the data is synthetic and which encoder weights were used is not recorded in this "
+                         "run folder (no site_info: an older run).")
+        return warn, notes
+
+    def results(self, sec: Section) -> None:
+        main = self.main
+        final = main.final or {}
+        sec.blocks.append(Para(f"Status: {main.status_word}" + (
+            " (every configured site took part in every round and the final test)." if main.participation else "."
+            if main.complete else f": {len(main.problems)} problem(s), the first warnings below."),
+            "" if main.complete else "warning"))
+        if self.warnings:
+            sec.blocks.append(Para(f"Warnings ({len(self.warnings)}): read these before the numbers.", "warning"))
+            sec.blocks.append(Bullets(list(self.warnings), "warning"))
+        else:
+            sec.blocks.append(Para("No warnings: the run finished, every configured site took part in every "
+                                   "round and the final test, and no caveat about the data applies.", "note"))
+        if main.final is None and not main.local:
+            sec.blocks.append(Para("No test results: final_metrics.json is missing (the run did not finish); the "
+                                   "rounds recorded so far are in the learning curves.", "missing"))
+        else:
+            if final.get("best_round") is not None:
+                sec.blocks.append(Para(
+                    f"The selected model: round {final.get('best_round')} by validation "
+                    f"{final.get('selection_metric', '?')}, on every site's test split "
+                    f"({(main.test or {}).get('patients', '?')} patients, all sites pooled)"
+                    + (", beside the compared runs; gap rows are this run minus the compared one (positive: this "
+                       "run is better)" if self.others else "") + ". Per-site results are in the final test results."))
+            for task in main.tasks or [t for r in self.runs for t in r.tasks]:
+                sec.blocks.append(self._headline_table(task))
+        if main.participation is not None:
+            sec.blocks.append(Heading("Participation"))
+            sec.blocks.append(self._participation_table(main))
+
+    def _headline_table(self, task: str) -> Table:
+        """One task's pooled test metrics: this run, each compared run, then the gaps to the
+        centralized runs, the best and the mean local-only model, and the other runs."""
+        metrics = TASK_METRICS[task]
+        notes = _Notes()
+        rows = []
+        pooled: list[tuple[RunData, str, dict | None]] = []
+        for run in self.runs:
+            for label, patients, rec, why in self._rows_for(run, None):
+                rows.append([label, str(patients) if patients is not None else "—",
+                             *self._metric_cells(task, metrics, rec, why, notes)])
+                pooled.append((run, label, rec))
+        mine = pooled[0][2] if pooled and pooled[0][0] is self.main and not self.main.local else None
+        if mine is not None:
+            for other in self.others:
+                recs = [rec for run, _l, rec in pooled if run is other and rec is not None]
+                if not recs:
+                    continue
+                if other.local:
+                    best = {m: max((v for v in (_metric(r, task, m) for r in recs) if v is not None), default=None)
+                                for m in metrics}
+                    mean = {m: (float(np.mean(vals)) if (vals := [v for v in (_metric(r, task, m) for r in recs)
+                                                                  if v is not None]) else None) for m in metrics}
+                    rows.append([f"gap: minus the best local-only model ({other.label}; best per metric)", "",
+                                 *self._gap_cells(task, metrics, mine, best)])
+                    rows.append([f"gap: minus the local-only mean ({len(recs)} site models)", "",
+                                 *self._gap_cells(task, metrics, mine, mean)])
+                else:
+                    rows.append([f"gap: minus {other.label}", "",
+                                 *self._gap_cells(task, metrics, mine, {m: _metric(recs[0], task, m)
+                                                                        for m in metrics})])
+        return Table(["run", "test patients", *[METRIC_LABELS[m] for m in metrics]], rows,
+                     caption=f"{task}: the selected model's test metrics, all sites pooled"
+                             + (", with the compared runs and the gaps" if self.others else ""), notes=notes.items)
+
+    @staticmethod
+    def _gap_cells(task: str, metrics: Sequence[str], mine: dict, ref: dict[str, float | None]) -> list[str]:
+        return [_gap(_metric(mine, task, m), ref.get(m)) if m in GAP_METRICS else "—" for m in metrics]
+
+    @staticmethod
+    def _participation_table(run: RunData) -> Table:
+        part = run.participation
+        assert part is not None
+        rows = []
+        for key, sp in part.per_site.items():
+            missed = [w for w in (f"training: {fmt_rounds(sp.missed_train, False)}" if sp.missed_train else "",
+                                  f"validation: {fmt_rounds(sp.missed_val, False)}" if sp.missed_val else "",
+                                  "final test" if sp.final_test is False else "") if w]
+            rows.append([run.site_name(key), f"{fmt_rounds(sp.trained, False)} of {fmt_rounds(part.aggregated, False)}",
+                         f"{fmt_rounds(sp.validated, False)} of {fmt_rounds(list(part.val_sites), False)}",
+                         {True: "yes", False: "NO"}.get(sp.final_test, "not recorded (no final test)"),
+                         "; ".join(missed) or "—"])
+        return Table(["site", "rounds trained (of aggregated)", "models validated (of validated rounds; 0: the "
+                      "initial model)", "final test", "missed"], rows,
+                     caption=f"Participation of the configured sites ({part.source}); a suppressed site took part, "
+                             "it had too few patients to send numbers"
+                             + ("; with partial sampling (fraction_train or fraction_evaluate below 1) a site is "
+                                "expected only in the rounds it was sampled for" if part.sampled_only else ""))
+
+    def _metric_cells(self, task: str, metrics: Sequence[str], rec: dict | None, why: str,
+                      notes: _Notes) -> list[str]:
+        """One row's metric cells: the value, or n/a with a numbered note saying why."""
+        cells = []
+        for m in metrics:
+            key = f"{task}.{m}"
+            if rec is None:
+                cells.append(f"n/a [{notes.ref(why)}]" if why else "n/a")
+                continue
+            v = (rec.get("values") or {}).get(key)
+            reason = (rec.get("reasons") or {}).get(key)
+            s = _num(v, key)
+            if s == "n/a":
+                reason = reason or ("not recorded" if key not in (rec.get("values") or {}) else
+                                    f"no reason recorded ({FALLBACK_REASONS.get(m, 'undefined')})")
+            if reason:
+                s += f" [{notes.ref(reason)}]"
+            cells.append(s)
+        return cells
+
+    # -- 7. summary
 
     def _summary_rows(self, run: RunData) -> dict[str, str]:
         cfg_model, fed, train = run.section("model"), run.section("federation"), run.section("train")
@@ -211,13 +415,11 @@ class ReportBuilder:
             sites_s = f"{len(sites)}: {fmt_sites(run, sites)}"
         else:
             sites_s = NOT_RECORDED
-        status = ("complete" if run.complete else ("FAILED: " if run.failure is not None else "INCOMPLETE: ")
-                  + "; ".join(run.problems))
         msha = (final.get("model") or {}).get("sha256")
         return {
             "folder": str(run.path), "mode": run.mode + ("" if final.get("mode") or run.local else
                                                          " (no mode recorded; inferred)"),
-            "status": status, "run name": run.name, "sites": sites_s,
+            "status": run.status, "run name": run.name, "sites": sites_s,
             "tasks": ", ".join(run.tasks) or NOT_RECORDED, "model": model, "strategy": strategy,
             "rounds": rounds, "selected model": sel, "wall time": wall_s, "bytes exchanged": bytes_s,
             "versions": versions_s,
@@ -226,19 +428,19 @@ class ReportBuilder:
             "model sha256": str(msha) if msha else NOT_RECORDED,
         }
 
+    def _runs_table(self, provenance: bool, caption: str) -> Table:
+        """The runs side by side: what ran and how it went (``provenance`` False) or what identifies
+        it (the ``PROVENANCE_ROWS``), one column per run."""
+        rows = [self._summary_rows(r) for r in self.runs]
+        keys = [k for k in rows[0] if (k in PROVENANCE_ROWS) == provenance]
+        return Table(["", *[r.label for r in self.runs]], [[k, *[row[k] for row in rows]] for k in keys],
+                     caption=caption)
+
     def summary(self, sec: Section) -> None:
         main = self.main
-        if main.problems:
-            sec.blocks.append(Para(f"This run is incomplete or had failures ({len(main.problems)}):", "warning"))
-            sec.blocks.append(Bullets(list(main.problems), "warning"))
-        for other in self.others:
-            if other.problems:
-                sec.blocks.append(Para(f"Compared run {other.label} is incomplete or had failures:", "warning"))
-                sec.blocks.append(Bullets(list(other.problems), "warning"))
-        rows = [self._summary_rows(r) for r in self.runs]
-        headers = ["", *[r.label for r in self.runs]]
-        sec.blocks.append(Table(headers, [[k, *[row[k] for row in rows]] for k in rows[0]],
-                                caption="Runs in this report (the first is the one reported on)"))
+        if not main.complete:
+            sec.blocks.append(Para("The status row lists every problem; they open the report too (Results).", "note"))
+        sec.blocks.append(self._runs_table(False, "Runs in this report (the first is the one reported on)"))
         if main.events:
             sec.blocks.append(Para("Events during the run:", "note"))
             sec.blocks.append(Bullets(list(main.events)))
@@ -266,13 +468,13 @@ class ReportBuilder:
                              str((val_ps.get(k) or {}).get("patients", "suppressed" if k in val_supp else "—")),
                              str((test_ps.get(k) or {}).get("patients", "suppressed" if k in map(
                                  str, (run.test or {}).get("suppressed") or []) else "—")),
-                             NOT_RECORDED, NOT_RECORDED])
+                             NOT_RECORDED])
             sec.blocks.append(Para("Per-site data provenance (patients and events per split, data digests, "
                                    "synthetic or not, encoder weights) is not recorded in this run folder "
                                    "(site_info is absent: an older run). Patients below are those evaluated.",
                                    "missing"))
             sec.blocks.append(Table(["site", "key", "train patients", "val patients (round 0)", "test patients",
-                                     "events", "data digest"], rows))
+                                     "events"], rows))
             return
         rows = []
         for key, si in info.items():
@@ -284,21 +486,19 @@ class ReportBuilder:
                 return str(v) if v is not None else "—"
 
             excluded = si.get("excluded") or {}
-            digest = si.get("data_digest")
             rows.append([
                 run.site_name(key), str(key),
                 " / ".join(split(s, "patients") for s in ("train", "val", "test")),
                 " / ".join(split(s, "events") for s in ("train", "val", "test")),
                 " / ".join(split(s, "survival_labelled") for s in ("train", "val", "test")),
                 ", ".join(f"{k}: {v}" for k, v in excluded.items()) or "none",
-                (str(digest)[:16] + "…") if digest else NOT_RECORDED,
                 {True: "yes", False: "no"}.get(si.get("synthetic"), NOT_RECORDED),
                 f"{si.get('encoder') or '—'} ({si.get('weights') or 'weights not recorded'})",
             ])
         sec.blocks.append(Table(["site", "key", "patients train / val / test", "events train / val / test",
-                                 "survival-labelled train / val / test", "excluded patients",
-                                 "data digest (sha256, first 16)", "synthetic", "encoder (weights)"], rows,
-                                caption="Sites as recorded by the run (full digests in metrics.json)"))
+                                 "survival-labelled train / val / test", "excluded patients", "synthetic",
+                                 "encoder (weights)"], rows,
+                                caption="Sites as recorded by the run (their data digests: provenance)"))
         notes = []
         for key, si in info.items():
             d = (si or {}).get("disclosure") or {}
@@ -567,21 +767,7 @@ class ReportBuilder:
             for scope in scopes:
                 for run in self.runs:
                     for label, patients, rec, why in self._rows_for(run, scope):
-                        cells = []
-                        for m in metrics:
-                            key = f"{task}.{m}"
-                            if rec is None:
-                                cells.append(f"n/a [{notes.ref(why)}]" if why else "n/a")
-                                continue
-                            v = (rec.get("values") or {}).get(key)
-                            reason = (rec.get("reasons") or {}).get(key)
-                            s = _num(v, key)
-                            if s == "n/a":
-                                reason = reason or ("not recorded" if key not in (rec.get("values") or {}) else
-                                                    f"no reason recorded ({FALLBACK_REASONS.get(m, 'undefined')})")
-                            if reason:
-                                s += f" [{notes.ref(reason)}]"
-                            cells.append(s)
+                        cells = self._metric_cells(task, metrics, rec, why, notes)
                         rows.append(["all sites pooled" if scope is None else scope, label,
                                      str(patients) if patients is not None else "—", *cells])
             headers = ["scope", "run", "test patients", *[METRIC_LABELS[m] for m in metrics]]
@@ -745,55 +931,16 @@ class ReportBuilder:
                                 caption="Coordination counts per round (all sites)"))
         self.derived["coordination"] = {"rounds": rounds, **per_task}
 
-    # -- 7. limits
+    # -- 8. limits
 
     def limits(self, sec: Section) -> None:
         main = self.main
-        items: list[str] = []
+        warn, notes = self._caveats()
+        items: list[str] = [*warn, *notes]
         final = main.final or {}
-        fed = main.section("federation")
-        min_p = fed.get("min_site_patients")
-        opted_in = [r.name for r in (main, *self.others) if r.section("data").get("allow_label_features") is True]
-        if opted_in:
-            facts = ", ".join(f.what for f in LABEL_FACTS)
-            items.append(f"INPUTS MAY ENCODE THE LABELS: {', '.join(opted_in)} ran with data.allow_label_features: "
-                         f"true, so sites could feed genomic features that measure a fact the labels are defined by "
-                         f"({facts}). Diagnosis and grade numbers may then show the model reading the label off its "
-                         "input, not what slides or expression tell it.")
-        suppressed = [str(s) for s in (final.get("suppressed_sites") or (main.test or {}).get("suppressed") or [])]
-        if suppressed:
-            items.append(f"Small sites suppressed on the test split: {fmt_sites(main, suppressed)}. A site with "
-                         f"fewer than {min_p if min_p is not None else 'the minimum number of'} patients in a split "
-                         "sends no numbers for it, so it is in neither the pooled nor the per-site results.")
-        val_supp: dict[str, int] = {}
-        for r in main.rounds:
-            for s in (r.get("val") or {}).get("suppressed") or []:
-                val_supp[main.site_name(s)] = val_supp.get(main.site_name(s), 0) + 1
-        if val_supp:
-            items.append("Suppressed in validation rounds (fewer patients than the minimum): "
-                         + ", ".join(f"{s} in {n} round(s)" for s, n in val_supp.items()) + ".")
-        if not suppressed and not val_supp:
-            items.append(f"No site was suppressed (minimum {min_p if min_p is not None else '?'} patient(s) per "
-                         "site and split); a site below it would report nothing and be missing from every table.")
         if "survival" in main.tasks:
             items.append(str((final.get("notes") or {}).get("survival.c_index") or C_INDEX_NOTE) + ". It is not "
                          "the C-index of the pooled patients, and sites with one patient or no event add no pairs.")
-        info = main.site_info or {k: v for c in main.local.values() for k, v in c.site_info.items()}
-        if info:
-            synth = [main.site_name(k) for k, v in info.items() if (v or {}).get("synthetic")]
-            if synth:
-                items.append(f"SYNTHETIC DATA: {', '.join(synth)} hold synthetic patients (written by smm synth). "
-                             "These numbers show that the pipeline runs end to end, not how the model would do on "
-                             "real patients.")
-            random_w = [main.site_name(k) for k, v in info.items()
-                        if str((v or {}).get("weights") or "").lower() == "random"]
-            if random_w:
-                items.append(f"The slide encoder had random weights at {', '.join(random_w)}: histology features "
-                             "carry no pretrained information, so any histology signal is what the small model "
-                             "learned on top of random projections.")
-        else:
-            items.append("Whether the data is synthetic and which encoder weights were used is not recorded in this "
-                         "run folder (no site_info: an older run).")
         n_test = (main.test or {}).get("patients")
         if isinstance(n_test, int) and n_test > 0:
             items.append(f"Sample size: {n_test} test patients in all. One patient moves a pooled accuracy by "
@@ -831,10 +978,27 @@ class ReportBuilder:
             if k != "survival.c_index":
                 more.append(f"{k}: {v}")
         if main.problems:
-            more.append("The run is incomplete (see the run summary): results cover only what was recorded.")
+            more.append("The run is incomplete (see the warnings in Results): results cover only what was recorded.")
         if self.errors:
             more.append("Parts of this report could not be built: " + "; ".join(self.errors))
         sec.blocks.append(Bullets(items + more))
+
+    # -- 9. provenance
+
+    def provenance(self, sec: Section) -> None:
+        """What identifies the runs and the data (folders, versions, hashes, the sites' data digests),
+        last: needed to reproduce or audit a result, not to read it."""
+        sec.blocks.append(self._runs_table(True, "What identifies each run (the first is the one reported on)"))
+        main = self.main
+        info = main.site_info or {k: v for c in main.local.values() for k, v in c.site_info.items()}
+        if not info:
+            sec.blocks.append(Para(f"The sites' data digests: {NOT_RECORDED} (no site_info: an older run).",
+                                   "missing"))
+            return
+        rows = [[main.site_name(k), str(k), (str(d)[:16] + "…") if (d := (v or {}).get("data_digest")) else NOT_RECORDED]
+                for k, v in info.items()]
+        sec.blocks.append(Table(["site", "key", "data digest (sha256, first 16)"], rows,
+                                caption="The sites' data as preflighted (full digests in metrics.json)"))
 
     def _grid_step(self) -> str:
         grid = (self.main.test or {}).get("km_grid")

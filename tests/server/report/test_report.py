@@ -26,7 +26,8 @@ from smm_model.metrics.federated import (SCORE_BINS, auc_from_histograms, km_cou
 ROOT = Path(__file__).resolve().parents[3]
 CHROMIUM = Path("/usr/bin/chromium")
 #: Figures each section of a complete federated report with the newer fields holds.
-FIGURES = {"summary": 0, "curves": 5, "test": 0, "classification": 4, "survival": 1, "coordination": 1, "limits": 0}
+FIGURES = {"results": 0, "curves": 5, "test": 0, "classification": 4, "survival": 1, "coordination": 1, "summary": 0,
+           "limits": 0, "provenance": 0}
 
 
 def _sections(html: str) -> dict[str, str]:
@@ -104,7 +105,8 @@ def test_markdown_links_the_same_figures(fed):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) == sum(FIGURES.values())
     assert all((run / link).is_file() for link in links)
-    for title in ("Run summary", "Learning curves", "Final test results", "What these numbers cannot say"):
+    for title in ("Results", "Learning curves", "Final test results", "Run summary", "What these numbers cannot say",
+                  "Provenance"):
         assert f". {title}" in md
 
 
@@ -141,8 +143,13 @@ def test_report_names_what_the_numbers_cannot_say(fed):
     assert "within-site C-index" in limits
     assert "SYNTHETIC DATA" in limits and "random weights" in limits
     summary = _text(_sections(html)["summary"])
-    assert "site_1" in summary and "6a6ae0869ce0dfdd" in summary  # site labels and data digests
-    assert "42.5 s" in summary and "1.2 MiB" in summary and "not recorded" not in summary
+    assert "site_1" in summary and "42.5 s" in summary and "1.2 MiB" in summary and "not recorded" not in summary
+    provenance = _text(_sections(html)["provenance"])
+    assert "site_1" in provenance and "6a6ae0869ce0dfdd" in provenance  # site labels and data digests
+    assert "fedsmm 0.1.0" in provenance and "not recorded" not in provenance
+    # The same caveats open the report, in its warnings.
+    results = _text(_sections(html)["results"])
+    assert "SYNTHETIC DATA" in results and "random weights" in results and "site_3" in results
     test = _text(_sections(html)["test"])
     assert "all sites pooled" in test and "site_1" in test and "suppressed" in test
 
@@ -254,7 +261,8 @@ def test_an_older_run_folder_renders_with_not_recorded(tmp_path):
     assert "not recorded" in _text(sections["survival"]) and "<img " not in sections["survival"]
     summary = _text(sections["summary"])
     assert "no mode recorded; inferred" in summary and "node …441519" in summary
-    assert "sha256 of config.yaml, computed by the report" in summary
+    assert "sha256 of config.yaml, computed by the report" in _text(sections["provenance"])
+    assert "data digests: not recorded" in _text(sections["provenance"])
     assert "not recorded" in _text(sections["limits"])
     metrics = _strict_json(run / METRICS_JSON)
     assert metrics["runs"][0]["test"]["global"]["values"] == final["test"]["global"]["values"]
