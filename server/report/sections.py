@@ -270,29 +270,37 @@ class ReportBuilder:
         metrics = TASK_METRICS[task]
         notes = _Notes()
         rows = []
-        pooled: list[tuple[RunData, str, dict | None]] = []
+        pooled: list[tuple[RunData, Any, dict | None]] = []
         for run in self.runs:
             for label, patients, rec, why in self._rows_for(run, None):
                 rows.append([label, str(patients) if patients is not None else "—",
                              *self._metric_cells(task, metrics, rec, why, notes)])
-                pooled.append((run, label, rec))
+                pooled.append((run, patients, rec))
         mine = pooled[0][2] if pooled and pooled[0][0] is self.main and not self.main.local else None
         if mine is not None:
             for other in self.others:
-                recs = [rec for run, _l, rec in pooled if run is other and rec is not None]
+                recs = [rec for run, _p, rec in pooled if run is other and rec is not None]
                 if not recs:
                     continue
+                theirs = {n for run, n, rec in pooled if run is other and rec is not None}
+                if theirs != {pooled[0][1]}:  # a gap over other patients is no like-for-like comparison
+                    notes_ref = notes.ref(f"{other.label} was tested on other patients ("
+                                          f"{'/'.join(map(str, sorted(theirs, key=str)))}) than this run "
+                                          f"({pooled[0][1]}): its gap compares different test sets")
+                else:
+                    notes_ref = None
+                mark = f" [{notes_ref}]" if notes_ref else ""
                 if other.local:
                     best = {m: max((v for v in (_metric(r, task, m) for r in recs) if v is not None), default=None)
                                 for m in metrics}
                     mean = {m: (float(np.mean(vals)) if (vals := [v for v in (_metric(r, task, m) for r in recs)
                                                                   if v is not None]) else None) for m in metrics}
-                    rows.append([f"gap: minus the best local-only model ({other.label}; best per metric)", "",
+                    rows.append([f"gap: minus the best local-only model ({other.label}; best per metric){mark}", "",
                                  *self._gap_cells(task, metrics, mine, best)])
-                    rows.append([f"gap: minus the local-only mean ({len(recs)} site models)", "",
+                    rows.append([f"gap: minus the local-only mean ({len(recs)} site models){mark}", "",
                                  *self._gap_cells(task, metrics, mine, mean)])
                 else:
-                    rows.append([f"gap: minus {other.label}", "",
+                    rows.append([f"gap: minus {other.label}{mark}", "",
                                  *self._gap_cells(task, metrics, mine, {m: _metric(recs[0], task, m)
                                                                         for m in metrics})])
         return Table(["run", "test patients", *[METRIC_LABELS[m] for m in metrics]], rows,

@@ -186,6 +186,21 @@ def test_comparing_run_folders(compared):
     assert len([p for p in pooled if "all sites&#x27; test splits" in p]) == 3
     cen_site1 = next(v for k, v in cen["test"]["per_site"].items() if k == "site_1")
     assert f"{cen_site1['values']['diagnosis.accuracy']:.3f}" in test
+    # Results open with the pooled rows side by side and the gaps: this run minus the centralized run, minus the
+    # best and the mean local-only model (each local model on all sites' test splits), per metric.
+    results = _sections(html)["results"]
+    fed_acc = json.loads((root / "fed" / "final_metrics.json").read_text())["test"]["global"]["values"][
+        "diagnosis.accuracy"]
+    local = [json.loads((root / "loc" / "local" / s / "final_metrics.json").read_text())["all_sites_test"]["global"][
+        "values"]["diagnosis.accuracy"] for s in SITE_NAMES]
+    gaps = re.findall(r"<tr><td>gap: ([^<]*)</td><td></td><td class=\"num\">([^<]*)</td>",
+                      results.split("</table>")[0])
+    assert [(label.split(":")[0].split(" (")[0].split(" [")[0], v) for label, v in gaps] == [
+        ("minus centralized", f"{fed_acc - cen['test']['global']['values']['diagnosis.accuracy']:+.3f}"),
+        ("minus the best local-only model", f"{fed_acc - max(local):+.3f}"),
+        ("minus the local-only mean", f"{fed_acc - sum(local) / len(local):+.3f}")]
+    # The local-only models were tested on all three sites (none suppressed), this run on two: said in a note.
+    assert "was tested on other patients" in results
     # The compared runs appear as dashed curves: their labels are in the summary table header.
     assert "centralized: cmp" in _text(_sections(html)["summary"]) or "centralized:" in html
 
