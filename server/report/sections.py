@@ -127,7 +127,13 @@ class ReportBuilder:
         self.figures: list[Fig] = []
         self.errors: list[str] = []
         self.derived: dict[str, Any] = {}
-        self.warnings: list[str] = self._warnings()
+        try:
+            self.warnings: list[str] = self._warnings()
+        except Exception as e:  # noqa: BLE001 - like a section: the report is written at the end of every run
+            self.errors.append(f"warnings: {type(e).__name__}: {e}")
+            log.warning("report warnings failed: %s", traceback.format_exc())
+            self.warnings = [*self.main.problems, f"The report's other warnings could not be collected "
+                                                  f"({type(e).__name__}: {e}); read every section."]
 
     # -- helpers
 
@@ -421,6 +427,11 @@ class ReportBuilder:
             sites_s = ", ".join(run.local)
         elif isinstance(sites, list):
             sites_s = f"{len(sites)}: {fmt_sites(run, sites)}"
+            missed = [k for k, sp in (run.participation.per_site if run.participation else {}).items()
+                      if not sp.took_part_everywhere]
+            if missed:
+                sites_s += (f"; {fmt_sites(run, missed)} did not take part in every round and the final test "
+                            "(participation: Results)")
         else:
             sites_s = NOT_RECORDED
         msha = (final.get("model") or {}).get("sha256")

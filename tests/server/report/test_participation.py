@@ -106,6 +106,7 @@ def test_a_site_that_missed_rounds_and_the_final_test_makes_the_run_incomplete_a
     status = next(line for line in md.splitlines() if line.startswith("Status:"))
     assert status.startswith("Status: INCOMPLETE: ") and missed in status
     assert "Status: complete" not in md and f"| status | INCOMPLETE: {missed}" in md
+    assert "site_2 did not take part in every round and the final test" in _md_sections(md)["Run summary"]
     results = _md_sections(md)["Results"]
     assert f"- {missed}" in results
     assert "| site_2 | 1-2 of 1-4 | 0-1 of 0-4 | NO | training: 3-4; validation: 2-4; final test |" in results
@@ -206,3 +207,19 @@ def test_with_partial_sampling_a_site_is_expected_only_where_it_was_sampled(tmp_
     assert loaded.participation.sampled_only
     assert loaded.participation.per_site[GONE].took_part_everywhere
     assert loaded.problems == ["site_1 missed round 2 (training)"]
+
+
+def test_warnings_that_cannot_be_collected_still_leave_the_problems_and_a_report(tmp_path, monkeypatch):
+    from server.report.sections import ReportBuilder
+
+    def broken(self):
+        raise KeyError("weights")
+
+    monkeypatch.setattr(ReportBuilder, "_caveats", broken)
+    run = tmp_path / "run"
+    write_run(run, rounds=0, configured=2, seed=26, final=False)  # stopped before its first round
+    write_report([run])
+    metrics = json.loads((run / METRICS_JSON).read_text())
+    assert metrics["report_errors"] and metrics["report_errors"][0].startswith("warnings: KeyError")
+    assert metrics["warnings"][:-1] == metrics["runs"][0]["problems"] and metrics["warnings"][:-1]
+    assert "could not be collected" in _md_sections((run / REPORT_MD).read_text())["Results"]
