@@ -418,7 +418,7 @@ def _check_run(run: RunData) -> None:
         if run.failure is not None:
             f = run.failure
             last = f.get("last_checkpoint_round")
-            p.append(f"the run FAILED ({f.get('error', 'error')}): {f.get('reason', 'no reason recorded')}; "
+            p.append(f"the run failed ({f.get('error', 'error')}): {f.get('reason', 'no reason recorded')}; "
                      + (f"the last checkpoint is round {last}; resume the run to continue from it"
                         if last is not None else "no round was checkpointed; start the run again")
                      + "; there are no test results, only the rounds recorded so far")

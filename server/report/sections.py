@@ -243,10 +243,13 @@ class ReportBuilder:
     def results(self, sec: Section) -> None:
         main = self.main
         final = main.final or {}
-        sec.blocks.append(Para(f"Status: {main.status_word}" + (
-            " (every configured site took part in every round and the final test)." if main.participation else "."
-            if main.complete else f": {len(main.problems)} problem(s), the first warnings below."),
-            "" if main.complete else "warning"))
+        if not main.complete:
+            status = f": {len(main.problems)} problem(s), the first warnings below."
+        elif main.participation is not None:
+            status = " (every configured site took part in every round and the final test)."
+        else:
+            status = "."
+        sec.blocks.append(Para(f"Status: {main.status_word}{status}", "" if main.complete else "warning"))
         if self.warnings:
             sec.blocks.append(Para(f"Warnings ({len(self.warnings)}): read these before the numbers.", "warning"))
             sec.blocks.append(Bullets(list(self.warnings), "warning"))

@@ -108,7 +108,8 @@ def test_a_site_that_missed_rounds_and_the_final_test_makes_the_run_incomplete_a
     assert "Status: complete" not in md and f"| status | INCOMPLETE: {missed}" in md
     assert "site_2 did not take part in every round and the final test" in _md_sections(md)["Run summary"]
     results = _md_sections(md)["Results"]
-    assert f"- {missed}" in results
+    assert f"- {missed}" in results and "> **Status: INCOMPLETE: 1 problem(s), the first warnings below.**" in results
+    assert "took part in every round" not in results
     assert "| site_2 | 1-2 of 1-4 | 0-1 of 0-4 | NO | training: 3-4; validation: 2-4; final test |" in results
     assert "| site_1 | 1-4 of 1-4 | 0-4 of 0-4 | yes | — |" in results
     assert "| site_3 | 1-4 of 1-4 | 0-4 of 0-4 | yes | — |" in results
@@ -178,7 +179,9 @@ def test_a_failed_run_names_the_sites_that_missed_rounds_and_the_reason(tmp_path
     write_report([run])
     md = (run / REPORT_MD).read_text()
     results = _md_sections(md)["Results"]
-    assert "Status: FAILED: " in md and "1 site connected after waiting 300 s" in results
+    assert "Status: FAILED: the run failed (NodeWaitTimeout): 1 site connected after waiting 300 s" in md
+    assert "> **Status: FAILED: 3 problem(s), the first warnings below.**" in results
+    assert "took part in every round" not in results
     assert "resume the run to continue from it" in results and "site_2 missed rounds 3-4 (training)" in results
     assert "| site_2 | 1-2 of 1-4 | 0-1 of 0-3 | not recorded (no final test) | training: 3-4; validation: 2-3 |" \
         in results
