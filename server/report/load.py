@@ -8,7 +8,9 @@ what is missing rather than fail. Every field added to the format after the firs
 ``site_info``, ``wall_s``, ``bytes``, ``config_sha256``, pooled ``stats`` and ``km_grid``) is
 optional and shown as ``NOT_RECORDED`` when absent. What is incomplete or went wrong is collected
 as sentences in ``RunData.problems`` and ``RunData.events`` (``_check_run``), so every later stage
-only reads them. Only a folder that is not a run folder at all is refused, with ``ReportError``.
+only reads them. For a federated run, ``RunData.participation`` says which configured site trained
+in, validated and took part in what (``_participation``): a site that missed a round or the final
+test is a problem, so the run is "complete" only when every configured site took part in everything. Only a folder that is not a run folder at all is refused, with ``ReportError``.
 
 This module is the one place that knows the file layout; the sections, ``metrics.json`` and the
 renderers see ``RunData`` only.
@@ -86,7 +88,6 @@ class Participation:
     val_patients: dict[int, Any]
     per_site: dict[str, SiteParticipation]
     sampled_only: bool
-    test_recorded: bool
     selection_warning: str | None = None
 
 
@@ -337,8 +338,6 @@ def _participation(run: RunData) -> Participation:
     aggregated, val_sites, val_patients = [], {}, {}
     trained: dict[str, list[int]] = {}
     validated: dict[str, list[int]] = {}
-    missed_train: dict[str, list[int]] = {}
-    missed_val: dict[str, list[int]] = {}
     seen: list[str] = []
     expected_train: dict[int, list[str] | None] = {}
     expected_val: dict[int, list[str] | None] = {}
@@ -373,8 +372,7 @@ def _participation(run: RunData) -> Participation:
         per_site[k] = SiteParticipation(k, trained.get(k, []), validated.get(k, []), mt, mv,
                                         (k in tested) if test is not None else None)
     part = Participation(sites=list(configured), source=source, aggregated=aggregated, val_sites=val_sites,
-                         val_patients=val_patients, per_site=per_site, sampled_only=sampled_only,
-                         test_recorded=test is not None)
+                         val_patients=val_patients, per_site=per_site, sampled_only=sampled_only)
     part.selection_warning = _selection_warning(run, part)
     return part
 
