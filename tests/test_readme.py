@@ -44,7 +44,7 @@ README = ROOT / "README.md"
 REFERENCE_HEADING = "## Configuration reference"
 TOP_LEVEL = "Top level"
 #: Files the README names that are produced, not committed (so they may be absent in a checkout).
-GENERATED_PATHS = {"benchmarks/results/demo_report.png"}
+GENERATED_PATHS = {"benchmarks/results/report_first_page.png"}
 #: Fields whose value is one of a fixed set: the meaning must name every value.
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "arch"): C.ARCHS,
