@@ -21,6 +21,9 @@ What the file sets up (docker/README.md explains the commands around it):
   host) mounted READ-ONLY and ``site-K-state``. A SuperNode's Runtime API (port 9094) stays on the
   compose network: it is not published.
 
+With ``--superlink HOST:PORT`` (a site's own machine) only the sites' services are written; their
+SuperNodes dial HOST:PORT, which the SuperLink's certificate must name.
+
 Every Flower container gets ``server.ops.simulate.FLOWER_ENV`` (no telemetry, no update check,
 no run-time dependency installation, the SuperExec's fast task poll). The secrets are files in
 ``--credentials`` (``docker/make_credentials.py`` writes them, owned by uid 49999: compose bind-
@@ -107,9 +110,11 @@ def _secret(source: str, target: str) -> dict[str, str]:
 
 
 def render(sites: list[Site], credentials: str, app_image: str, version: str, port: int = SUPERLINK_PORT,
-           check_data: bool = True) -> dict[str, Any]:
+           check_data: bool = True, superlink: str | None = None) -> dict[str, Any]:
     """The compose document. ``credentials``: the folder of ``make_credentials.py``'s files, as the
-    compose file should name it (relative paths are relative to the compose file)."""
+    compose file should name it (relative paths are relative to the compose file). ``superlink``:
+    ``HOST:PORT`` of a SuperLink that runs elsewhere (a site's own machine): then only the sites'
+    services are written, and their SuperNodes dial that address."""
     if not sites:
         raise ValueError("give at least one --site NAME=/path")
     names = [s.name for s in sites]
@@ -122,6 +127,8 @@ def render(sites: list[Site], credentials: str, app_image: str, version: str, po
             raise ValueError(f"--site: not a site folder (no clinical.csv): {', '.join(missing)}")
     if not 1 <= port <= 65535:
         raise ValueError(f"--port {port}: expected 1-65535")
+    if superlink is not None and not re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", superlink):
+        raise ValueError(f"--superlink {superlink!r}: expected HOST:PORT (a name the SuperLink's certificate lists)")
     env = dict(FLOWER_ENV)
     link = f"superlink:{SUPERLINK_PORT}"
     ca = f"{CERT_DIR}/ca.crt"
@@ -154,6 +161,9 @@ def render(sites: list[Site], credentials: str, app_image: str, version: str, po
             "restart": "unless-stopped",
         },
     }
+    if superlink is not None:  # the SuperLink and the ServerApp run on the coordinator's machine
+        link, services, volumes = superlink, {}, {}
+        secrets = {"ca-crt": secrets["ca-crt"]}
     for k, site in enumerate(sites, start=1):
         node, key = f"supernode-{site.name}", f"{site.name}-key"
         secrets[key] = {"file": str(files.supernode_key(k))}
@@ -167,7 +177,7 @@ def render(sites: list[Site], credentials: str, app_image: str, version: str, po
                         "--node-config", _node_config(site)],
             "environment": env,
             "secrets": [_secret("ca-crt", ca), _secret(key, KEY_PATH)],
-            "depends_on": ["superlink"],
+            **({} if superlink else {"depends_on": ["superlink"]}),
             "restart": "unless-stopped",
         }
         services[f"superexec-clientapp-{site.name}"] = {
@@ -197,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--app-image", default=None, metavar="IMAGE",
                     help="the app image built from docker/Dockerfile (default fedsmm/app:<fedsmm version>)")
     ap.add_argument("--port", type=int, default=SUPERLINK_PORT, help="host port of the SuperLink (default 8000)")
+    ap.add_argument("--superlink", default=None, metavar="HOST:PORT",
+                    help="the SuperLink runs on another machine: write only the sites' services, dialing HOST:PORT")
     ap.add_argument("--no-data-check", action="store_true",
                     help="do not require each site folder to exist here (compose file made for another host)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "compose.yaml", metavar="FILE")
@@ -205,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         sites = [parse_site(s) for s in args.site]
         version = flwr_version()
         app_image = args.app_image or f"fedsmm/app:{_project_version()}"
-        doc = render(sites, args.credentials, app_image, version, args.port, check_data=not args.no_data_check)
+        doc = render(sites, args.credentials, app_image, version, args.port, check_data=not args.no_data_check,
+                     superlink=args.superlink)
     except ValueError as e:
         print(f"make_compose.py: {e}", file=sys.stderr)
         return 2

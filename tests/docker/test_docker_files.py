@@ -229,3 +229,16 @@ def test_site_keys_rejects_a_foreign_compose_file(tmp_path):
 def test_credentials_hosts_keep_the_compose_names():
     assert make_credentials.hosts_with_compose(" link.example.org,localhost ,") == \
         "superlink,localhost,127.0.0.1,link.example.org"
+
+
+def test_a_site_machine_gets_only_its_services(tmp_path):
+    site = make_compose.Site("site-b", tmp_path / "b")
+    doc = make_compose.render([site], "credentials", "img", "1.42.0", check_data=False,
+                              superlink="link.example.org:8000")
+    assert sorted(doc["services"]) == ["superexec-clientapp-site-b", "supernode-site-b"]
+    node = doc["services"]["supernode-site-b"]
+    assert _flag(node["command"], "--superlink") == "link.example.org:8000" and "depends_on" not in node
+    assert sorted(doc["secrets"]) == ["ca-crt", "site-b-key"]  # never the SuperLink's key
+    assert sorted(doc["volumes"]) == ["site-b-data", "site-b-state"]
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        make_compose.render([site], "credentials", "img", "1.42.0", check_data=False, superlink="link.example.org")
