@@ -30,6 +30,7 @@ from server.ops.simulate import (ProcessTracker, _executable, dump_config, flwr_
 
 ROOT = Path(__file__).resolve().parents[2]
 from sim_cohort import SMALL, write_features_cohort  # noqa: E402 - tests/support (tests/conftest.py)
+from flwr_runs import cli_json, wait_for_run  # noqa: E402
 
 pytestmark = pytest.mark.deployment
 
@@ -119,12 +120,6 @@ def deployment(tmp_path):
         assert left == [], f"processes left after teardown: {left}"
 
 
-def _json(out: str) -> dict:
-    start = out.find("{")
-    assert start >= 0, out[-2000:]
-    return json.loads(out[start:])
-
-
 def test_tls_and_node_auth_two_rounds(tmp_path, deployment):
     t_start = time.monotonic()
     timings: dict[str, float] = {}
@@ -179,7 +174,7 @@ def test_tls_and_node_auth_two_rounds(tmp_path, deployment):
             r = flwr("supernode", "register", str(certs / f"supernode-{k}.pub"), CONN, "--name", f"site-{k}",
                      "--format", "json")
             try:
-                ok = r.returncode == 0 and _json(r.stdout).get("success") is True
+                ok = r.returncode == 0 and cli_json(r.stdout).get("success") is True
             except (AssertionError, ValueError):
                 ok = False
             if ok:
@@ -200,23 +195,15 @@ def test_tls_and_node_auth_two_rounds(tmp_path, deployment):
     app = stage_app(ROOT, tmp_path / "app")
     t0 = time.monotonic()
     r = flwr("run", str(app), CONN, "--run-config", str(run_config), "--format", "json", timeout=300)
-    out = _json(r.stdout) if r.returncode == 0 else {}
+    out = cli_json(r.stdout) if r.returncode == 0 else {}
     assert out.get("success") and out.get("run-id") is not None, (r.stdout + r.stderr)[-3000:]
     run_id = str(out["run-id"])
-    status = ""
-    deadline = time.monotonic() + 480
-    while time.monotonic() < deadline:
+
+    def all_alive() -> None:
         for name, p in deployment.procs.items():
             assert p.poll() is None, f"{name} exited ({p.returncode}):\n{deployment.log(name)}"
-        r = flwr("ls", CONN, "--run-id", run_id, "--format", "json", timeout=60)
-        try:
-            runs = _json(r.stdout).get("runs") or []
-            status = str(runs[0].get("status", "")) if runs else status
-        except (AssertionError, ValueError):
-            pass
-        if status.startswith("finished:"):
-            break
-        time.sleep(10.0)  # each `flwr ls` costs CPU-seconds the run needs on a small machine
+
+    status = wait_for_run(flwr, CONN, run_id, 480, check=all_alive)
     timings["run_s"] = time.monotonic() - t0
     if status != "finished:completed":
         log = flwr("log", run_id, CONN, "--show", timeout=60)
