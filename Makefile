@@ -6,12 +6,13 @@ BIN    := $(VENV)/bin
 CONSTRAINTS := requirements/constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-all bench demo clean help
+.PHONY: install test test-all test-docker bench demo clean help
 
 help:
 	@echo "make install   create $(VENV) and install fedsmm with its test extras"
 	@echo "make test      install if needed, run the default test tier (unit + quick training)"
 	@echo "make test-all  also the slow tiers"
+	@echo "make test-docker  the docker tier: build the images, compose up, two rounds, tear down"
 	@echo "make bench     quick benchmarks (results under benchmarks/results/)"
 	@echo "make demo      synthetic 3-site cohort -> features -> simulated federation -> report"
 
@@ -24,10 +25,14 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not deployment" -q
+	$(BIN)/python -m pytest -m "not slow and not deployment and not docker" -q
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# docker/README.md: Docker (or root, to start Debian's dockerd) and a CPU-only torch wheel.
+test-docker: $(STAMP)
+	$(BIN)/python -m pytest -m docker tests/docker -q -s
 
 # Quick versions (about 25 minutes on 2 CPU cores); benchmarks/README.md has the full ones and their times.
 bench: $(STAMP)
