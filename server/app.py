@@ -157,14 +157,15 @@ def instruction_message(ins: Instruction, arrays: Packed | None, ttl: float | No
                    group_id=None if group is None else str(group))
 
 
-def reply_from_message(msg: Message, expected: Mapping[str, Layout] | None = None) -> Reply:
+def reply_from_message(msg: Message, expected: Mapping[str, Layout] | None = None, node_id: int | None = None) -> Reply:
     """A neutral ``Reply`` from a Flower reply; an error becomes a sanitized code (its reason text,
     the site's exception message, is dropped here and goes nowhere).
 
     ``expected``: the layout each weights record of the instruction was packed with; a reply's
     weights must carry the same layout's digest and fit it exactly, or the reply is ``E_BAD_REPLY``
-    (as is a weights record nobody sent a layout for)."""
-    nid = int(msg.metadata.src_node_id)
+    (as is a weights record nobody sent a layout for). ``node_id``: the node the instruction went
+    to, when the caller matched the reply to it (default: the reply's sender)."""
+    nid = int(msg.metadata.src_node_id) if node_id is None else int(node_id)
     if msg.has_error():
         return Reply(nid, error=sanitize_error(int(msg.error.code), msg.error.reason))
     expected = expected or {}
@@ -214,15 +215,22 @@ class FlowerTransport:
     def node_ids(self) -> list[int]:
         return sorted(int(n) for n in self.grid.get_node_ids())
 
-    def _exchange(self, messages: list[Message]) -> list[Message]:
-        """Push, then pull until every pushed message has its reply or the timeout passes."""
-        pending = {i for i in self.grid.push_messages(messages) if i}  # None: a message the SuperLink refused
+    def _exchange(self, messages: list[Message]) -> list[tuple[int, Message]]:
+        """Push, then pull until every pushed message has its reply or the timeout passes; each
+        reply with the node its message went to, matched by ``reply_to_message_id``, never by
+        sender: the error reply the SuperLink writes for a node it lost (``E_NODE_UNAVAILABLE``)
+        names the SuperLink itself as its sender."""
+        ids = list(self.grid.push_messages(messages))  # in the messages' order; None: refused by the SuperLink
+        to_node = {i: int(m.metadata.dst_node_id) for i, m in zip(ids, messages) if i}
+        pending = set(to_node)
         end = self.clock() + self.timeout_s
-        replies: list[Message] = []
+        replies: list[tuple[int, Message]] = []
         while pending:
-            got = list(self.grid.pull_messages(sorted(pending)))
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
+            for m in self.grid.pull_messages(sorted(pending)):
+                rid = m.metadata.reply_to_message_id
+                if rid in pending:
+                    pending.discard(rid)
+                    replies.append((to_node[rid], m))
             if not pending or self.clock() >= end:
                 break
             self.sleep(min(self.poll_s, max(0.0, end - self.clock())))
@@ -247,9 +255,8 @@ class FlowerTransport:
             # in the correction's layout: the model's parameters).
             expected[int(ins.node_id)] = {name: p.layout for name, p in ((ARRAYS, a), (CONTROL, c)) if p is not None}
         by_node: dict[int, Reply] = {}
-        for m in self._exchange(messages):
-            r = reply_from_message(m, expected.get(int(m.metadata.src_node_id)))
-            by_node.setdefault(r.node_id, r)
+        for node, m in self._exchange(messages):
+            by_node.setdefault(node, reply_from_message(m, expected.get(node), node_id=node))
         out = []
         for ins in instructions:
             r = by_node.get(int(ins.node_id)) or Reply(int(ins.node_id), error="E_NO_REPLY")

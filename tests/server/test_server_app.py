@@ -63,6 +63,7 @@ class FakeGrid:
         self.sites = sites
         self.connected = connected if connected is not None else sorted(sites)
         self.silent: set[int] = set()
+        self.lost: set[int] = set()  # the SuperLink answers for these, as for a node whose heartbeat stopped
         self.ttls: list[float] = []
         self.replies: dict[str, Message] = {}
         self.pulls = 0
@@ -79,7 +80,9 @@ class FakeGrid:
             msg.metadata.__dict__["_message_id"] = mid  # as Flower's grids stamp it before pushing
             ids.append(mid)
             self.ttls.append(msg.metadata.ttl)
-            if msg.metadata.dst_node_id not in self.silent:
+            if msg.metadata.dst_node_id in self.lost:
+                self.replies[mid] = _superlink_unavailable(msg)
+            elif msg.metadata.dst_node_id not in self.silent:
                 self.replies[mid] = self._answer(msg)
         return ids
 
@@ -107,6 +110,14 @@ class FakeGrid:
         for name, rec in r.records.items():
             out[name] = ConfigRecord(rec)
         return Message(out, reply_to=msg)
+
+
+def _superlink_unavailable(msg: Message) -> Message:
+    """The error reply a SuperLink writes for an instruction to a node it lost: Flower's own
+    constructor, whose sender is the SuperLink (node 1), not the node."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
 
 
 def write_config(tmp_path: Path, *extra: str) -> Path:
@@ -226,6 +237,12 @@ def test_flower_transport_one_reply_per_instruction(task_identity):
     assert grid.pulls == 61 and clock[0] == 30.0
     grid.silent, grid.pulls = set(), 0
     assert all(r.error in (None, "E_CLIENT_ERROR") for r in t.send(ins)) and grid.pulls == 1
+    # A node the SuperLink lost: its error reply names the SuperLink as sender and is still filed
+    # under the node the instruction went to, with its reason (not E_NO_REPLY after the timeout).
+    grid.lost, clock[0] = {13}, 0.0
+    replies = t.send(ins)
+    assert [r.node_id for r in replies] == [11, 12, 13] and replies[2].error == "E_NODE_UNAVAILABLE"
+    assert clock[0] == 0.0  # every reply was in at the first pull
 
 
 def test_server_app_runs_a_federation_over_flower_messages(tmp_path, task_identity):
