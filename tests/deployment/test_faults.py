@@ -44,27 +44,37 @@ def _dropped(rec: dict) -> dict[int, str]:
     return {int(d["node"]): d["reason"] for d in (rec.get("train") or {}).get("dropped") or []}
 
 
-def _wait_clientapp(fed: Federation, k: int, timeout_s: float = 120.0) -> list[int]:
-    """The ClientApp process(es) site k runs for the message it was just sent."""
-    return poll(lambda: fed.processes(f"supernode-{k}", "flwr-clientapp"), timeout_s, 0.1,
-                f"a ClientApp process at site {k}")
+def _wait_round(fed: Federation, run_dir: Path, r: int, k: int, seen: set[int], timeout_s: float) -> dict:
+    """Round ``r``'s record once written, adding to ``seen`` every ClientApp process of site k alive
+    before it was (each scan comes before the look at rounds.jsonl, so none of them can be working
+    on a message of a later round: those are sent after the record is written)."""
+    def done():
+        pids = fed.processes(f"supernode-{k}", "flwr-clientapp")
+        rec = round_record(run_dir, r)
+        if rec is None:
+            seen.update(pids)
+        return rec
+
+    return poll(done, timeout_s, 0.2, f"round {r}'s record")
 
 
-def _three_rounds(deployment, tmp_path: Path, timeout_s: float) -> tuple[Federation, Path, int, float]:
+def _three_rounds(deployment, tmp_path: Path, timeout_s: float) -> tuple[Federation, Path, int, float, set[int]]:
     """Two sites, ``min_nodes = 1`` (a round closes from the other site), three rounds: submitted,
     returned once preflight is done and round 1's messages go out (round 0's record is written just
-    before). (federation, run folder, run id, monotonic time of the submission)"""
+    before). (federation, run folder, run id, monotonic time of the submission, the PIDs of site 2's
+    ClientApps until then: preflight's, which may still be exiting)"""
     fed = Federation(deployment, tmp_path, sites=2, overrides=[
         *TINY, "federation.rounds=3", "federation.min_nodes=1", f"federation.round_timeout_s={timeout_s:g}",
         "federation.wait_for_nodes_s=60"]).start()
     run_dir = fed.run_dir("run")
     t_run = time.monotonic()
     run_id = fed.submit(run_dir)
+    seen: set[int] = set()
     try:
-        poll(lambda: round_record(run_dir, 0), 240, 0.2, "round 0 (preflight done)")
+        _wait_round(fed, run_dir, 0, 2, seen, 240)
     except AssertionError as e:
         pytest.fail(f"{e}\n{fed.diagnostics(run_id, ['supernode-1', 'supernode-2'])}")
-    return fed, run_dir, run_id, t_run
+    return fed, run_dir, run_id, t_run, seen
 
 
 def _three_rounds_done(fed: Federation, run_dir: Path, run_id: int, t_run: float,
@@ -87,10 +97,11 @@ def test_killed_site_round_closes_then_site_rejoins(tmp_path, deployment, figure
     the dead node once its heartbeat patience runs out) and be aggregated without it; site 2 is
     restarted (same key, same node id) and must be trained on again in a later round; the run completes."""
     timeout_s = 180.0  # far above a normal round (<= 100 s measured on a loaded 2-core machine)
-    fed, run_dir, run_id, t_run = _three_rounds(deployment, tmp_path, timeout_s)
+    fed, run_dir, run_id, t_run, preflight = _three_rounds(deployment, tmp_path, timeout_s)
     a, b = fed.node_ids[1], fed.node_ids[2]
     try:
-        _wait_clientapp(fed, 2)  # round 1's train message is being worked on at site 2
+        poll(lambda: set(fed.processes("supernode-2", "flwr-clientapp")) - preflight, 120, 0.1,
+             "site 2's ClientApp on round 1")  # round 1's train message is being worked on at site 2
         deployment.kill("supernode-2")
         t_kill = time.monotonic()
         rec1 = poll(lambda: round_record(run_dir, 1), timeout_s + 60, 0.2, "round 1's record")
@@ -177,20 +188,14 @@ def test_straggler_dropped_paused_site_waited_for(tmp_path, deployment, figures)
     round 2 site 2 is trained on as usual. Round 3: site 2's whole machine is paused (SIGSTOP) for
     ``pause_s``, shorter than Flower's heartbeat patience: the round waits for it and aggregates both."""
     timeout_s, pause_s = 150.0, 20.0  # the timeout: above a normal round on a loaded 2-core machine
-    fed, run_dir, run_id, t_run = _three_rounds(deployment, tmp_path, timeout_s)
+    fed, run_dir, run_id, t_run, seen = _three_rounds(deployment, tmp_path, timeout_s)
     a, b = fed.node_ids[1], fed.node_ids[2]
     try:
         t_push = time.monotonic()  # round 1's messages go out right after round 0's record
-        late = poll(lambda: _running_clientapps(fed, 2), 120, 0.2, "site 2's ClientApp on round 1")
-        figures["straggler_slowed_s"] = round(_slow_down(late, lambda: round_record(run_dir, 1)), 1)
+        late = poll(lambda: _running_clientapps(fed, 2, seen), 120, 0.2, "site 2's ClientApp on round 1")
+        figures["straggler_slowed_s"] = round(_slow_down(late, lambda: round_record(run_dir, 1), run_s=0.5), 1)
         figures["straggler_round_closed_s"] = round(time.monotonic() - t_push, 1)
-        seen = set(late)  # site 2's ClientApps up to round 2's end (the stale one, round 2's)
-
-        def round_2_done():
-            seen.update(fed.processes("supernode-2", "flwr-clientapp"))
-            return round_record(run_dir, 2)
-
-        poll(round_2_done, timeout_s + 120, 0.5, "round 2's record")
+        _wait_round(fed, run_dir, 2, 2, seen, timeout_s + 120)  # seen: + the stale ClientApp, round 2's
         # round 3: site 2 paused pause_s once it works on round 3's message
         poll(lambda: _running_clientapps(fed, 2, seen), 120, 0.2, "site 2's ClientApp on round 3")
         deployment.send_signal("supernode-2", signal.SIGSTOP)
