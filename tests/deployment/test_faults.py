@@ -119,7 +119,7 @@ def test_killed_site_round_closes_then_site_rejoins(tmp_path, deployment, figure
     assert rec1["status"] == "aggregated" and _kept(rec1) == [a] and b in rec1["train"]["sampled"], diag
     assert b in _dropped(rec1), diag
     assert all(r["status"] == "aggregated" for r in rounds[1:]), diag
-    assert rounds[-1]["round"] == 3 and _kept(rounds[-1]) == [a, b], diag
+    assert rounds[-1]["round"] == 3 and _kept(rounds[-1]) == sorted((a, b)), diag
     assert (run_dir / "model.pt").is_file() and not (run_dir / "failure.json").exists()
     figures["dropped_reason"] = _dropped(rec1)[b]
     # The SuperLink's error for a dead node is NODE_UNAVAILABLE (README: "E_NODE_UNAVAILABLE").
@@ -205,9 +205,9 @@ def test_straggler_dropped_paused_site_waited_for(tmp_path, deployment, figures)
             deployment.send_signal("supernode-2", signal.SIGCONT)
     except AssertionError as e:
         pytest.fail(f"{e}\n{fed.diagnostics(run_id, ['supernode-1', 'supernode-2'])}")
+    rounds, diag = _three_rounds_done(fed, run_dir, run_id, t_run, figures)
     # the rounds site 2 sent a train reply for (round 1's: the late one, after round 1 closed)
     figures["site_2_replied_rounds"] = _replied_rounds(deployment.log("supernode-2", tail=1_000_000))
-    rounds, diag = _three_rounds_done(fed, run_dir, run_id, t_run, figures)
     rec1, rec2, rec3 = rounds[1:]
     figures["straggler_round_train_s"] = round(rec1["timings"]["train"], 1)
     figures["round_after_straggler_train_s"] = round(rec2["timings"]["train"], 1)
@@ -219,7 +219,7 @@ def test_straggler_dropped_paused_site_waited_for(tmp_path, deployment, figures)
     assert timeout_s - 5 <= rec1["timings"]["train"] <= timeout_s + 10, diag
     # rounds 2 and 3 (site 2 paused pause_s): both sites, site 2 with its usual data, no outlier
     for rec in (rec2, rec3):
-        assert rec["status"] == "aggregated" and _kept(rec) == [a, b] and not _dropped(rec), diag
+        assert rec["status"] == "aggregated" and _kept(rec) == sorted((a, b)) and not _dropped(rec), diag
         assert rec["train"]["per_site"][str(b)]["num-examples"] == rec3["train"]["per_site"][str(b)]["num-examples"]
         assert not rec["train"]["norm_outliers"], diag
     assert rec3["timings"]["train"] >= pause_s, diag
@@ -316,7 +316,7 @@ def test_lost_sites_fail_the_run_and_resume_matches_uninterrupted(tmp_path, depl
     _complete(fed, lost, True, "resumed run")
     figures["resumed_run_s"] = round(time.monotonic() - t0, 1)
     rounds = read_rounds(lost)
-    assert [r["round"] for r in rounds] == [0, 1, 2] and _kept(rounds[2]) == [a, b], rounds
+    assert [r["round"] for r in rounds] == [0, 1, 2] and _kept(rounds[2]) == sorted((a, b)), rounds
     assert _differing(load_latest(lost).weights, ref_last.weights) == [], "final checkpoint differs from the reference's"
     assert _differing(_model_weights(lost), ref_model) == [], "model.pt differs from the reference's"
     figures["resume_bit_identical"] = True
@@ -360,7 +360,10 @@ def test_superlink_restart_during_a_run_then_resume(tmp_path, deployment, figure
     figures["during_resumed_run_s"] = round(time.monotonic() - t0, 1)
     rounds = read_rounds(during)
     assert [r["round"] for r in rounds] == [0, 1, 2] and all(r["status"] == "aggregated" for r in rounds[1:]), rounds
-    assert _kept(rounds[2]) == [a, b] and (during / "model.pt").is_file(), rounds
+    assert _kept(rounds[2]) == sorted((a, b)) and (during / "model.pt").is_file(), rounds
     figures["resumed_after_round"] = json.loads((during / "final_metrics.json").read_text()).get("resumed_after_round")
     assert figures["resumed_after_round"] in figures["during_rounds_before_resume"], figures
+    # the interrupted run: never reported completed (on flwr 1.42 it stays "running" after the restart)
+    figures["during_status_at_end"] = fed.status(during_id)
+    assert figures["during_status_at_end"] != "finished:completed", figures
     figures["_passed"] = True
