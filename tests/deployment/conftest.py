@@ -22,7 +22,8 @@ def deployment(tmp_path):
 @pytest.fixture
 def figures(request):
     """A dict the test fills with what it measured; printed, and recorded under the test's name
-    (``deployment.record_figures``) with ``passed`` and the test's wall time, also when it failed."""
+    (``deployment.record_figures``) with ``passed`` and the test's wall time, also when it failed
+    (but not when it measured nothing: an interrupted test does not overwrite an earlier record)."""
     from deployment import record_figures
 
     out: dict = {}
@@ -31,4 +32,5 @@ def figures(request):
     out["passed"] = bool(out.pop("_passed", False))
     out["test_wall_s"] = round(time.monotonic() - t0, 1)
     print(f"\n{request.node.name}: {json.dumps(out, default=str)}")
-    record_figures(request.node.name, out)
+    if set(out) - {"passed", "test_wall_s"}:  # a test stopped before it measured anything keeps the last record
+        record_figures(request.node.name, out)

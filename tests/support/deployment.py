@@ -369,22 +369,42 @@ def round_record(run_dir: Path, r: int) -> dict | None:
 RESULTS_ENV = "SMM_RELIABILITY_RESULTS"
 
 
-def record_figures(scenario: str, figures: dict[str, Any]) -> Path | None:
-    """Merge one scenario's measured figures into the file ``$SMM_RELIABILITY_RESULTS`` names (with
-    the date, commit, machine and command of the session); nothing when it is unset."""
-    target = os.environ.get(RESULTS_ENV)
-    if not target:
-        return None
+def _provenance():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import provenance
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return provenance
+
+
+def _tree_state() -> str:
+    """The checkout's commit now (at import: the code the session's tests run), ``+changes`` when
+    tracked files differ from it."""
+    commit = _provenance().git_commit()
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        dirty = ""
+    return commit + ("+changes" if dirty else "")
+
+
+SESSION_COMMIT = _tree_state()
+
+
+def record_figures(scenario: str, figures: dict[str, Any]) -> Path | None:
+    """Merge one scenario's measured figures into the file ``$SMM_RELIABILITY_RESULTS`` names, each
+    scenario with the date, the commit its session ran and the command; nothing when it is unset."""
+    target = os.environ.get(RESULTS_ENV)
+    if not target:
+        return None
+    provenance = _provenance()
     path = Path(target)
     data = json.loads(path.read_text()) if path.exists() else {}
-    data.update({"benchmark": "reliability", "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-                 "commit": provenance.git_commit(), "machine": provenance.machine("flwr"),
-                 "command": f"{RESULTS_ENV}={target} OMP_NUM_THREADS=1 python -m pytest {' '.join(sys.argv[1:])}"})
-    data.setdefault("scenarios", {})[scenario] = figures
-    path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    run = {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "commit": SESSION_COMMIT,
+           "command": f"{RESULTS_ENV}={target} OMP_NUM_THREADS=1 python -m pytest {' '.join(sys.argv[1:])}"}
+    data.update({"benchmark": "reliability", "machine": provenance.machine("flwr"), **run})
+    data.setdefault("scenarios", {})[scenario] = {**figures, **run}
+    path.write_text(json.dumps(data, indent=1) + "\n")
     return path
