@@ -4,11 +4,15 @@ SuperLink restarts. Each starts its own TLS + node-auth federation of two tiny s
 processes it started or found in its own FLWR_HOMEs), and checks what the run folder
 (``rounds.jsonl``, checkpoints, ``failure.json``, ``model.pt``) and ``flwr ls`` say.
 
-What Flower 1.42 does underneath (read in its source, flwr/server/superlink/linkstate): a
-SuperNode heartbeats every 30 s and is offline once 2 x 30 s pass without one; from then on the
-SuperLink answers every message to it that has no reply yet with a NODE_UNAVAILABLE error (sent
-from the SuperLink's own node id), also when the reply had arrived before. A message whose
-``ttl`` (``federation.round_timeout_s``) passes without a reply gets an "expired" error.
+What Flower 1.42 does underneath (read in its source, flwr/server/superlink/linkstate and
+flwr/supercore/heartbeat.py): a SuperNode (and each ClientApp/ServerApp task) heartbeats every
+17-22 s and is offline once 2 x 30 s pass without one; from then on the SuperLink answers every
+message to it that has no reply yet with a NODE_UNAVAILABLE error (sent from the SuperLink's own
+node id, 1), also when the reply had arrived before. A message whose ``ttl``
+(``federation.round_timeout_s``) passes without a reply gets an "expired" error. Seen in these
+runs: a SuperNode finishes a stale message (and sends its late reply) before it pulls the next
+one; the ServerApp exits ~9 s after its SuperLink stops, and ``flwr ls`` shows that run
+``running`` after the restart, ``finished:failed`` later. Figures: benchmarks/results/reliability.json.
 
 Run: ``PYTHONPATH=. OMP_NUM_THREADS=1 python -m pytest tests/deployment/test_faults.py -m deployment -s``;
 ``SMM_RELIABILITY_RESULTS=benchmarks/results/reliability.json`` records the figures printed.
