@@ -25,6 +25,7 @@ from typing import Any
 
 from server.ops.simulate import (ProcessTracker, _executable, dump_config, flwr_env, free_port, pids_with_env,
                                  resolve_config, stage_app, write_run_config)
+from flwr_runs import cli_json, wait_for_run
 from sim_cohort import SMALL, write_features_cohort
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,12 +52,6 @@ def poll(cond: Callable[[], Any], timeout_s: float, every_s: float = 0.5, what: 
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(every_s)
-
-
-def parse_json(out: str) -> dict:
-    start = out.find("{")
-    assert start >= 0, out[-2000:]
-    return json.loads(out[start:])
 
 
 def cmdline(pid: int) -> str:
@@ -241,7 +236,7 @@ class Federation:
             r = self.flwr("supernode", "register", str(self.certs / f"supernode-{k}.pub"), CONN, "--name",
                           f"site-{k}", "--format", "json")
             try:
-                out = parse_json(r.stdout) if r.returncode == 0 else {}
+                out = cli_json(r.stdout) if r.returncode == 0 else {}
             except (AssertionError, ValueError):
                 out = {}
             if out.get("success") is True:
@@ -273,7 +268,7 @@ class Federation:
         """node id -> status, from ``flwr supernode list`` (empty while the SuperLink does not answer)."""
         r = self.flwr("supernode", "list", CONN, "--format", "json", timeout=60)
         try:
-            return {int(n["node-id"]): str(n["status"]) for n in parse_json(r.stdout).get("nodes") or []}
+            return {int(n["node-id"]): str(n["status"]) for n in cli_json(r.stdout).get("nodes") or []}
         except (AssertionError, ValueError, KeyError):
             return {}
 
@@ -306,14 +301,14 @@ class Federation:
             "config-path": str(run_dir / "config.yaml"), "overrides": "", "run-dir": str(run_dir),
             "resume": resume})
         r = self.flwr("run", str(self.app), CONN, "--run-config", str(rc), "--format", "json", timeout=300)
-        out = parse_json(r.stdout) if r.returncode == 0 else {}
+        out = cli_json(r.stdout) if r.returncode == 0 else {}
         assert out.get("success") and out.get("run-id") is not None, (r.stdout + r.stderr)[-3000:]
         return int(out["run-id"])
 
     def status(self, run_id: int) -> str:
         r = self.flwr("ls", CONN, "--run-id", str(run_id), "--format", "json", timeout=60)
         try:
-            runs = parse_json(r.stdout).get("runs") or []
+            runs = cli_json(r.stdout).get("runs") or []
         except (AssertionError, ValueError):
             return ""
         return str(runs[0].get("status", "")) if runs else ""
@@ -322,17 +317,12 @@ class Federation:
                       watch: Sequence[str] = ("superlink",)) -> str:
         """Poll ``flwr ls`` until the run is ``finished:*`` (each call costs CPU the run needs, so not
         too often); the processes named in ``watch`` must stay alive meanwhile."""
-        status = ""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def alive() -> None:
             for name in watch:
                 p = self.dep.procs[name]
                 assert p.poll() is None, f"{name} exited ({p.returncode}):\n{self.dep.log(name)}"
-            status = self.status(run_id) or status
-            if status.startswith("finished:"):
-                return status
-            time.sleep(every_s)
-        return status
+
+        return wait_for_run(self.flwr, CONN, str(run_id), timeout_s, check=alive, poll_s=every_s)
 
     def server_log(self, run_id: int, tail: int = 4000) -> str:
         r = self.flwr("log", str(run_id), CONN, "--show", timeout=60)
