@@ -18,7 +18,9 @@ see ``inprocess.SMALL_MODEL``) and of the selected round (validation loss, the d
 ``selection_metric``), and the selected ``model.pt`` evaluated exactly on every site's pooled test
 patients (``client.baselines.evaluate.evaluate_sites``, what ``smm evaluate`` runs); the guard's
 view of the attacker every round (``train.norm_outliers``, ``train.dropped``, the attacker's update
-norm against the honest median, ``rounds.jsonl``).
+norm against the honest median, ``rounds.jsonl``), and how much of the attacker's update reached
+the aggregate (``Attacker.share``: its deviation from the honest sites' mean projected onto the
+round's aggregate, from the checkpoint of every round; 0.2 is FedAvg's equal weight, 0 a rejection).
 
 Target (issue 14): every robust strategy keeps the validation metrics (diagnosis AUC, grade AUC,
 C-index) within 2 points of its own clean run; FedAvg's degradation is recorded.
@@ -45,6 +47,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -75,16 +79,44 @@ def _pct(values: dict) -> dict[str, float | None]:
     return out
 
 
-def make_tamper(scale: float | None):
-    """The transport hook: the attacker's train reply scaled about the global model it was sent."""
-    from server.federation.messages import TRAIN
+class Attacker:
+    """The transport hook: the attacker's train reply scaled about the global model it was sent
+    (``scale`` None: honest). Keeps, per round, the global model sent and every site's train
+    reply as the server received it, for ``attacker_share``."""
 
-    def tamper(ins, reply):
-        if scale is None or ins.node_id != ATTACKER or ins.message_type != TRAIN or reply.arrays is None:
+    def __init__(self, scale: float | None) -> None:
+        self.scale = scale
+        self.sent: dict[int, dict[str, np.ndarray]] = {}
+        self.replies: dict[int, dict[int, dict[str, np.ndarray]]] = {}
+
+    def __call__(self, ins, reply):
+        from server.federation.messages import TRAIN
+        from smm_model.contract.wire import KEY_ROUND
+
+        if ins.message_type != TRAIN or reply.arrays is None:
             return reply
-        return replace(reply, arrays=inprocess.scaled_update(reply.arrays, ins.arrays, scale))
+        if self.scale is not None and ins.node_id == ATTACKER:
+            reply = replace(reply, arrays=inprocess.scaled_update(reply.arrays, ins.arrays, self.scale))
+        r = int(ins.config[KEY_ROUND])
+        self.sent[r] = ins.arrays
+        self.replies.setdefault(r, {})[int(ins.node_id)] = reply.arrays
+        return reply
 
-    return tamper
+    def share(self, aggregates: dict[int, dict[str, np.ndarray]]) -> dict[int, float | None]:
+        """Per round, how much of the attacker's deviation from the honest sites' mean ``h`` made it
+        into the aggregate ``a``: <a - h, p - h> / ||p - h||^2 over the float arrays, with ``p``
+        the attacker's reply (FedAvg of five equal sites: 0.2; an update rejected: about 0)."""
+        out: dict[int, float | None] = {}
+        for r, reps in sorted(self.replies.items()):
+            if r not in aggregates or ATTACKER not in reps or len(reps) < 2:
+                continue
+            keys = [k for k, v in self.sent[r].items() if v.dtype.kind == "f"]
+            flat = lambda d: np.concatenate([d[k].astype(np.float64).ravel() for k in keys])  # noqa: E731
+            h = np.mean([flat(a) for n, a in reps.items() if n != ATTACKER], axis=0)
+            dev = flat(reps[ATTACKER]) - h
+            den = float(dev @ dev)
+            out[r] = None if den == 0 else round(float((flat(aggregates[r]) - h) @ dev) / den, 3)
+        return out
 
 
 def guard_view(rounds: list[dict]) -> dict[str, Any]:
@@ -110,6 +142,7 @@ def one_run(work: Path, cohort: Path, strategy: str, attack: str, scale: float |
     import client.app as client_app
     from client.baselines.evaluate import evaluate_sites, load_model_file
     from server.federation.loop import run_federation
+    from server.runs.checkpoint import load_checkpoint
     from smm_model.config import ExperimentConfig
 
     name = f"{strategy}-{attack}"
@@ -120,10 +153,13 @@ def one_run(work: Path, cohort: Path, strategy: str, attack: str, scale: float |
     os.environ[client_app.LOG_DIR_ENV] = str(work / "site-logs" / name)
     run_dir = work / name
     t0 = time.perf_counter()
-    transport = inprocess.InProcessTransport(SITES, make_tamper(scale))
-    final = run_federation(transport, cfg, run_dir, poll_s=0.01)
+    attacker = Attacker(scale)
+    transport = inprocess.InProcessTransport(SITES, attacker)
+    final = run_federation(transport, cfg, run_dir, keep_last=rounds + 1, poll_s=0.01)  # every round's weights
     wall = time.perf_counter() - t0
     recs = quality.round_records(run_dir)
+    aggregates = {r: load_checkpoint(run_dir, r).weights for r in attacker.replies
+                  if r not in final.get("skipped_rounds", [])}
     last = next(r for r in reversed(recs) if r.get("val"))
     best = next(r for r in recs if r["round"] == final["best_round"])
     sites = sorted(p for p in cohort.iterdir() if (p / "clinical.csv").is_file())
@@ -134,6 +170,7 @@ def one_run(work: Path, cohort: Path, strategy: str, attack: str, scale: float |
             "test_exact": _pct(exact["test"]["global"]["values"]),
             "test_reported": _pct(final["test"]["global"]["values"]),
             "skipped_rounds": final.get("skipped_rounds", []), "guard": guard_view(recs),
+            "attacker_share": {str(r): v for r, v in attacker.share(aggregates).items()},
             "transport_errors": transport.errors}
 
 
@@ -157,10 +194,15 @@ def compare(runs: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
+def _share(run: dict) -> str:
+    v = [x for x in run["attacker_share"].values() if x is not None]
+    return "n/a" if not v else f"{min(v):.2f} to {max(v):.2f}"
+
+
 def table(runs: dict[str, dict], deltas: dict[str, Any]) -> str:
     head = ("| strategy | attack | " + " | ".join(f"val {m}" for m in METRICS) + " | val loss | "
-            + " | ".join(f"test {m}" for m in METRICS) + " | Δ val (worst, points) | within 2? | attacker flagged |")
-    lines = [head, "|" + " --- |" * (2 * len(METRICS) + 6)]
+            + " | ".join(f"test {m}" for m in METRICS) + " | Δ val (worst, points) | within 2? | attacker flagged | attacker share |")
+    lines = [head, "|" + " --- |" * (2 * len(METRICS) + 7)]
     f = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
     for key, r in runs.items():
         d = deltas.get(key)
@@ -170,7 +212,7 @@ def table(runs: dict[str, dict], deltas: dict[str, Any]) -> str:
         flagged = "–" if r["attack"] == "clean" else f"{len(g['flagged_rounds'])}/{r['last_round']}"
         lines.append(f"| {r['strategy']} | {r['attack']} | " + " | ".join(f(r["val_last"][m]) for m in METRICS)
                      + f" | {r['val_last']['loss']:.3f} | " + " | ".join(f(r["test_exact"][m]) for m in METRICS)
-                     + f" | {worst} | {ok} | {flagged} |")
+                     + f" | {worst} | {ok} | {flagged} | {_share(r)} |")
     return "\n".join(lines)
 
 
@@ -216,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = one_run(work, cohort, strategy, attack, scale, rounds, args.local_steps)
                 runs[f"{strategy}-{attack}"] = r
                 print(f"[robustness] {strategy:<13} {attack:<8} val {r['val_last']} test {r['test_exact']} "
-                      f"flagged {r['guard']['flagged_rounds']} ({r['wall_s']} s)", flush=True)
+                      f"flagged {r['guard']['flagged_rounds']} share {_share(r)} ({r['wall_s']} s)", flush=True)
                 path = write()
     print(table(runs, compare(runs)))
     print(f"results: {path}")
