@@ -30,6 +30,7 @@ Cohort: ``smm synth --features-only`` seed 5, 5 sites x ``--patients`` (40: 24 t
 ``--rounds`` (6) rounds of ``--local-steps`` (4) AdamW steps.
 
     OMP_NUM_THREADS=1 python benchmarks/robustness.py            # 15 runs: about 25 minutes on 2 busy cores
+    OMP_NUM_THREADS=1 python benchmarks/robustness.py --jobs 5   # the same runs in 5 processes
     OMP_NUM_THREADS=1 python benchmarks/robustness.py --quick    # fedavg + fedmedian, 3 rounds: about 4 minutes
 
 Results: ``benchmarks/results/robustness_<device>.json`` (``robustness_quick_...`` for --quick).
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patients", type=int, default=40, help="patients per site (60/20/20 split)")
     ap.add_argument("--scale", type=float, default=10.0, help="the scaled attack's s")
     ap.add_argument("--flip-scale", type=float, default=-10.0, help="the sign-flip attack's s (negative)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
     ap.add_argument("--quick", action="store_true", help="fedavg and fedmedian, 3 rounds")
     ap.add_argument("--work", type=Path, default=None, help="keep the cohort and run folders here")
     args = ap.parse_args(argv)
@@ -249,17 +251,33 @@ def main(argv: list[str] | None = None) -> int:
                             "attacker": f"node {ATTACKER} (site_1)", "attacks": attacks, "rounds": rounds,
                             "local_steps": args.local_steps, "model": "benchmarks/inprocess.py SMALL_MODEL",
                             "selection": "validation loss", "min_cell": 1, "target_points": TARGET_POINTS,
-                            "transport": "in-process, real ClientApp through Flower Messages",
+                            "transport": "in-process, real ClientApp through Flower Messages", "jobs": args.jobs,
                             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
                 "runs": runs, "attacked_minus_clean": deltas}, args.quick)
 
-        for strategy in strategies:
-            for attack, scale in attacks.items():
-                r = one_run(work, cohort, strategy, attack, scale, rounds, args.local_steps)
-                runs[f"{strategy}-{attack}"] = r
-                print(f"[robustness] {strategy:<13} {attack:<8} val {r['val_last']} test {r['test_exact']} "
-                      f"flagged {r['guard']['flagged_rounds']} share {_share(r)} ({r['wall_s']} s)", flush=True)
-                path = write()
+        jobs = [(strategy, attack, scale) for strategy in strategies for attack, scale in attacks.items()]
+        order = {f"{s}-{a}": i for i, (s, a, _) in enumerate(jobs)}
+
+        def done(r: dict) -> Path:
+            runs[f"{r['strategy']}-{r['attack']}"] = r
+            ordered = dict(sorted(runs.items(), key=lambda kv: order[kv[0]]))  # the jobs' order, whatever finished first
+            runs.clear()
+            runs.update(ordered)
+            print(f"[robustness] {r['strategy']:<13} {r['attack']:<8} val {r['val_last']} test {r['test_exact']} "
+                  f"flagged {r['guard']['flagged_rounds']} share {_share(r)} ({r['wall_s']} s)", flush=True)
+            return write()
+
+        if args.jobs == 1:
+            for job in jobs:
+                path = done(one_run(work, cohort, *job, rounds, args.local_steps))
+        else:  # each run in its own process (spawned: a fresh interpreter, its own site-log folder)
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(one_run, work, cohort, *job, rounds, args.local_steps) for job in jobs]
+                for f in as_completed(futures):
+                    path = done(f.result())
     print(table(runs, compare(runs)))
     print(f"results: {path}")
     return 0
