@@ -24,7 +24,8 @@ sites too).
     OMP_NUM_THREADS=1 python benchmarks/soak.py            # 50 rounds: about 6 minutes on 2 busy cores
     OMP_NUM_THREADS=1 python benchmarks/soak.py --quick    # 12 rounds, warm-up 3: about 2 minutes
 
-Results: ``benchmarks/results/soak_<device>.json`` (``soak_quick_...`` for --quick).
+Results: ``benchmarks/results/soak_<device>.json`` (``soak_quick_...`` for --quick,
+``soak_inprocess_...`` with --inprocess).
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         roles = sorted({k for v in rss.values() for k in v})
         server_role = next((r for r in SERVER_ROLES if r in roles), None)
         result = {
-            **quality.result_header("soak", __file__, argv, t0),
+            **quality.result_header("soak_inprocess" if args.inprocess else "soak", __file__, argv, t0),
             "setting": {"mode": mode, "sites": SITES, "patients_per_site": args.patients, "rounds": rounds,
                         "local_steps": 1, "strategy": "fedavg", "model": "benchmarks/inprocess.py SMALL_MODEL",
                         "keep_last": 3, "sampling_period_s": args.period, "target_growth": TARGET,
