@@ -23,7 +23,8 @@ the aggregate (``Attacker.share``: its deviation from the honest sites' mean pro
 round's aggregate, from the checkpoint of every round; 0.2 is FedAvg's equal weight, 0 a rejection).
 
 Target (issue 14): every robust strategy keeps the validation metrics (diagnosis AUC, grade AUC,
-C-index) within 2 points of its own clean run; FedAvg's degradation is recorded.
+C-index) within 2 points of its own clean run, read as no more than 2 points below it
+(``attacked_minus_clean`` keeps the signed differences); FedAvg's degradation is recorded.
 
 Cohort: ``smm synth --features-only`` seed 5, 5 sites x ``--patients`` (40: 24 train, 8 val,
 8 test a site), 32-dim features; model: ``inprocess.SMALL_MODEL`` (the simulation tests' size),
