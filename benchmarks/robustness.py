@@ -30,8 +30,8 @@ Cohort: ``smm synth --features-only`` seed 5, 5 sites x ``--patients`` (40: 24 t
 8 test a site), 32-dim features; model: ``inprocess.SMALL_MODEL`` (the simulation tests' size),
 ``--rounds`` (6) rounds of ``--local-steps`` (4) AdamW steps.
 
-    OMP_NUM_THREADS=1 python benchmarks/robustness.py            # 15 runs: about 25 minutes on 2 busy cores
-    OMP_NUM_THREADS=1 python benchmarks/robustness.py --jobs 5   # the same runs in 5 processes
+    OMP_NUM_THREADS=1 python benchmarks/robustness.py            # 15 runs, one after another
+    OMP_NUM_THREADS=1 python benchmarks/robustness.py --jobs 5   # in 5 processes: 27 minutes on 2 busy cores
     OMP_NUM_THREADS=1 python benchmarks/robustness.py --quick    # fedavg + fedmedian, 3 rounds: about 4 minutes
 
 Results: ``benchmarks/results/robustness_<device>.json`` (``robustness_quick_...`` for --quick).
