@@ -32,7 +32,7 @@ Cohort: ``smm synth --features-only`` seed 5, 5 sites x ``--patients`` (40: 24 t
 
     OMP_NUM_THREADS=1 python benchmarks/robustness.py            # 15 runs, one after another
     OMP_NUM_THREADS=1 python benchmarks/robustness.py --jobs 5   # in 5 processes: 27 minutes on 2 busy cores
-    OMP_NUM_THREADS=1 python benchmarks/robustness.py --quick    # fedavg + fedmedian, 3 rounds: about 4 minutes
+    OMP_NUM_THREADS=1 python benchmarks/robustness.py --quick    # fedavg + fedmedian, 3 rounds: 2.5 minutes on 2 quiet cores
 
 Results: ``benchmarks/results/robustness_<device>.json`` (``robustness_quick_...`` for --quick).
 """

@@ -21,8 +21,8 @@ squares over rounds after warm-up) and the peak are recorded too, and the run fo
 process (``inprocess.InProcessTransport``), sampling this process's own RSS (which then holds the
 sites too).
 
-    OMP_NUM_THREADS=1 python benchmarks/soak.py            # 50 rounds: about 6 minutes on 2 busy cores
-    OMP_NUM_THREADS=1 python benchmarks/soak.py --quick    # 12 rounds, warm-up 3: about 2 minutes
+    OMP_NUM_THREADS=1 python benchmarks/soak.py            # 50 rounds: 8.7 minutes on 2 busy cores
+    OMP_NUM_THREADS=1 python benchmarks/soak.py --quick    # 12 rounds, warm-up 3: 1.5 minutes on 2 quiet cores
 
 Results: ``benchmarks/results/soak_<device>.json`` (``soak_quick_...`` for --quick,
 ``soak_inprocess_...`` with --inprocess).
