@@ -94,7 +94,8 @@ TARGETS = {"simulation": 0.10, "deployment": 0.50}
 TARGETS_LONG_ROUND = {"simulation": 0.10, "deployment": 0.20}
 LONG_ROUND_STEPS = 60
 CONN = "bench"
-_ROUND_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO fedsmm\.server: round (\d+)\b")
+# The line that ends round N ("round N/ROUNDS: ..."; round 0's: the initial model written).
+_ROUND_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO fedsmm\.server: round (\d+)/\d+:")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -151,7 +152,9 @@ def _site_train(site: str, cfg_text: str, shared_json: str, weights: dict, lr: f
     cfg = _worker_cfg(cfg_text)
     shared = SharedStats.from_json(shared_json)
     state = {k: torch.from_numpy(v) for k, v in weights.items()}
-    new, metrics, *_ = train_round(site, cfg, shared, state, lr, epochs, server_round=rnd)
+    # local_steps as the server sends it (KEY_LOCAL_STEPS): 0 = ``epochs`` passes instead
+    new, metrics, *_ = train_round(site, cfg, shared, state, lr, epochs, server_round=rnd,
+                                   local_steps=int(cfg.federation.local_steps))
     return ({k: v.numpy() for k, v in new.items()},
             {"seconds": float(metrics["seconds"]), "trainer_s": float(_W.get("trainer_s", float("nan"))),
              "num_examples": int(metrics["num-examples"]), "pid": os.getpid(),

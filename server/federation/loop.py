@@ -476,6 +476,7 @@ class FederationRun:
         self.runlog.append_round(record)
         self.pending = record
         self._checkpoint(p)
+        log.info("round 0/%d: the initial model; round 1's messages validate it", self.fed.rounds)
 
     def _complete_pending(self, p: _Progress, ev: EvalOutcome) -> None:
         """The pending record (the last one written) gets its validation: offered to the selection,
