@@ -131,6 +131,40 @@ def test_killed_site_round_closes_then_site_rejoins(tmp_path, deployment, figure
     figures["_passed"] = True
 
 
+@pytest.mark.timeout(1200)
+def test_a_site_paused_past_the_heartbeat_patience_is_dropped_then_trains_again(tmp_path, deployment, figures):
+    """Scenario 5, long pause: site 2's whole machine (SuperNode, SuperExec, ClientApp) is stopped
+    with SIGSTOP while it trains in round 1 and held until round 1 has closed without it (the
+    SuperLink declares the silent node unavailable after its heartbeat patience); SIGCONT then, with
+    no restart: the site must be trained on again in a later round and the run complete."""
+    timeout_s = 180.0
+    fed, run_dir, run_id, t_run, preflight = _three_rounds(deployment, tmp_path, timeout_s)
+    a, b = fed.node_ids[1], fed.node_ids[2]
+    try:
+        poll(lambda: set(fed.processes("supernode-2", "flwr-clientapp")) - preflight, 120, 0.1,
+             "site 2's ClientApp on round 1")
+        deployment.send_signal("supernode-2", signal.SIGSTOP)
+        t_stop = time.monotonic()
+        try:
+            rec1 = poll(lambda: round_record(run_dir, 1), timeout_s + 60, 0.2, "round 1's record")
+        finally:
+            figures["paused_s"] = round(time.monotonic() - t_stop, 1)
+            deployment.send_signal("supernode-2", signal.SIGCONT)
+        t_cont = time.monotonic()
+        back = poll(lambda: next((r for r in read_rounds(run_dir) if r["round"] > 1 and b in _kept(r)), None),
+                    300, 0.5, f"a later round trained on site 2 (node {b}) after SIGCONT")
+        figures["trained_again_after_cont_s"] = round(time.monotonic() - t_cont, 1)
+        figures["trained_again_round"] = back["round"]
+    except AssertionError as e:
+        pytest.fail(f"{e}\n{fed.diagnostics(run_id, ['supernode-1', 'supernode-2'])}")
+    rounds, diag = _three_rounds_done(fed, run_dir, run_id, t_run, figures)
+    assert figures["paused_s"] <= timeout_s + 1, diag  # closed by the SuperLink's verdict, not only the timeout
+    assert rec1["status"] == "aggregated" and _kept(rec1) == [a] and b in _dropped(rec1), diag
+    figures["dropped_reason"] = _dropped(rec1)[b]
+    assert _kept(rounds[-1]) == sorted((a, b)), diag
+    figures["_passed"] = True
+
+
 def _running_clientapps(fed: Federation, k: int, exclude: set[int] = frozenset()) -> list[int]:
     """Site k's ClientApp processes that have started on their message (they have loaded torch,
     which only the app imports, after the ClientApp pulled its input), not counting ``exclude``."""
