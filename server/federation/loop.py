@@ -590,7 +590,6 @@ class FederationRun:
         value = self._selection_value(ev)
         p.selection.offer(record_round, value, ev.sites_validated)
         self._checkpoint(p)  # the selection first: a crash before the amend re-validates, and offer is idempotent
-        self.pending = {**self.pending, "validation": "pending"}
         self._complete_pending(p, ev)
 
     def _final(self, p: _Progress) -> dict[str, Any]:
@@ -655,13 +654,13 @@ class FederationRun:
             p = _Progress(weights=state.weights, round=state.round,
                           selection=Selection.for_config(self.cfg, state.best_round, state.best_value),
                           skipped=list(state.skipped_rounds))
-            best = next((rec for rec in self.runlog.read_rounds() if rec.get("round") == state.best_round), None)
-            p.selection.best_sites = validated_sites(best.get("val")) if best else None
             self.guarded.load_state_dict(state.strategy_state)
             if state.sampler_state is not None:
                 self.sampler.setstate(state.sampler_state)
             restore_rng(state.rng)
             kept = self.runlog.truncate_rounds(state.round)
+            best = next((rec for rec in kept if rec.get("round") == state.best_round), None)
+            p.selection.best_sites = validated_sites(best.get("val")) if best else None
             last = kept[-1] if kept else None
             if last is not None and (last.get("validation") == "pending"
                                      or (last.get("val") is not None and state.round < self.fed.rounds)):
