@@ -94,6 +94,18 @@ def _three_rounds_done(fed: Federation, run_dir: Path, run_id: int, t_run: float
     return rounds, diag
 
 
+def _site_2_on_round_1(fed: Federation, preflight: set[int]) -> None:
+    """Returns once site 2 works on round 1's train message (a ClientApp other than preflight's)."""
+    poll(lambda: set(fed.processes("supernode-2", "flwr-clientapp")) - preflight, 120, 0.1,
+         "site 2's ClientApp on round 1")
+
+
+def _trained_again(run_dir: Path, node: int, what: str) -> dict:
+    """The first round after round 1 that kept ``node``'s update."""
+    return poll(lambda: next((r for r in read_rounds(run_dir) if r["round"] > 1 and node in _kept(r)), None),
+                300, 0.5, f"a later round trained on site 2 (node {node}) {what}")
+
+
 @pytest.mark.timeout(1200)
 def test_killed_site_round_closes_then_site_rejoins(tmp_path, deployment, figures):
     """Scenario 1: site 2's SuperNode (its whole process tree) is SIGKILLed while it trains in
@@ -104,16 +116,14 @@ def test_killed_site_round_closes_then_site_rejoins(tmp_path, deployment, figure
     fed, run_dir, run_id, t_run, preflight = _three_rounds(deployment, tmp_path, timeout_s)
     a, b = fed.node_ids[1], fed.node_ids[2]
     try:
-        poll(lambda: set(fed.processes("supernode-2", "flwr-clientapp")) - preflight, 120, 0.1,
-             "site 2's ClientApp on round 1")  # round 1's train message is being worked on at site 2
+        _site_2_on_round_1(fed, preflight)
         deployment.kill("supernode-2")
         t_kill = time.monotonic()
         rec1 = poll(lambda: round_record(run_dir, 1), timeout_s + 60, 0.2, "round 1's record")
         figures["round_closed_after_kill_s"] = round(time.monotonic() - t_kill, 1)
         fed.start_supernode(2)
         t_restart = time.monotonic()
-        rejoined = poll(lambda: next((r for r in read_rounds(run_dir) if r["round"] > 1 and b in _kept(r)), None),
-                        300, 0.5, f"a later round trained on site 2 (node {b})")
+        rejoined = _trained_again(run_dir, b, "after its restart")
         figures["site_rejoined_after_restart_s"] = round(time.monotonic() - t_restart, 1)
         figures["rejoined_round"] = rejoined["round"]
     except AssertionError as e:
@@ -141,8 +151,7 @@ def test_a_site_paused_past_the_heartbeat_patience_is_dropped_then_trains_again(
     fed, run_dir, run_id, t_run, preflight = _three_rounds(deployment, tmp_path, timeout_s)
     a, b = fed.node_ids[1], fed.node_ids[2]
     try:
-        poll(lambda: set(fed.processes("supernode-2", "flwr-clientapp")) - preflight, 120, 0.1,
-             "site 2's ClientApp on round 1")
+        _site_2_on_round_1(fed, preflight)
         deployment.send_signal("supernode-2", signal.SIGSTOP)
         t_stop = time.monotonic()
         try:
@@ -151,16 +160,17 @@ def test_a_site_paused_past_the_heartbeat_patience_is_dropped_then_trains_again(
             figures["paused_s"] = round(time.monotonic() - t_stop, 1)
             deployment.send_signal("supernode-2", signal.SIGCONT)
         t_cont = time.monotonic()
-        back = poll(lambda: next((r for r in read_rounds(run_dir) if r["round"] > 1 and b in _kept(r)), None),
-                    300, 0.5, f"a later round trained on site 2 (node {b}) after SIGCONT")
+        back = _trained_again(run_dir, b, "after SIGCONT")
         figures["trained_again_after_cont_s"] = round(time.monotonic() - t_cont, 1)
         figures["trained_again_round"] = back["round"]
     except AssertionError as e:
         pytest.fail(f"{e}\n{fed.diagnostics(run_id, ['supernode-1', 'supernode-2'])}")
     rounds, diag = _three_rounds_done(fed, run_dir, run_id, t_run, figures)
-    assert figures["paused_s"] <= timeout_s + 1, diag  # closed by the SuperLink's verdict, not only the timeout
+    assert figures["paused_s"] <= timeout_s + 1, diag
     assert rec1["status"] == "aggregated" and _kept(rec1) == [a] and b in _dropped(rec1), diag
     figures["dropped_reason"] = _dropped(rec1)[b]
+    # closed by the SuperLink's verdict on the silent node (its heartbeat patience), not by the timeout
+    assert _dropped(rec1)[b] == "E_NODE_UNAVAILABLE", diag
     assert _kept(rounds[-1]) == sorted((a, b)), diag
     figures["_passed"] = True
 
