@@ -46,6 +46,8 @@ LAYOUTS = ("seed", "spatial")
 POSITION_BIAS = ("table", "exact")
 COORDINATION = ("pcgrad", "seed", "off")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+#: train.precision: auto = bf16 autocast on a CUDA device that supports it, fp32 elsewhere.
+PRECISIONS = ("auto", "fp32", "bf16")
 GENOMICS_POLICIES = ("error", "impute_mean", "impute_zero")
 PATCH_NORMS = ("standardize", "none")
 SITE_OPTIMIZERS = ("fresh", "persist")
@@ -200,6 +202,11 @@ class TrainConfig:
     drop_last: bool = True
     num_workers: int = 0
     device: str = "auto"  # auto (GPU when present) | cpu | cuda | cuda:N
+    # Mixed precision of the forward pass (client.local.train.autocast_dtype): auto = bf16 autocast on
+    # a CUDA device with bf16 support, fp32 elsewhere; losses, gradient coordination and the optimizer
+    # stay in fp32. fp16 is not offered: it needs loss scaling, which would rescale the gradients
+    # that coordination compares and that DP clips. DP-SGD runs in fp32 (Opacus' per-sample hooks).
+    precision: str = "auto"
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -217,6 +224,8 @@ class TrainConfig:
         _require(self.coordination in COORDINATION, f"{p}.coordination",
                  f"unknown {self.coordination!r}; expected one of {COORDINATION}")
         _require(self.num_workers >= 0, f"{p}.num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.precision in PRECISIONS, f"{p}.precision",
+                 f"unknown {self.precision!r}; expected one of {PRECISIONS}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
                  or self.device == "mps", f"{p}.device",
                  f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
@@ -419,6 +428,11 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        _require(not (self.privacy.dp and self.train.precision == "bf16"), "train.precision",
+                 "bf16 is not used with privacy.dp (DP-SGD's per-sample gradients and clipping run in fp32); "
+                 "set train.precision to auto or fp32")
 
     @classmethod
     def from_yaml_text(cls, text: str, overrides: list[str] | tuple[str, ...] = (),

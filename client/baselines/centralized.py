@@ -187,7 +187,7 @@ def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_
             best_state = state()
         append_jsonl(rounds_path, {
             "round": r, "status": "trained", "lr": lr, "timings": {"train": t_train, "evaluate": t_eval},
-            "train": {"sites": list(train_sites), "epochs": fed.local_epochs,
+            "train": {"sites": list(train_sites), "epochs": fed.local_epochs, "precision": logs[-1].precision,
                       "epoch_losses": [float(x.loss) for x in logs],
                       "aggregate": {"num-examples": n_train, "train-loss": float(logs[-1].loss)}},
             "val": val,

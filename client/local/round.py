@@ -42,8 +42,8 @@ from client.site.dataset import SiteData, SiteDataset, find_genomics_file
 from client.site.folder import Manifest
 from smm_model.contract.atomic import sha256_file
 from client.site.labels import SPLITS
-from client.local.train import (load_optimizer_state, make_optimizer, optimizer_state_arrays, resolve_device, step_batches,
-                          train_epochs)
+from client.local.train import (autocast_dtype, forward, load_optimizer_state, make_optimizer,
+                                optimizer_state_arrays, resolve_device, step_batches, train_epochs)
 from smm_model.config import TASK_CLASSES, ConfigError, ExperimentConfig
 from smm_model.metrics.federated import c_index_counts, confusion_counts, km_counts, score_histograms
 from smm_model.objectives.losses import logit_adjustment_offsets, nll_survival_loss, weighted_cross_entropy
@@ -570,10 +570,11 @@ def _per_patient(model: nn.Module, loader: DataLoader, cfg: ExperimentConfig,
     """One pass: summed per-patient loss and, per task, the labelled patients' outputs and labels."""
     model.eval()
     loss_sum = 0.0
+    amp = autocast_dtype(cfg.train.precision, device)
     out_t: dict[str, dict[str, list]] = {t: {} for t in cfg.model.tasks}
     for batch in loader:
         batch = batch.to(device)
-        out = model(batch)
+        out = forward(model, batch, amp)
         for task, logits in out.logits.items():
             mask = batch.task_mask(task)
             w = cfg.loss.task_weight(task)

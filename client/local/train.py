@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from smm_model.objectives.coordination import coordinate_gradients
 from smm_model.objectives.losses import multitask_loss
 from smm_model.metrics.exact import MetricReport, classification_report, risk_from_hazard_logits, survival_report
 
-__all__ = ["resolve_device", "make_optimizer", "make_scheduler", "step_batches", "optimizer_state_arrays",
+__all__ = ["resolve_device", "autocast_dtype", "forward", "make_optimizer", "make_scheduler", "step_batches", "optimizer_state_arrays",
            "load_optimizer_state", "EpochLog", "train_epochs", "Predictions", "predict", "evaluate"]
 
 
@@ -35,6 +36,48 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"train.device is {spec!r} but no CUDA device is available")
     return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the forward pass for ``train.precision`` on ``device`` (None = fp32).
+
+    ``auto`` takes bf16 on a CUDA device that supports it (Ampere and later: no loss scaling is
+    needed, its exponent range is fp32's) and fp32 elsewhere, so a CPU run is bit-for-bit what it was;
+    ``bf16`` forces it on any device (a CPU supports bf16 autocast too, slowly: for tests).
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def forward(model: nn.Module, batch: Batch, dtype: torch.dtype | None):
+    """``model(batch)`` under autocast to ``dtype`` (None: plain fp32), every output tensor back in fp32.
+
+    Why the cast back: the losses (survival NLL, consistency over sampled positions), gradient
+    coordination's cosines and the metrics then run in fp32 whatever the forward used; only the
+    matrix products and convolutions, where bf16 is safe and fast, run in the lower precision.
+    """
+    if dtype is None:
+        return model(batch)
+    with torch.autocast(device_type=batch.patches.device.type, dtype=dtype):
+        out = model(batch)
+    return _to_float(out)
+
+
+def _to_float(x):
+    if isinstance(x, Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_float(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_to_float(v) for v in x)
+    if is_dataclass(x):
+        return type(x)(**{f.name: _to_float(getattr(x, f.name)) for f in fields(x)})
+    return x
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
@@ -121,6 +164,7 @@ class EpochLog:
     steps: int
     seconds: float
     val: dict[str, dict] | None = None
+    precision: str = "fp32"  # the forward pass's precision (train.precision resolved on the device)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -168,6 +212,7 @@ def train_epochs(model: nn.Module, loader: Iterable[Batch], cfg: ExperimentConfi
     if set(correction) - set(named):
         raise ValueError(f"grad_correction names {len(set(correction) - set(named))} tensors the model does not have")
     sums = {k: torch.zeros_like(p) for k, p in named.items()} if grad_mean is not None else None
+    amp = autocast_dtype(tc.precision, device)
     total_steps = 0
     logs: list[EpochLog] = []
     for epoch in range(epochs):
@@ -183,7 +228,7 @@ def train_epochs(model: nn.Module, loader: Iterable[Batch], cfg: ExperimentConfi
             it = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         for batch in it:
             batch = batch.to(device)
-            out = model(batch)
+            out = forward(model, batch, amp)
             loss, parts = multitask_loss(out, batch, cfg.loss, weights, offsets)
             if prox:
                 loss = loss + tc.proximal_mu * _proximal(model, global_params)
@@ -219,9 +264,10 @@ def train_epochs(model: nn.Module, loader: Iterable[Batch], cfg: ExperimentConfi
                              "patients for the batch size with drop_last?)")
         scheduler.step()
         log = EpochLog(epoch=epoch + 1, lr=lr, loss=tot / n_ex, parts={k: v / n_ex for k, v in parts_sum.items()},
-                       coordination=coord, examples=n_ex, steps=steps, seconds=time.perf_counter() - t0)
+                       coordination=coord, examples=n_ex, steps=steps, seconds=time.perf_counter() - t0,
+                       precision="fp32" if amp is None else str(amp).removeprefix("torch."))
         if val_loader is not None:
-            log.val = {t: r.to_dict() for t, r in evaluate(model, val_loader, device).items()}
+            log.val = {t: r.to_dict() for t, r in evaluate(model, val_loader, device, amp).items()}
         logs.append(log)
     if sums is not None and grad_mean is not None:
         grad_mean.update({k: (v / max(total_steps, 1)).detach().cpu() for k, v in sums.items()})
@@ -241,8 +287,10 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable[Batch], device: torch.device | None = None) -> Predictions:
-    """Run the model in eval mode over ``loader``; keeps only samples labelled for each task."""
+def predict(model: nn.Module, loader: Iterable[Batch], device: torch.device | None = None,
+            amp: torch.dtype | None = None) -> Predictions:
+    """Run the model in eval mode over ``loader`` (forward under autocast to ``amp`` when given);
+    keeps only samples labelled for each task."""
     device = device or next(model.parameters()).device
     model.eval()
     probs: dict[str, list] = {}
@@ -250,7 +298,7 @@ def predict(model: nn.Module, loader: Iterable[Batch], device: torch.device | No
     surv: dict[str, list] = {"risk": [], "time": [], "event": []}
     for batch in loader:
         batch = batch.to(device)
-        out = model(batch)
+        out = forward(model, batch, amp)
         for task, logits in out.logits.items():
             m = batch.task_mask(task)
             if task == "survival":
@@ -267,9 +315,10 @@ def predict(model: nn.Module, loader: Iterable[Batch], device: torch.device | No
     return pred
 
 
-def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device | None = None) -> dict[str, MetricReport]:
+def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device | None = None,
+             amp: torch.dtype | None = None) -> dict[str, MetricReport]:
     """Metrics per task (classification report; C-index for survival) on ``loader``."""
-    pred = predict(model, loader, device)
+    pred = predict(model, loader, device, amp)
     reports = {t: classification_report(pred.targets[t], p, p.shape[1]) for t, p in pred.probs.items()}
     if pred.risk is not None:
         reports["survival"] = (survival_report(pred.time, pred.event, pred.risk) if len(pred.risk)

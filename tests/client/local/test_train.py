@@ -217,3 +217,42 @@ def test_an_optimizer_state_of_another_shape_is_refused(data):
     with pytest.raises(ValueError, match="has shape"):
         load_optimizer_state(make_optimizer(build_model(other.model), other.train), arrays)
     load_optimizer_state(target(), arrays)  # the right model takes it
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_autocast_trains(data):
+    """``train.precision``: auto leaves a CPU run in fp32 (bit-identical to fp32); bf16 runs the
+    forward under autocast (here on the CPU, which supports it) and still learns, with every loss
+    and output back in fp32."""
+    from client.local.train import autocast_dtype, forward
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    runs = {}
+    for precision in ("auto", "fp32", "bf16"):
+        tr, te = loaders(*data)  # the same shuffling for each run
+        torch.manual_seed(0)
+        cfg = config("model.layout=spatial", "model.tasks=[diagnosis,survival]", "train.epochs=3",
+                     f"train.precision={precision}")
+        model = build_model(cfg.model)
+        logs = train_epochs(model, tr, cfg)
+        runs[precision] = (logs, [p.detach().clone() for p in model.parameters()], model)
+    assert [lg.precision for lg in runs["auto"][0]] == ["fp32"] * 3
+    assert [lg.precision for lg in runs["bf16"][0]] == ["bfloat16"] * 3
+    for a, b in zip(runs["auto"][1], runs["fp32"][1]):
+        assert torch.equal(a, b)
+    model = runs["bf16"][2]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    batch = next(iter(te))
+    out = forward(model, batch, torch.bfloat16)
+    assert all(v.dtype == torch.float32 for v in out.logits.values())
+    assert runs["bf16"][0][-1].loss < runs["bf16"][0][0].loss
+    after = evaluate(model, te, amp=torch.bfloat16)
+    assert after["diagnosis"].values["auc"] > 0.8
+
+
+def test_bf16_with_dp_is_a_config_error():
+    from smm_model.config import ConfigError
+    with pytest.raises(ConfigError, match="train.precision"):
+        config("train.precision=bf16", "privacy.dp=true", "privacy.dp_noise_multiplier=1.0")
+    with pytest.raises(ConfigError, match="train.precision"):
+        config("train.precision=fp16")
