@@ -511,9 +511,9 @@ class Deployment:
     (the approach of tests/deployment/test_deployment.py)."""
 
     def __init__(self, base: Path):
-        from server.ops.simulate import ProcessTracker, flwr_env, pids_with_env
+        from server.ops.simulate import ProcessTracker, flwr_env, stop_process_trees
 
-        self._tracker_cls, self._env, self._pids_with_env = ProcessTracker, flwr_env, pids_with_env
+        self._tracker_cls, self._env, self._stop_trees = ProcessTracker, flwr_env, stop_process_trees
         self.base = base
         self.procs: dict[str, subprocess.Popen] = {}
         self.trackers: list = []
@@ -551,40 +551,13 @@ class Deployment:
         return _ANSI.sub("", self.logs[name].read_text(errors="replace")[-tail:])
 
     def stop(self, grace_s: float = 15.0) -> list[int]:
-        """SIGTERM the groups and every tracked PID, SIGKILL what remains (also anything carrying
-        one of the private FLWR_HOMEs); returns the PIDs still alive."""
-        self.sample()
-        for p in self.procs.values():
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        for t in self.trackers:
-            t.signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(t.alive() for t in self.trackers):
-            time.sleep(0.2)
-        for t in self.trackers:
-            t.signal_all(signal.SIGKILL)
-        for h in self.homes:
-            for pid in self._pids_with_env("FLWR_HOME", str(h)):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                pass
-        time.sleep(0.5)
+        """Stop everything started here by PID (``stop_process_trees``: SIGTERM, then SIGKILL, also to
+        anything carrying one of the private FLWR_HOMEs), close the logs; returns the PIDs still alive."""
+        left = self._stop_trees(self.procs.values(), self.trackers, self.homes, grace_s)
         for f in self._files:
             f.close()
         self._files.clear()
-        left = {pid for t in self.trackers for pid in t.alive()}
-        left |= {pid for h in self.homes for pid in self._pids_with_env("FLWR_HOME", str(h))}
-        return sorted(left)
+        return left
 
 
 def _json_out(out: str) -> dict:

@@ -62,7 +62,7 @@ from smm_model.contract.sites import simulation_site_dirs
 
 __all__ = ["APP_DIR", "CONNECTION", "SimulationError", "count_sites", "resolve_config",
            "dump_config", "write_run_config", "stage_app", "free_port", "flwr_env", "pids_with_env",
-           "ProcessTracker", "Simulation", "main"]
+           "ProcessTracker", "stop_process_trees", "Simulation", "main"]
 
 #: The Flower app folder: the repository root, where pyproject.toml has [tool.flwr.app].
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -296,6 +296,49 @@ class ProcessTracker:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def stop_process_trees(procs: Iterable[subprocess.Popen], trackers: Sequence[ProcessTracker],
+                       flwr_homes: Iterable[Path], grace_s: float) -> list[int]:
+    """Stop a deployment's processes by PID: SIGCONT (a fault test may have left one stopped), SIGTERM
+    to each started process group and every tracked PID, SIGKILL to what is left after ``grace_s``
+    and to any process carrying one of the private ``flwr_homes``; returns the PIDs still alive.
+
+    Why one place: the deployment tests and the overhead benchmark start the same kind of process
+    trees (SuperLink, SuperNodes, their SuperExecs and ClientApps) and must leave none behind.
+    """
+    procs, homes = list(procs), [str(h) for h in flwr_homes]
+    for t in trackers:
+        t.sample()
+        t.signal_all(signal.SIGCONT)
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+    for t in trackers:
+        t.signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(t.alive() for t in trackers):
+        time.sleep(0.2)
+    for t in trackers:
+        t.signal_all(signal.SIGKILL)
+    for h in homes:
+        for pid in pids_with_env("FLWR_HOME", h):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            pass
+    time.sleep(0.5)
+    left = {pid for t in trackers for pid in t.alive()}
+    left |= {pid for h in homes for pid in pids_with_env("FLWR_HOME", h)}
+    return sorted(left)
 
 
 def _stream_lines(pipe: TextIO, sinks: Iterable[TextIO]) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from server.ops.simulate import (ProcessTracker, _executable, dump_config, flwr_env, free_port, pids_with_env,
-                                 resolve_config, stage_app, write_run_config)
+                                 resolve_config, stage_app, stop_process_trees, write_run_config)
 from flwr_runs import cli_json, wait_for_run
 from sim_cohort import SMALL, write_features_cohort
 
@@ -135,41 +135,12 @@ class Deployment:
             pass
 
     def stop(self, grace_s: float = 15.0) -> list[int]:
-        """SIGTERM everything (groups, then every tracked PID), SIGKILL what remains; returns the
+        """Stop everything started here by PID (``stop_process_trees``), close the logs; returns the
         PIDs still alive, including any process carrying one of the private FLWR_HOMEs."""
-        self.sample()
-        for t in self.trackers:
-            t.signal_all(signal.SIGCONT)  # a test may have left one stopped
-        for p in self.started:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        for t in self.trackers:
-            t.signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(t.alive() for t in self.trackers):
-            time.sleep(0.2)
-        for t in self.trackers:
-            t.signal_all(signal.SIGKILL)
-        for h in self.homes:
-            for pid in pids_with_env("FLWR_HOME", str(h)):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        for p in self.started:
-            try:
-                p.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                pass
-        time.sleep(0.5)
+        left = stop_process_trees(self.started, self.trackers, self.homes, grace_s)
         for f in self._files:
             f.close()
-        left = {pid for t in self.trackers for pid in t.alive()}
-        left |= {pid for h in self.homes for pid in pids_with_env("FLWR_HOME", str(h))}
-        return sorted(left)
+        return left
 
 
 def make_certs(out: Path, supernodes: int) -> Path:
