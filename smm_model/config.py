@@ -87,7 +87,18 @@ def _require(cond: bool, path: str, msg: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture. Defaults are the reference setting (method.md Part B, section 3)."""
+    """Architecture. Defaults are the reference setting (method.md Part B, section 3).
+
+    Ablations of the method's parts (each one switch; the defaults are the full method):
+
+    * no deformable offsets: ``offset_scale: 0``. The offsets are ``tanh(...) * offset_scale``, so
+      every group samples the fixed K x K reference grid (regularly spaced keys over the map); the
+      offset network is then unused.
+    * no gene conditioning of the queries: ``gene_queries: false``. The queries (and offsets) see
+      the patches only; the subspace's gene embedding joins the branch vector after pooling
+      (``SubspaceBranch``), so the genes still reach the heads.
+    * no gene-guided consistency loss: ``loss.consistency_weight: 0`` (the term is not computed).
+    """
 
     arch: str = "smm"
     tasks: tuple[str, ...] = TASKS
@@ -112,6 +123,7 @@ class ModelConfig:
     exact_chunk: int = 16384  # query-key pairs per block in exact mode (bounds memory)
     survival_bins: int = 4
     abmil_hidden: int = 128  # gated-attention width in the ABMIL baselines
+    gene_queries: bool = True  # SMM: genes condition the queries (false: ablation, genes fused after pooling)
 
     def __post_init__(self) -> None:
         p = "model"

@@ -20,6 +20,8 @@ Two departures from the reference, both deliberate (Part A and issue 2):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -138,6 +140,36 @@ class GeneDeformableAttention(nn.Module):
         (B, g, 2*K*K), unnormalised key-grid units, for the consistency loss.
         """
         B, C, H, W = x_q.shape
+        h, d = self.heads, self.dim_head
+        q, k, v, bias, k_pos, vgrid = self._scores_inputs(x_q, x_kv, key_mask)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_dropout if self.training else 0.0
+        )  # (B, h, G*G, d)
+        out = out.transpose(-1, -2).reshape(B, h * d, H, W)
+        out = self.to_out(out)  # (B, C, G, G)
+        return out, vgrid.reshape(B, self.groups, 2 * self.key_grid ** 2)
+
+    def attention_probs(self, x_q: Tensor, x_kv: Tensor, key_mask: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor]:
+        """The attention weights ``forward`` applies, recomputed: (B, h, G*G, K*K) and the key
+        positions (B*g, K, K, 2) in grid_sample's normalised (x, y).
+
+        ``softmax(q k^T / sqrt(d) + bias)`` from the very tensors ``forward`` hands to
+        ``scaled_dot_product_attention`` (same ``_scores_inputs``), without dropout: what an
+        evaluated model attends to. A separate method so the training forward keeps the fused
+        kernel and never materialises the weights. Head ``i`` belongs to offset group
+        ``i // (h / g)`` and reads the keys at ``k_pos[b * g + group]``.
+        """
+        q, k, _, bias, k_pos, _ = self._scores_inputs(x_q, x_kv, key_mask)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.dim_head) + bias  # (B, h, G*G, K*K)
+        return torch.softmax(scores, dim=-1), k_pos
+
+    def _scores_inputs(self, x_q: Tensor, x_kv: Tensor, key_mask: Tensor | None
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Queries, sampled keys and values, additive bias and key positions of one forward:
+        q (B, h, G*G, d), k and v (B, h, K*K, d), bias (B, h, G*G, K*K), k_pos (B*g, K, K, 2)
+        normalised, vgrid (B*g, 2, K, K) key-grid units."""
+        B, C, H, W = x_q.shape
         g, h, d, K = self.groups, self.heads, self.dim_head, self.key_grid
 
         q = self.to_q(x_q)  # (B, h*d, G, G)
@@ -179,13 +211,7 @@ class GeneDeformableAttention(nn.Module):
         if key_bias is not None:
             bias = bias + key_bias
         bias = bias.reshape(B, h, H * W, K * K)
-
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_dropout if self.training else 0.0
-        )  # (B, h, G*G, d)
-        out = out.transpose(-1, -2).reshape(B, h * d, H, W)
-        out = self.to_out(out)  # (B, C, G, G)
-        return out, vgrid.reshape(B, g, 2 * K * K)
+        return q, k, v, bias, k_pos, vgrid
 
 
 def _log_rel(rel: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["seed_tokens", "spatial_tokens"]
+__all__ = ["seed_tokens", "seed_token_index", "spatial_tokens", "spatial_cell_index"]
 
 
 # --------------------------------------------------------------------------- #
@@ -44,7 +44,14 @@ def _check_bag(feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"mask must be (B, N) = {tuple(feats.shape[:2])}, got {tuple(mask.shape)}"
         )
-    mask = mask.to(device=feats.device, dtype=torch.bool)  # (B, N)
+    return _check_mask(mask.to(device=feats.device))
+
+
+def _check_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mask as bool, L per sample)`` of a (B, N) mask; reject empty samples."""
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be (B, N), got shape {tuple(mask.shape)}")
+    mask = mask.to(dtype=torch.bool)  # (B, N)
     lengths = mask.sum(dim=1)  # (B,) int64
     empty = (lengths == 0).nonzero().flatten()  # (n_empty,)
     if empty.numel() > 0:
@@ -86,13 +93,26 @@ def seed_tokens(feats: Tensor, mask: Tensor, n_tokens: int) -> Tensor:
         ValueError: bad shapes, ``n_tokens < 1``, a sample with no valid patch,
             or a mask that is not right-padded (offending samples are named).
     """
+    mask, _ = _check_bag(feats, mask)  # (B, N)
+    B, _, D = feats.shape
+    idx = seed_token_index(mask, n_tokens)  # (B, n) int64, all < L
+    return torch.gather(feats, 1, idx[:, :, None].expand(B, n_tokens, D))  # (B, n, D)
+
+
+def seed_token_index(mask: Tensor, n_tokens: int) -> Tensor:
+    """Which patch each seed token is: ``(B, n_tokens)`` int64 positions into the bag.
+
+    ``seed_tokens(feats, mask, n)`` is ``feats`` gathered at these positions; exposed so that a
+    token's attention can be handed back to the patch it copies (``smm_model.nn.attention_maps``).
+    Same rules and errors as :func:`seed_tokens`.
+    """
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
-    mask, lengths = _check_bag(feats, mask)  # (B, N), (B,)
-    B, N, D = feats.shape
+    mask, lengths = _check_mask(mask)  # (B, N), (B,)
+    N = mask.shape[1]
 
     # Right padding <=> mask equals the prefix mask of its own length.
-    prefix = torch.arange(N, device=feats.device)[None, :] < lengths[:, None]  # (B, N)
+    prefix = torch.arange(N, device=mask.device)[None, :] < lengths[:, None]  # (B, N)
     bad = (prefix != mask).any(dim=1).nonzero().flatten()  # (n_bad,)
     if bad.numel() > 0:
         raise ValueError(
@@ -100,15 +120,13 @@ def seed_tokens(feats: Tensor, mask: Tensor, n_tokens: int) -> Tensor:
             "the first L entries of each row of mask"
         )
 
-    i = torch.arange(n_tokens, device=feats.device)[None, :]  # (1, n)
+    i = torch.arange(n_tokens, device=mask.device)[None, :]  # (1, n)
     L = lengths[:, None]  # (B, 1)
     # floor(i*L/n + 0.5) == floor((2*i*L + n) / (2*n)) in exact integer arithmetic
     # (no float rounding, and half-way values round up as the reference does).
     down = torch.minimum((2 * i * L + n_tokens) // (2 * n_tokens), L - 1)  # (B, n)
     tiled = i % L  # (B, n)
-    idx = torch.where(L >= n_tokens, down, tiled)  # (B, n) int64, all < L
-
-    return torch.gather(feats, 1, idx[:, :, None].expand(B, n_tokens, D))  # (B, n, D)
+    return torch.where(L >= n_tokens, down, tiled)  # (B, n) int64, all < L
 
 
 # --------------------------------------------------------------------------- #
@@ -191,14 +209,61 @@ def spatial_tokens(
             non-finite coordinates among valid patches, or a non-positive
             ``patch_step`` (offending samples are named).
     """
-    if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
-        raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
     mask, _ = _check_bag(feats, mask)  # (B, N)
     B, N, D = feats.shape
     G = grid_size
+    dev = feats.device
+    cell = _cells(mask, coords, grid_size, patch_step)  # (B, N) row * G + col; padding: some cell
+
+    # -- 4. scatter-mean into a flattened (B*G*G, D) buffer --------------------
+    batch_base = torch.arange(B, device=dev)[:, None] * (G * G)  # (B, 1)
+    flat_idx = (batch_base + cell).reshape(B * N)  # (B*N,)
+    acc_dtype = torch.promote_types(feats.dtype, torch.float32)  # accumulate bf16/fp16 in fp32
+    src = torch.where(mask[..., None], feats, torch.zeros((), dtype=feats.dtype, device=dev))  # (B, N, D)
+    src = src.to(acc_dtype).reshape(B * N, D)  # (B*N, D) padding contributes 0 (even if NaN)
+    sums = torch.zeros(B * G * G, D, dtype=acc_dtype, device=dev).index_add(0, flat_idx, src)  # (B*G*G, D)
+    counts = torch.zeros(B * G * G, dtype=acc_dtype, device=dev).index_add(
+        0, flat_idx, mask.reshape(B * N).to(acc_dtype)
+    )  # (B*G*G,)
+    tokens = sums / counts.clamp_min(1.0)[:, None]  # (B*G*G, D) empty cells stay exactly 0
+
+    tokens = tokens.to(feats.dtype).view(B, G * G, D)  # (B, G*G, D)
+    token_mask = (counts > 0).view(B, G * G)  # (B, G*G) bool
+    return tokens, token_mask
+
+
+def spatial_cell_index(
+    mask: Tensor,
+    coords: Tensor,
+    grid_size: int,
+    patch_step: Tensor | float | None = None,
+) -> Tensor:
+    """The token each patch falls into under :func:`spatial_tokens`: ``(B, N)`` int64.
+
+    Entry ``[b, i]`` is ``row * G + col`` of patch ``i``'s cell (steps 1-3 of
+    :func:`spatial_tokens`, the same code), -1 for padding. Token ``t`` of
+    ``spatial_tokens`` is the mean of the patches whose index is ``t``, so
+    whatever a model assigns to a token can be handed back to its patches
+    (``smm_model.nn.attention_maps``). Same arguments and errors.
+    """
+    mask, _ = _check_mask(mask.to(device=coords.device))  # (B, N)
+    cell = _cells(mask, coords, grid_size, patch_step)  # (B, N)
+    return torch.where(mask, cell, torch.full_like(cell, -1))  # (B, N)
+
+
+def _cells(mask: Tensor, coords: Tensor, grid_size: int, patch_step: Tensor | float | None) -> Tensor:
+    """Steps 1-3 of :func:`spatial_tokens`: ``(B, N)`` flat cell ``row * G + col`` per patch.
+
+    ``mask`` is a validated bool (B, N); padding entries get some valid cell (their features are
+    zeroed by the caller, so where they land does not matter).
+    """
+    if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
+        raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
+    B, N = mask.shape
+    G = grid_size
     if coords.shape != (B, N, 2):
         raise ValueError(f"coords must be (B, N, 2) = {(B, N, 2)}, got {tuple(coords.shape)}")
-    dev = feats.device
+    dev = mask.device
 
     c = coords.to(device=dev, dtype=_coord_dtype(dev))  # (B, N, 2) float
     nonfinite = (~torch.isfinite(c) & mask[..., None]).any(dim=(1, 2)).nonzero().flatten()
@@ -229,20 +294,5 @@ def spatial_tokens(
     extent = cell.amax(dim=1) + 1  # (B, 2) <= G by construction of f
     offset = (G - extent) // 2  # (B, 2) >= 0
     cell = cell + offset[:, None, :]  # (B, N, 2) in [0, G)
-    col, row = cell[..., 0], cell[..., 1]  # (B, N), (B, N)
+    return cell[..., 1] * G + cell[..., 0]  # (B, N) row * G + col
 
-    # -- 4. scatter-mean into a flattened (B*G*G, D) buffer --------------------
-    batch_base = torch.arange(B, device=dev)[:, None] * (G * G)  # (B, 1)
-    flat_idx = (batch_base + row * G + col).reshape(B * N)  # (B*N,)
-    acc_dtype = torch.promote_types(feats.dtype, torch.float32)  # accumulate bf16/fp16 in fp32
-    src = torch.where(mask[..., None], feats, torch.zeros((), dtype=feats.dtype, device=dev))  # (B, N, D)
-    src = src.to(acc_dtype).reshape(B * N, D)  # (B*N, D) padding contributes 0 (even if NaN)
-    sums = torch.zeros(B * G * G, D, dtype=acc_dtype, device=dev).index_add(0, flat_idx, src)  # (B*G*G, D)
-    counts = torch.zeros(B * G * G, dtype=acc_dtype, device=dev).index_add(
-        0, flat_idx, mask.reshape(B * N).to(acc_dtype)
-    )  # (B*G*G,)
-    tokens = sums / counts.clamp_min(1.0)[:, None]  # (B*G*G, D) empty cells stay exactly 0
-
-    tokens = tokens.to(feats.dtype).view(B, G * G, D)  # (B, G*G, D)
-    token_mask = (counts > 0).view(B, G * G)  # (B, G*G) bool
-    return tokens, token_mask

@@ -47,15 +47,18 @@ class QueryFusion(nn.Module):
     """Gene-conditioned query tokens: ``W_p path + W_g gene`` with the gene vector broadcast.
 
     Equal to the reference's Linear over [path, gene repeated N times] with W = [W_p | W_g], but
-    without materialising the (B, N, 2H) repeat.
+    without materialising the (B, N, 2H) repeat. ``gene=False`` (the ``model.gene_queries: false``
+    ablation) drops the gene term: the queries, and so the offsets, then see the patches only.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, gene: bool = True) -> None:
         super().__init__()
         self.path = nn.Linear(dim, dim)
-        self.gene = nn.Linear(dim, dim, bias=False)
+        self.gene = nn.Linear(dim, dim, bias=False) if gene else None
 
     def forward(self, path: Tensor, gene: Tensor) -> Tensor:  # (B, T, H), (B, H) -> (B, T, H)
+        if self.gene is None:
+            return self.path(path)
         return self.path(path) + self.gene(gene).unsqueeze(1)
 
 
@@ -64,22 +67,34 @@ class SubspaceBranch(nn.Module):
 
     As in the reference, one LayerNorm serves the query and key streams and there is no
     feed-forward sub-layer; a final LayerNorm precedes the pooler.
+
+    ``model.gene_queries: false`` (ablation: no gene conditioning of the queries) keeps the genes in
+    the model but moves them from the queries to after pooling: the subspace vector is
+    ``proj([pooled | gene])``. Without that the genes would not reach an SMM model at all (in the
+    reference the subspace vector comes only from the branch), and the ablation would compare
+    gene-guided attention with a histology-only model instead of with late gene fusion. The
+    (2H -> H) ``proj`` has exactly the parameters the dropped ``W_g`` and the (H -> H) ``proj`` have
+    together, so both variants are the same size.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         H = cfg.hidden_dim
         self.grid = cfg.grid_size
+        self.gene_queries = cfg.gene_queries
         self.path_fc = nn.Sequential(nn.Linear(cfg.feature_dim, H), nn.ReLU())
-        self.fuse = QueryFusion(H)
+        self.fuse = QueryFusion(H, gene=cfg.gene_queries)
         self.norm = nn.LayerNorm(H)
         self.attn = GeneDeformableAttention(cfg)
         self.final_norm = nn.LayerNorm(H)
         self.pool = nn.Sequential(nn.Linear(H, H), nn.Tanh())
-        self.proj = nn.Linear(H, H)
+        self.proj = nn.Linear(H if cfg.gene_queries else 2 * H, H)
 
-    def forward(self, tokens: Tensor, token_mask: Tensor | None, gene: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, G*G, D) tokens, (B, G*G) mask or None, (B, H) gene -> (B, H) vector, (B, g, 2K^2) grid."""
+    def attention_inputs(self, tokens: Tensor, token_mask: Tensor | None, gene: Tensor
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """What the deformable layer reads: the residual stream h (B, T, H), the query and key maps
+        (B, H, G, G) and the key mask (B, G, G) or None. Shared by ``forward`` and the attention
+        maps (``smm_model.nn.attention_maps``), so both see the same queries and keys."""
         B, T, _ = tokens.shape
         G = self.grid
         m = token_mask.unsqueeze(-1).to(tokens.dtype) if token_mask is not None else None
@@ -92,9 +107,16 @@ class SubspaceBranch(nn.Module):
             xq, xkv = xq * m, xkv * m
         to_map = lambda x: x.transpose(1, 2).reshape(B, -1, G, G)  # (B, T, H) -> (B, H, G, G)
         key_mask = token_mask.view(B, G, G) if token_mask is not None else None
-        a, grid = self.attn(to_map(xq), to_map(xkv), key_mask)  # (B, H, G, G), (B, g, 2K^2)
+        return h, to_map(xq), to_map(xkv), key_mask
+
+    def forward(self, tokens: Tensor, token_mask: Tensor | None, gene: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, G*G, D) tokens, (B, G*G) mask or None, (B, H) gene -> (B, H) vector, (B, g, 2K^2) grid."""
+        h, xq, xkv, key_mask = self.attention_inputs(tokens, token_mask, gene)
+        a, grid = self.attn(xq, xkv, key_mask)  # (B, H, G, G), (B, g, 2K^2)
         h = h + a.flatten(2).transpose(1, 2)  # (B, T, H)
         pooled = self.pool(masked_mean(self.final_norm(h), token_mask))  # (B, H)
+        if not self.gene_queries:
+            pooled = torch.cat((pooled, gene), dim=1)  # (B, 2H) genes join after pooling
         return self.proj(pooled), grid
 
 
@@ -166,8 +188,12 @@ class _ABMILEncoder(nn.Module):
         self.pool = GatedAttentionPool(H, cfg.abmil_hidden, cfg.dropout)
         self.rho = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Dropout(cfg.dropout))
 
+    def attend(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(B, H) pooled bag and the (B, N) gated attention weights (padding 0)."""
+        return self.pool(self.fc(batch.patches), batch.patch_mask)
+
     def forward(self, batch: Batch) -> Tensor:
-        pooled, _ = self.pool(self.fc(batch.patches), batch.patch_mask)  # (B, H)
+        pooled, _ = self.attend(batch)  # (B, H)
         return self.rho(pooled)
 
 
