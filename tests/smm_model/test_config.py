@@ -121,6 +121,7 @@ def test_unknown_key_is_named():
     ("model:\n  tasks: grade\n", "model.tasks"),
     ("model: 3\n", "model"),
     ("train:\n  drop_last: 1\n", "train.drop_last"),
+    ("model:\n  gene_queries: no\n", "model.gene_queries"),  # YAML 1.2: 'no' is a string, not false
     ("name: 5\n", "name"),
 ])
 def test_wrong_type_fails_naming_the_field(text, field):

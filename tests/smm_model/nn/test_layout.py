@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from smm_model.nn.layout import seed_tokens, spatial_tokens
+from smm_model.nn.layout import seed_token_index, seed_tokens, spatial_cell_index, spatial_tokens
 
 
 # --------------------------------------------------------------------------- #
@@ -319,3 +319,34 @@ def test_spatial_bad_step_raises():
     feats, coords = _block_3x2()
     with pytest.raises(ValueError):
         spatial_tokens(feats, torch.ones(1, 6, dtype=torch.bool), coords, 4, patch_step=0.0)
+
+
+# --------------------------------------------------------------------------- #
+# patch -> token indices
+# --------------------------------------------------------------------------- #
+def test_spatial_cell_index_names_the_token_each_patch_is_averaged_into():
+    """Token t of spatial_tokens is the mean of exactly the patches whose index is t; padding is -1."""
+    gen = torch.Generator().manual_seed(5)
+    samples = [_lattice_sample(gen, L, 4, 256.0, 13, (1000, 500)) for L in (7, 150)]
+    feats, mask, coords = _pad_batch(samples, 160, 4)
+    G = 6  # 13 x 13 lattice -> merge factor 3
+    tokens, tmask = spatial_tokens(feats, mask, coords, G)
+    idx = spatial_cell_index(mask, coords, G)
+    assert idx.shape == mask.shape and idx.dtype == torch.int64
+    assert (idx[~mask] == -1).all() and ((idx[mask] >= 0) & (idx[mask] < G * G)).all()
+    for b in range(2):
+        for t in range(G * G):
+            members = mask[b] & (idx[b] == t)
+            assert bool(tmask[b, t]) == bool(members.any())
+            if members.any():
+                torch.testing.assert_close(tokens[b, t], feats[b][members].mean(0), rtol=1e-5, atol=1e-6)
+    assert (torch.bincount(idx[1][mask[1]], minlength=G * G) > 1).any()  # cells did merge
+
+
+def test_seed_token_index_is_what_seed_tokens_gathers():
+    feats = _ids(30)
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    for n in (7, 30, 64):
+        idx = seed_token_index(mask, n)
+        assert idx.tolist() == [_ref_seed_indices(30, n)]
+        torch.testing.assert_close(seed_tokens(feats, mask, n)[0, :, 0], idx[0].float())

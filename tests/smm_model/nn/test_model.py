@@ -12,6 +12,7 @@ from smm_model.nn.attention import GeneDeformableAttention
 from smm_model.nn.batch import Batch
 from smm_model.config import TASKS, LossConfig, ModelConfig
 from smm_model.objectives.losses import multitask_loss
+from smm_model.nn.layers import masked_mean
 from smm_model.nn.model import (ABMILModel, ConcatModel, QueryFusion, SMMModel, SNNModel, SubspaceBranch,
                              build_model, count_parameters)
 
@@ -358,6 +359,92 @@ def test_query_fusion_equals_concatenate_repeat_linear():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert fusion.gene.bias is None  # one bias, as in the single Linear(2H, H)
     assert count_parameters(fusion) == count_parameters(ref)
+
+
+# --------------------------------------------------------------------------- #
+# ablation switches (ModelConfig docstring)
+# --------------------------------------------------------------------------- #
+def _reference_branch(branch: SubspaceBranch, tokens, tmask, gene):
+    """The branch forward as written before the gene_queries switch existed, from its own modules."""
+    B, T, _ = tokens.shape
+    G = branch.grid
+    m = tmask.unsqueeze(-1).to(tokens.dtype)
+    path = branch.path_fc(tokens) * m
+    h = branch.fuse.path(path) + branch.fuse.gene(gene).unsqueeze(1)
+    xq, xkv = branch.norm(h) * m, branch.norm(path) * m
+    to_map = lambda x: x.transpose(1, 2).reshape(B, -1, G, G)  # noqa: E731
+    a, grid = branch.attn(to_map(xq), to_map(xkv), tmask.view(B, G, G))
+    h = h + a.flatten(2).transpose(1, 2)
+    return branch.proj(branch.pool(masked_mean(branch.final_norm(h), tmask))), grid
+
+
+def test_default_branch_is_bit_identical_to_the_reference_forward():
+    cfg = _cfg(layout="spatial")
+    assert cfg.gene_queries
+    model = _model(cfg, seed=4)
+    _trained_like_norms(model, seed=4)
+    batch = _batch(cfg, _bags((9, 70), seed=4))
+    tokens, tmask = model.tokens(batch)
+    gene = model.gene_tumour(batch.genes_tumour)
+    with torch.no_grad():
+        got = model.branch_tumour(tokens, tmask, gene)
+        want = _reference_branch(model.branch_tumour, tokens, tmask, gene)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_without_gene_queries_the_queries_and_offsets_ignore_the_genes_but_the_output_does_not():
+    cfg = _cfg(layout="spatial", gene_queries=False)
+    model = _model(cfg, seed=5)
+    _trained_like_norms(model, seed=5)
+    bags = _bags((12, 60), seed=5)
+    a = _batch(cfg, bags, seed=5)
+    b = _batch(cfg, bags, seed=6)  # same patches, other genes
+    assert not torch.equal(a.genes_tumour, b.genes_tumour)
+    branch = model.branch_tumour
+    with torch.no_grad():
+        tokens, tmask = model.tokens(a)
+        qa = branch.attention_inputs(tokens, tmask, model.gene_tumour(a.genes_tumour))
+        qb = branch.attention_inputs(tokens, tmask, model.gene_tumour(b.genes_tumour))
+        oa, ob = model(a), model(b)
+    for x, y in zip(qa, qb):  # residual stream, query map, key map, key mask
+        assert torch.equal(x, y)
+    assert torch.equal(oa.grids[0], ob.grids[0]) and torch.equal(oa.grids[1], ob.grids[1])
+    assert (oa.logits["diagnosis"] - ob.logits["diagnosis"]).abs().max() > 1e-4  # genes still reach the heads
+    assert branch.fuse.gene is None and branch.proj.in_features == 2 * cfg.hidden_dim
+    # the same size as the full model: W_g (H x H) moved into proj's gene half
+    assert count_parameters(model) == count_parameters(_model(_cfg(layout="spatial")))
+    # with gene queries (default) the same two batches do move the sampled positions
+    full = _model(_cfg(layout="spatial"), seed=5)
+    with torch.no_grad():
+        assert not torch.equal(full(a).grids[0], full(b).grids[0])
+
+
+def test_zero_offset_scale_ablation_samples_the_fixed_grid_in_the_model():
+    cfg = _cfg(layout="spatial", offset_scale=0.0)
+    model = _model(cfg, seed=6)
+    with torch.no_grad():
+        out = model(_batch(cfg, _bags((20, 50), seed=6)))
+    K = cfg.key_grid
+    ref = model.branch_tumour.attn.ref_grid.reshape(1, 1, 2 * K * K).expand(2, cfg.offset_groups, -1)
+    for grid in out.grids:
+        assert torch.equal(grid, ref)  # offsets exactly zero whatever the queries
+
+
+def test_zero_consistency_weight_removes_the_consistency_terms():
+    cfg = _cfg(layout="spatial")
+    model = _model(cfg, seed=7)
+    batch = _batch(cfg, _bags((20, 50), seed=7))
+    with torch.no_grad():
+        out = model(batch)
+    full, parts = multitask_loss(out, batch, LossConfig(consistency_weight=0.5))
+    off, off_parts = multitask_loss(out, batch, LossConfig(consistency_weight=0.0))
+    assert {"consistency_tumour", "consistency_micro"} <= set(parts)
+    assert not {"consistency_tumour", "consistency_micro"} & set(off_parts)
+    tasks = sum(v for k, v in parts.items() if not k.startswith("consistency"))
+    assert float(off) == pytest.approx(tasks, rel=1e-6)
+    assert float(full) == pytest.approx(tasks + 0.5 * (parts["consistency_tumour"] + parts["consistency_micro"]),
+                                        rel=1e-6)
+    assert float(full) > float(off)
 
 
 # --------------------------------------------------------------------------- #
