@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "site": ("client.site.check:main", "site folder tools: `smm site check SITE_DIR`"),
     "centralized": ("client.baselines.centralized:main", "train on all sites' training data pooled (a benchmark reference) or per site (--local-only), same run folder"),
     "evaluate": ("client.baselines.evaluate:main", "evaluate a final or checkpointed global model on site folders, locally"),
+    "heatmap": ("client.wsi.heatmap:main", "draw where a trained model looked on one slide (attention over its "
+                "thumbnail), at the site; nothing is sent"),
     "simulate": ("server.ops.simulate:main", "run a simulated federation (own SuperLink on a free port) and check its final status"),
     "report": ("server.report.build:main", "write report.html, report.md and metrics.json for run folder(s), the first "
                                      "compared with the others"),

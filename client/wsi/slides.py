@@ -231,6 +231,22 @@ class Slide:
             return region.convert("RGB")
         return Image.fromarray(rgba_to_rgb(np.asarray(region)))
 
+    def thumbnail(self, max_side: int) -> Image.Image:
+        """The whole slide as an RGB image whose longer side is at most ``max_side`` pixels
+        (OpenSlide's ``get_thumbnail``: read from the best pyramid level, aspect ratio kept)."""
+        import openslide
+
+        if max_side < 1:
+            raise ValueError(f"{self.name}: thumbnail size must be >= 1 pixel, got {max_side}")
+        osr = self._handle()
+        try:
+            thumb = osr.get_thumbnail((int(max_side), int(max_side)))
+        except openslide.OpenSlideError as e:
+            self._error = SlideError("read_error", f"OpenSlide thumbnail failed: {e}", self.path)
+            self.close()
+            raise self._error from None
+        return thumb.convert("RGB")
+
     def close(self) -> None:
         """Close the handle (idempotent). A handle is never reopened: make a new :class:`Slide`."""
         osr, self._osr = getattr(self, "_osr", None), None
