@@ -96,7 +96,9 @@ class ModelConfig:
       offset network is then unused.
     * no gene conditioning of the queries: ``gene_queries: false``. The queries (and offsets) see
       the patches only; the subspace's gene embedding joins the branch vector after pooling
-      (``SubspaceBranch``), so the genes still reach the heads.
+      (``SubspaceBranch``), so the genes still reach the heads. The consistency loss still pulls the
+      sampled positions' relations toward the genes' during training; add
+      ``loss.consistency_weight: 0`` for no gene guidance of where the model looks at all.
     * no gene-guided consistency loss: ``loss.consistency_weight: 0`` (the term is not computed).
     """
 

@@ -43,6 +43,7 @@ import torch
 
 from client.baselines.evaluate import LoadedModel, ModelFileError, load_model_file
 from client.local.round import SharedGenomicsStats
+from client.local.train import resolve_device
 from client.site.dataset import find_genomics_file, read_slides, slide_patch_step
 from client.site.folder import FeatureFileError, SiteLayout, read_features
 from client.site.genomics import load_genomics, read_geneset
@@ -222,6 +223,10 @@ def heatmap(model_path: Path, slide_path: Path, out_dir: Path, *, features: Path
     if features is None and site is None:
         raise HeatmapError("give the slide's features with --features FILE or its site folder with --site DIR")
     try:
+        dev = resolve_device(device)
+    except (RuntimeError, ValueError) as e:
+        raise HeatmapError(f"--device: {e}") from None
+    try:
         model = load_model_file(model_path)
     except ModelFileError as e:
         raise HeatmapError(str(e)) from None
@@ -245,7 +250,7 @@ def heatmap(model_path: Path, slide_path: Path, out_dir: Path, *, features: Path
         genes = slide_genes(Path(site), slide_id, model)
     else:  # ABMIL / Concat attention reads no genes
         genes = (np.zeros(cfg.genes_tumour, np.float32), np.zeros(cfg.genes_micro, np.float32))
-    maps = slide_attention(_load_model(model), bag, genes, torch.device(device))
+    maps = slide_attention(_load_model(model), bag, genes, dev)
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
     for name in names:
@@ -275,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"thumbnail's longer side in pixels (default {DEFAULT_SIZE})")
     ap.add_argument("--cmap", default=DEFAULT_CMAP, help=f"matplotlib colormap (default {DEFAULT_CMAP})")
     ap.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"colour opacity (default {DEFAULT_ALPHA})")
-    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     args = ap.parse_args(list(argv) if argv is not None else None)
     prog = "smm heatmap"
     try:

@@ -182,3 +182,11 @@ def test_slide_missing_from_slides_csv_is_named(world, tmp_path, capsys):
                "--out", str(tmp_path / "o")])
     err = " ".join(capsys.readouterr().err.split())
     assert rc == 2 and f"{site.slides}: slide 'S1' is not listed" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_refused_before_anything_is_read(world, tmp_path, capsys):
+    rc = main([str(world["abmil"]), str(world["slide"]), "--features", str(world["features"]), "--device", "cuda:0",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--device: train.device is 'cuda:0' but no CUDA device is available" in err

@@ -413,6 +413,9 @@ def test_without_gene_queries_the_queries_and_offsets_ignore_the_genes_but_the_o
     assert branch.fuse.gene is None and branch.proj.in_features == 2 * cfg.hidden_dim
     # the same size as the full model: W_g (H x H) moved into proj's gene half
     assert count_parameters(model) == count_parameters(_model(_cfg(layout="spatial")))
+    out = model.train()(a)  # every parameter trains, the gene encoders through proj's gene half
+    multitask_loss(out, a, LossConfig())[0].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     # with gene queries (default) the same two batches do move the sampled positions
     full = _model(_cfg(layout="spatial"), seed=5)
     with torch.no_grad():
