@@ -139,7 +139,7 @@ class GeneDeformableAttention(nn.Module):
         never treated as tissue. Returns the output (B, C, G, G) and the sampled positions
         (B, g, 2*K*K), unnormalised key-grid units, for the consistency loss.
         """
-        B, C, H, W = x_q.shape
+        B, _, H, W = x_q.shape
         h, d = self.heads, self.dim_head
         q, k, v, bias, k_pos, vgrid = self._scores_inputs(x_q, x_kv, key_mask)
         out = F.scaled_dot_product_attention(
