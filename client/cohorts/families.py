@@ -27,7 +27,7 @@ proliferation and immune state); only where the signal is planted differs:
   ``REGION_FRACTION``), so the number of patches of each kind leaks no label.
 * ``histology-only`` (control): patches as in ``additive``; genes are noise + the site's batch
   effect only (no class, proliferation or immune information).
-* ``genomics-only`` (control): genes as in ``additive``; patches on the ``gene-conditioned``
+* ``genomics-only`` (control): additive's genes, draw for draw; patches on the ``gene-conditioned``
   layout with the area markers and plain stroma only (no class, proliferation or immune pattern).
 
 Every patch gets the patient's per-area deviation (``SynthSpec.patient_noise``, one draw per area
@@ -110,21 +110,21 @@ class FamilyPrototypes:
                    marker_micro=rng.normal(0, MARKER_SCALE, spec.feature_dim))
 
 
-def family_genes(family: str, proto: Prototypes, fp: FamilyPrototypes, y: int, prolif: float,
-                 immune: float, z: int, signal: float = 1.0) -> np.ndarray:
-    """Noise-free gene vector (genes_tumour + genes_micro,) of one patient in ``family``.
+def family_genes(family: str, proto: Prototypes, fp: FamilyPrototypes, y: int, immune: float, z: int,
+                 signal: float = 1.0) -> np.ndarray:
+    """Noise-free gene vector (genes_tumour + genes_micro,) of one patient, for ``GENE_FAMILIES``.
 
-    ``additive`` / ``genomics-only``: ``Prototypes.gene_means``; ``histology-only``: zeros (the
-    caller adds the site's batch effect and noise); ``gene-conditioned``: programme +/- z, weak class,
-    immune programme.
+    ``histology-only``: zeros (the caller adds the site's batch effect and noise);
+    ``gene-conditioned``: programme (sign from z), weak class, immune programme. The other families
+    keep additive's genes (``Prototypes.gene_means``).
     """
-    if family in ("additive", "genomics-only"):
-        return np.concatenate(proto.gene_means(y, prolif, immune, signal))
+    if family not in GENE_FAMILIES:
+        raise FamilyError(f"family_genes: family {family!r} keeps the additive genes")
     if family == "histology-only":
         return np.zeros(len(fp.gene_programme))
     sign = 1.0 if z else -1.0
-    g_t = WEAK_GENE_CLASS * proto.gene_class[y]
-    g_e = immune * proto.gene_immune
+    g_t = WEAK_GENE_CLASS * proto.gene_class[y]  # (genes_tumour,)
+    g_e = immune * proto.gene_immune  # (genes_micro,)
     return signal * (sign * PROGRAMME_GENE_AMPLITUDE * fp.gene_programme + np.concatenate([g_t, g_e]))
 
 
@@ -200,7 +200,8 @@ def read_planted(cohort_dir: Path | str, slide_id: str) -> tuple[np.ndarray, np.
 
 def family_model(family: str) -> dict[str, Any]:
     """The family's generative model in words and numbers, for cohort.json."""
-    common = {"name": family, "truth_patches_file": (
+    common = {"name": family, "note": "cohort.json's 'model' is the clinical and label model every family shares; "
+              "its 'genomics' and 'slides' entries describe the additive family's signal", "truth_patches_file": (
         f"{TRUTH_PATCHES} (features-only mode): one group per slide id with coords (N, 2) int64 level-0 "
         "(x, y) in the row order of features/<slide>.h5, region (N,) uint8 indexing "
         f"{list(REGIONS)}, planted (N,) bool = the patches carrying the label signal; read with "

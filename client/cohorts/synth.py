@@ -186,7 +186,7 @@ def with_patches_per_slide(spec: CohortSpec, n: int) -> CohortSpec:
     side = step * math.sqrt(n / TISSUE_SHARE)
     size = max(512, int(math.ceil(side / 64.0)) * 64)
     return replace(spec, patches_per_slide=n, slide_size=size,
-                   layout_scale=max(1, min(step, max(4, step // MASK_CELLS_PER_PATCH))))
+                   layout_scale=max(4, step // MASK_CELLS_PER_PATCH))
 
 
 @dataclass(frozen=True)
@@ -552,7 +552,8 @@ def _region_layout(spec: CohortSpec, rng: np.random.Generator) -> tuple[Layout, 
 
     No necrosis (its presence would tell GBM apart whatever the areas carry).
     """
-    layout = draw_layout(rng, spec.slide_size, float(rng.uniform(*REGION_FRACTION)), 0.0, scale=spec.layout_scale)
+    tumour_share = float(rng.uniform(*REGION_FRACTION))
+    layout = draw_layout(rng, spec.slide_size, tumour_share, 0.0, scale=spec.layout_scale)
     return layout, micro_areas(rng, layout, MICRO_AREAS, int(layout.tumour.sum()))
 
 
@@ -629,8 +630,7 @@ def _site_tables(spec: CohortSpec, k: int, proto: Prototypes, fproto: FamilyProt
     decoy = (y + fam_rng.integers(1, 4, n)) % 4  # another class, uniform over the three others
     if spec.family in GENE_FAMILIES:
         for i in range(n):
-            mu = family_genes(spec.family, proto, fproto, int(y[i]), float(prolif[i]), float(immune[i]),
-                              int(z[i]), fs.signal)
+            mu = family_genes(spec.family, proto, fproto, int(y[i]), float(immune[i]), int(z[i]), fs.signal)
             genes[i] = mu + gene_shift + fam_rng.normal(0, fs.gene_noise, gt + ge)
     names = [f"GENE{j + 1:03d}_rnaseq" for j in range(gt + ge)]
     genomics = pd.DataFrame(np.round(genes, 4), columns=names)
