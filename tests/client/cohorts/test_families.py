@@ -209,7 +209,9 @@ def test_signal_placement_gene_conditioned(cohort):
     base = majority(table)
     genes, pooled_genes = probe(table, "genes"), probe(table, "pooled", "genes")
     oracle_genes = probe(table, "oracle", "genes")
-    assert genes < base + 0.1  # the genes tell z, hardly the class
+    assert genes < base + 0.1  # the genes hardly tell the class ...
+    z = pd.read_csv(cohort("gene-conditioned") / "truth.csv").set_index("patient_id").loc[table["patient_id"], "z"]
+    assert probe(table.assign(y=z.to_numpy()), "genes") > 0.95  # ... but z, plainly
     assert pooled_genes < base + 0.1  # pooling mixes the true class with the decoy
     assert oracle_genes > 0.7 and oracle_genes > pooled_genes + 0.2  # the right area carries the class
 
