@@ -35,10 +35,22 @@ Generative model (all draws seeded; ``cohort.json`` records the parameters):
   tissue, tumour patches from the class/proliferation prototype, stroma patches from the immune
   prototype, per-patient deviation and per-patch noise). Necrosis is not modelled there.
 
-Signal is planted in BOTH modalities with independent noise, so each alone recovers the labels
-imperfectly and fusion can do better. ``DIR/truth.csv`` (outside the site folders, so no site sees it)
-holds each patient's latent class and states for evaluation; ``DIR/cohort.json`` the site summaries.
-Same seed -> byte-identical CSVs, identical feature arrays and identical TIFF pixels.
+In the default family, ``additive``, signal is planted in BOTH modalities with independent noise, so
+each alone recovers the labels imperfectly and fusion can do better. ``--family`` picks where else it
+can sit (client/cohorts/families.py: ``gene-conditioned``, where the genes say which slide area
+carries the class, and the controls ``histology-only`` and ``genomics-only``); every family has the
+same patients, clinical tables, splits and site effects for a seed, and the non-additive ones need
+``--features-only`` (slides are rendered for ``additive`` only; refused with a clear error otherwise).
+``--patches-per-slide N`` (features-only) sizes the slides for about N tissue patches each
+(slide-size bags; see ``with_patches_per_slide`` for the cost).
+
+Ground truth, outside the site folders so no site sees it: ``DIR/truth.csv`` holds each patient's
+latent class and states (and, for the non-additive families, ``family``; for ``gene-conditioned``
+also the programme ``z`` and the ``decoy`` class); ``DIR/truth_patches.h5`` (features-only mode) the
+region and planted flag of every patch (format: client/cohorts/families.py, ``read_planted``);
+``DIR/cohort.json`` the site summaries and the family's model.
+Same seed -> byte-identical CSVs, identical feature arrays and identical TIFF pixels; the additive
+family is byte-identical to the cohorts written before the families existed.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -59,10 +72,14 @@ from client.cohorts.cohort import (CLASS_NAMES, LABEL_ENCODING, CohortError, cla
                      stratified_pick, who2021, write_csv, write_json, write_site_tables)
 from client.site.folder import Manifest, SiteLayout, write_features
 from smm_model.contract.atomic import atomic_path
+from client.cohorts.families import (BACKGROUND, DEFAULT_FAMILY, FAMILIES, GENE_FAMILIES, MICRO, MICRO_AREAS,
+                                     PROGRAMME_P, REGION_FAMILIES, REGION_FRACTION, TRUTH_PATCHES, TUMOUR,
+                                     FamilyError, FamilyPrototypes, PlantedWriter, check_family, family_genes,
+                                     family_model, planted_mask, planted_writer, region_means)
 from client.cohorts.synthetic import CLASS_PRIOR, Prototypes, SynthSpec
 
-__all__ = ["CohortSpec", "Layout", "Stain", "PatientState", "draw_layout", "render_slide",
-           "tissue_patches", "write_tiff", "write_cohort", "main"]
+__all__ = ["CohortSpec", "Layout", "Stain", "PatientState", "draw_layout", "micro_areas", "render_slide",
+           "tissue_patches", "patch_regions", "with_patches_per_slide", "write_tiff", "write_cohort", "main"]
 
 # --- the generative model's constants (recorded in cohort.json) -----------------------------------
 #: Mean proliferation and immune state per class (GBM, astro G4, lower-grade astro, oligo).
@@ -84,6 +101,10 @@ NUCLEUS_RADIUS = (8.5, 7.5, 6.5, 6.0)
 NUCLEUS_RADIUS_SD = (2.2, 1.5, 0.8, 0.5)
 NUCLEUS_ASPECT = ((1.0, 1.8), (1.1, 1.8), (1.3, 2.2), (1.0, 1.15))
 LYMPHOCYTE_DENSITY = 2.0  # per 10^4 px^2 of stroma at immune state 0; x exp(0.8 * immune)
+#: Mean share of a synthetic slide covered by tissue patches (draw_layout's blob; measured) and the
+#: tissue-mask resolution --patches-per-slide uses (cells per patch side).
+TISSUE_SHARE = 0.37
+MASK_CELLS_PER_PATCH = 8
 
 
 @dataclass(frozen=True)
@@ -114,6 +135,9 @@ class CohortSpec:
     missing_cdkn2ab: float = 0.02
     missing_survival: float = 0.01
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train, val, test
+    family: str = DEFAULT_FAMILY  # where the signal sits (client/cohorts/families.py)
+    patches_per_slide: int | None = None  # set through with_patches_per_slide (features-only)
+    layout_scale: int = 4  # level-0 px per tissue-mask cell (slides are rendered at this mask grid)
 
     def validate(self) -> None:
         if self.sites < 1 or self.patients_per_site < 2:
@@ -128,6 +152,41 @@ class CohortSpec:
             raise CohortError("--feature-dim must be positive")
         if abs(sum(self.split) - 1.0) > 1e-9:
             raise CohortError(f"split fractions {self.split} must sum to 1")
+        try:
+            check_family(self.family)
+        except FamilyError as e:
+            raise CohortError(str(e)) from None
+        if self.family != DEFAULT_FAMILY and not self.features_only:
+            raise CohortError(f"--family {self.family} needs --features-only (slides are rendered for the "
+                              f"{DEFAULT_FAMILY} family only)")
+        if self.patches_per_slide is not None and not self.features_only:
+            raise CohortError("--patches-per-slide needs --features-only (slide-size TIFFs would be gigapixel)")
+        if not 1 <= self.layout_scale <= self.patch_step or (not self.features_only and self.layout_scale != 4):
+            raise CohortError(f"layout_scale {self.layout_scale}: must be 1..{self.patch_step} px (the patch "
+                              "step), and 4 when slides are rendered")
+
+    @property
+    def patch_step(self) -> int:
+        """Level-0 px between neighbouring patches of the features-only grid."""
+        return int(round(self.patch_size * self.target_mpp / self.mpp))
+
+
+def with_patches_per_slide(spec: CohortSpec, n: int) -> CohortSpec:
+    """``spec`` with a slide geometry that gives about ``n`` tissue patches per slide (features-only).
+
+    The slide side follows from the mean tissue share of a synth.draw_layout section
+    (``TISSUE_SHARE``); the tissue mask is coarsened to ``MASK_CELLS_PER_PATCH`` cells per patch side,
+    so the cost per slide grows with ``n``, not with the slide's pixel area. Measured: 3 sites x 20
+    patients (79 slides) at 2,000 patches per slide: 165,000 patches in 14 s wall (6 s CPU, one
+    thread, a shared 2-core machine), 150 MB peak memory, 47 MB on disk.
+    """
+    if n < 1:
+        raise CohortError(f"--patches-per-slide {n}: must be positive")
+    step = spec.patch_step
+    side = step * math.sqrt(n / TISSUE_SHARE)
+    size = max(512, int(math.ceil(side / 64.0)) * 64)
+    return replace(spec, patches_per_slide=n, slide_size=size,
+                   layout_scale=max(4, step // MASK_CELLS_PER_PATCH))
 
 
 @dataclass(frozen=True)
@@ -234,11 +293,11 @@ def draw_layout(rng: np.random.Generator, size: int, tumour_fraction: float,
     return Layout(size=size, scale=scale, tissue=tissue, tumour=tumour, necrosis=necrosis)
 
 
-def tissue_patches(layout: Layout, step: int, min_tissue: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Level-0 (x, y) top-left corners of the grid patches (side ``step``) that are mostly tissue.
+def _patch_grid(layout: Layout, step: int, masks: tuple[np.ndarray, ...],
+                min_tissue: float = 0.5) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The grid patches (side ``step``) that are mostly tissue, and each mask's share of their tissue.
 
-    Returns ``(coords (N, 2) int64, tumour_fraction (N,))``; mirrors what a tissue-masked patch grid
-    over the rendered slide would keep.
+    Returns ``(coords (N, 2) int64 level-0 (x, y) top-left corners, [share (N,) per mask])``.
     """
     if step < layout.scale:
         raise ValueError(f"patch step {step} px is finer than the layout grid ({layout.scale} px)")
@@ -251,14 +310,58 @@ def tissue_patches(layout: Layout, step: int, min_tissue: float = 0.5) -> tuple[
 
     area = np.outer(np.diff(edges), np.diff(edges)).astype(float)
     tissue_f = box_sums(layout.tissue) / area
-    tumour_f = box_sums(layout.tumour & ~layout.necrosis) / area
     keep = tissue_f >= min_tissue
     if not keep.any():  # a tiny slide: keep the most tissue-covered patch rather than none
         keep = tissue_f == tissue_f.max()
     rows, cols = np.nonzero(keep)
     coords = np.stack([cols * step, rows * step], axis=1).astype(np.int64)
-    frac = tumour_f[rows, cols] / np.maximum(tissue_f[rows, cols], 1e-9)
+    shares = [(box_sums(m) / area)[rows, cols] / np.maximum(tissue_f[rows, cols], 1e-9) for m in masks]
+    return coords, shares
+
+
+def tissue_patches(layout: Layout, step: int, min_tissue: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 (x, y) top-left corners of the grid patches (side ``step``) that are mostly tissue.
+
+    Returns ``(coords (N, 2) int64, tumour_fraction (N,))``; mirrors what a tissue-masked patch grid
+    over the rendered slide would keep.
+    """
+    coords, (frac,) = _patch_grid(layout, step, (layout.tumour & ~layout.necrosis,), min_tissue)
     return coords, frac
+
+
+def micro_areas(rng: np.random.Generator, layout: Layout, areas: int, cells: int) -> np.ndarray:
+    """(m, m) bool: ``areas`` clustered microenvironment areas in the tissue outside the tumour.
+
+    Each area grows from a random non-tumour tissue cell by (noisy) distance; together they cover
+    about ``cells`` mask cells (all the free tissue if it has fewer).
+    """
+    free = layout.tissue & ~layout.tumour
+    ys, xs = np.nonzero(free)
+    if len(ys) == 0:
+        return free
+    m = free.shape[0]
+    ax = (np.arange(m, dtype=np.float32) + 0.5) / m
+    dist = np.full((m, m), np.inf, dtype=np.float32)
+    for k in rng.choice(len(ys), size=min(areas, len(ys)), replace=False):
+        dy, dx = (ax - np.float32(ax[ys[k]]))[:, None], (ax - np.float32(ax[xs[k]]))[None, :]
+        np.minimum(dist, np.sqrt(dy * dy + dx * dx), out=dist)
+    dist += 0.02 * _smooth_noise(rng, m, 8)
+    share = min(1.0, cells / len(ys))
+    return free & (dist <= np.quantile(dist[free], share))
+
+
+def patch_regions(layout: Layout, micro: np.ndarray, step: int, min_tissue: float = 0.5
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue grid patches and the region each mostly lies in.
+
+    Returns ``(coords (N, 2) int64, region (N,) uint8)``, region = TUMOUR / MICRO / BACKGROUND
+    (client.cohorts.families) by the largest share of the patch's tissue.
+    """
+    tumour = layout.tumour & ~layout.necrosis
+    coords, (t, mi) = _patch_grid(layout, step, (tumour, micro & ~tumour), min_tissue)
+    shares = np.empty((len(coords), 3))  # (N, 3): columns indexed by region code
+    shares[:, TUMOUR], shares[:, MICRO], shares[:, BACKGROUND] = t, mi, 1.0 - t - mi
+    return coords, np.argmax(shares, axis=1).astype(np.uint8)
 
 
 # --- rendering ------------------------------------------------------------------------------------
@@ -441,7 +544,17 @@ def _tumour_fraction(state: PatientState) -> float:
 
 def _slide_layout(spec: CohortSpec, rng: np.random.Generator, state: PatientState) -> Layout:
     necrosis = 0.25 if (state.diagnosis == 0 and rng.random() < 0.7) else 0.0
-    return draw_layout(rng, spec.slide_size, _tumour_fraction(state), necrosis)
+    return draw_layout(rng, spec.slide_size, _tumour_fraction(state), necrosis, scale=spec.layout_scale)
+
+
+def _region_layout(spec: CohortSpec, rng: np.random.Generator) -> tuple[Layout, np.ndarray]:
+    """A region-family slide: tissue with a tumour area of class-free size and micro areas as large.
+
+    No necrosis (its presence would tell GBM apart whatever the areas carry).
+    """
+    tumour_share = float(rng.uniform(*REGION_FRACTION))
+    layout = draw_layout(rng, spec.slide_size, tumour_share, 0.0, scale=spec.layout_scale)
+    return layout, micro_areas(rng, layout, MICRO_AREAS, int(layout.tumour.sum()))
 
 
 def _render_task(task: tuple) -> tuple[str, float]:
@@ -455,7 +568,7 @@ def _render_task(task: tuple) -> tuple[str, float]:
     return slide_id, time.perf_counter() - t0
 
 
-def _site_tables(spec: CohortSpec, k: int, proto: Prototypes) -> dict[str, Any]:
+def _site_tables(spec: CohortSpec, k: int, proto: Prototypes, fproto: FamilyPrototypes) -> dict[str, Any]:
     """Draw one site's patients: clinical/genomics/slides tables, latent truth, site parameters."""
     fs = spec.features
     site_rng = _rng(spec, 1, k)
@@ -509,6 +622,16 @@ def _site_tables(spec: CohortSpec, k: int, proto: Prototypes) -> dict[str, Any]:
     for i in range(n):
         mu_t, mu_e = proto.gene_means(int(y[i]), float(prolif[i]), float(immune[i]), fs.signal)
         genes[i] = np.concatenate([mu_t, mu_e]) + gene_shift + rng.normal(0, fs.gene_noise, gt + ge)
+    # Families with their own genes draw them from their own stream (the additive draws above stay as
+    # they are, so every family shares the patients, tables and slides of a seed; genomics-only keeps
+    # these very genes).
+    fam_rng = _rng(spec, 5, k)
+    z = (fam_rng.random(n) < PROGRAMME_P).astype(int)
+    decoy = (y + fam_rng.integers(1, 4, n)) % 4  # another class, uniform over the three others
+    if spec.family in GENE_FAMILIES:
+        for i in range(n):
+            mu = family_genes(spec.family, proto, fproto, int(y[i]), float(immune[i]), int(z[i]), fs.signal)
+            genes[i] = mu + gene_shift + fam_rng.normal(0, fs.gene_noise, gt + ge)
     names = [f"GENE{j + 1:03d}_rnaseq" for j in range(gt + ge)]
     genomics = pd.DataFrame(np.round(genes, 4), columns=names)
     genomics.insert(0, "patient_id", pids)
@@ -525,35 +648,61 @@ def _site_tables(spec: CohortSpec, k: int, proto: Prototypes) -> dict[str, Any]:
                           "diagnosis_name": np.take(CLASS_NAMES, y), "proliferation": np.round(prolif, 4),
                           "immune": np.round(immune, 4), "grade_true": grade, "cdkn2ab_true": cdkn,
                           "survival_days_true": days, "event_true": event})
+    if spec.family != DEFAULT_FAMILY:
+        truth["family"] = spec.family
+        if spec.family == "gene-conditioned":
+            truth["z"], truth["decoy"] = z, decoy
+    # The region layouts' background stroma has its own per-patient deviation (additive's two are
+    # for tumour and stroma), so no area shares another's.
+    bg_dev = fam_rng.normal(0, fs.patient_noise, (n, fs.feature_dim)) if fs.patient_noise > 0 else \
+        np.zeros((n, fs.feature_dim))
     return {"name": name, "prior": prior, "gene_shift": gene_shift, "patch_shift": patch_shift,
             "stain": stain, "clinical": clinical, "genomics": genomics, "geneset": geneset,
-            "slides": slides, "truth": truth, "patch_dev": dev, "n_slides": n_slides,
+            "slides": slides, "truth": truth, "patch_dev": dev, "n_slides": n_slides, "z": z, "decoy": decoy,
+            "background_dev": bg_dev,
             "states": [PatientState(int(y[i]), float(prolif[i]), float(immune[i])) for i in range(n)]}
 
 
-def _write_features(spec: CohortSpec, k: int, site: dict[str, Any], proto: Prototypes,
-                    layout_: SiteLayout, manifest: Manifest) -> int:
-    """Features-only mode: one h5 per slide from the latent states; returns the number of patches."""
+def _write_features(spec: CohortSpec, k: int, site: dict[str, Any], proto: Prototypes, fproto: FamilyPrototypes,
+                    layout_: SiteLayout, manifest: Manifest, planted: PlantedWriter) -> int:
+    """Features-only mode: one h5 per slide from the latent states; returns the number of patches.
+
+    Also records each slide's per-patch ground truth (region, planted) in ``planted``.
+    """
     fs = spec.features
-    step = int(round(spec.patch_size * spec.target_mpp / spec.mpp))  # level-0 px per patch
+    step = spec.patch_step
     attrs = dict(encoder="synthetic", weights_sha256="synthetic", feature_dim=fs.feature_dim,
                  patch_size=spec.patch_size, mpp=spec.target_mpp, level=0)
     manifest.schema.update(encoder="synthetic", weights_sha256="synthetic", feature_dim=fs.feature_dim)
     total = 0
     for i, state in enumerate(site["states"]):
-        t_mu, s_mu = proto.patch_means(state.diagnosis, state.proliferation, state.immune, fs.signal)
-        t_mu = t_mu + site["patch_dev"][i, 0] + site["patch_shift"]
-        s_mu = s_mu + site["patch_dev"][i, 1] + site["patch_shift"]
+        z, decoy = int(site["z"][i]), int(site["decoy"][i])
+        if spec.family in REGION_FAMILIES:
+            # (3, D): tumour area, micro areas, background; each with its own patient deviation.
+            dev = np.stack([site["patch_dev"][i, 0], site["patch_dev"][i, 1], site["background_dev"][i]])
+            means = region_means(spec.family, proto, fproto, state.diagnosis, state.proliferation, state.immune,
+                                 z, decoy, fs.signal) + dev + site["patch_shift"]
+        else:
+            t_mu, s_mu = proto.patch_means(state.diagnosis, state.proliferation, state.immune, fs.signal)
+            t_mu = t_mu + site["patch_dev"][i, 0] + site["patch_shift"]
+            s_mu = s_mu + site["patch_dev"][i, 1] + site["patch_shift"]
         for j in range(int(site["n_slides"][i])):
             slide_id = f"{site['clinical']['patient_id'].iloc[i]}-S{j + 1}"
-            layout = _slide_layout(spec, _rng(spec, 3, k, i, j), state)
-            coords, tum_frac = tissue_patches(layout, step)
             frng = _rng(spec, 4, k, i, j)
-            is_tumour = frng.random(len(coords)) < tum_frac  # mixed patches: tumour with that chance
-            feats = np.where(is_tumour[:, None], t_mu, s_mu) + frng.normal(0, fs.patch_noise,
-                                                                           (len(coords), fs.feature_dim))
+            if spec.family in REGION_FAMILIES:
+                coords, region = patch_regions(*_region_layout(spec, _rng(spec, 3, k, i, j)), step)
+                is_planted = planted_mask(spec.family, region, z)
+                feats = means[region]  # (N, D)
+            else:
+                coords, tum_frac = tissue_patches(_slide_layout(spec, _rng(spec, 3, k, i, j), state), step)
+                is_tumour = frng.random(len(coords)) < tum_frac  # mixed patches: tumour with that chance
+                feats = np.where(is_tumour[:, None], t_mu, s_mu)  # (N, D)
+                region = np.where(is_tumour, TUMOUR, BACKGROUND).astype(np.uint8)
+                is_planted = is_tumour
+            feats = feats + frng.normal(0, fs.patch_noise, (len(coords), fs.feature_dim))
             sha = write_features(layout_.feature_file(slide_id), feats, coords, **attrs)
             manifest.record(slide_id, "done", checksum=sha, n_patches=int(len(coords)))
+            planted.add(slide_id, coords, region, is_planted)
             total += len(coords)
     manifest.save()
     return total
@@ -569,14 +718,18 @@ def write_cohort(out: Path, spec: CohortSpec, force: bool = False, workers: int 
     spec.validate()
     out = Path(out)
     names = [f"site_{k}" for k in range(1, spec.sites + 1)]
-    prepare_out(out, force, owned=[*names, "cohort.json", "truth.csv"])
+    prepare_out(out, force, owned=[*names, "cohort.json", "truth.csv", TRUTH_PATCHES])
     proto = Prototypes.draw(spec.features, int(np.random.SeedSequence([spec.seed, 0]).generate_state(1)[0]))
+    fproto = FamilyPrototypes.draw(spec.features, np.random.SeedSequence([spec.seed, 5]))
     summaries, truths = [], []
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and not spec.features_only else None
-    try:
+    with ExitStack() as stack:
+        if pool:
+            stack.callback(pool.shutdown)
+        planted = stack.enter_context(planted_writer(out, spec.family)) if spec.features_only else None
         for k, name in enumerate(names, start=1):
             t0 = time.perf_counter()
-            site = _site_tables(spec, k, proto)
+            site = _site_tables(spec, k, proto, fproto)
             layout = SiteLayout(out / name)
             slides = site["slides"]
             if not spec.features_only:
@@ -585,7 +738,7 @@ def write_cohort(out: Path, spec: CohortSpec, force: bool = False, workers: int 
                                          source={"generator": "smm synth", "synthetic": True, "seed": spec.seed})
             n_patches = None
             if spec.features_only:
-                n_patches = _write_features(spec, k, site, proto, layout, manifest)
+                n_patches = _write_features(spec, k, site, proto, fproto, layout, manifest, planted)
             else:
                 tasks = []
                 for i, state in enumerate(site["states"]):
@@ -601,9 +754,6 @@ def write_cohort(out: Path, spec: CohortSpec, force: bool = False, workers: int 
             what = f"{len(slides)} feature files, {n_patches} patches" if spec.features_only else \
                 f"{len(slides)} slides"
             log(f"{name}: {spec.patients_per_site} patients, {what} in {time.perf_counter() - t0:.1f} s")
-    finally:
-        if pool:
-            pool.shutdown()
     write_csv(out / "truth.csv", pd.concat(truths, ignore_index=True))
     summary = _cohort_summary(spec, summaries)
     write_json(out / "cohort.json", summary)
@@ -655,6 +805,9 @@ def _cohort_summary(spec: CohortSpec, sites: list[dict[str, Any]]) -> dict[str, 
                        "stain": "H/E optical-density vectors perturbed per site (hue/saturation shift)"},
         },
         "spec": spec_d, "sites": sites,
+        # Added with the cohort families (after everything the additive cohort always had):
+        "family": spec.family, "family_model": family_model(spec.family),
+        "truth_patches_file": TRUTH_PATCHES if spec.features_only else None,
     }
 
 
@@ -693,15 +846,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", type=_split_arg, default=d.split, metavar="TRAIN,VAL,TEST",
                     help="patient fractions of the split column, stratified by class (default "
                          f"{','.join(map(str, d.split))})")
+    ap.add_argument("--family", default=d.family, metavar="NAME",
+                    help=f"where the label signal sits: {', '.join(FAMILIES)} (default {d.family}; the others "
+                         "need --features-only; see client/cohorts/families.py)")
+    ap.add_argument("--patches-per-slide", type=int, default=None, metavar="N",
+                    help="about N tissue patches per slide (slide-size bags, e.g. 2000; --features-only): sets "
+                         "the slide side, overriding --slide-size (3 sites x 20 patients at 2000: ~15 s, 150 MB)")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering slides (default 1)")
     ap.add_argument("--force", action="store_true", help="overwrite a cohort in a non-empty --out")
     args = ap.parse_args(argv)
     spec = replace(d, sites=args.sites, patients_per_site=args.patients_per_site, seed=args.seed,
                    features_only=args.features_only, slide_size=args.slide_size, patch_size=args.patch_size,
-                   split=args.split,
+                   split=args.split, family=args.family,
                    features=replace(d.features, feature_dim=args.feature_dim))
     t0 = time.perf_counter()
     try:
+        if args.patches_per_slide is not None:
+            spec = with_patches_per_slide(spec, args.patches_per_slide)
         summary = write_cohort(args.out, spec, force=args.force, workers=max(1, args.workers))
     except CohortError as e:
         print(f"smm synth: {e}", file=sys.stderr)

@@ -207,6 +207,54 @@ def test_features_only_mode_writes_valid_files_with_checksums(feature_cohort, sl
                 assert is_tissue(patch).mean() > 0.4
 
 
+#: cohort_digest of SMALL's features-only and slide cohorts as main wrote them before the cohort
+#: families existed (commit 0fa15cf): the additive family must stay byte-identical.
+ADDITIVE_DIGESTS = {"features": "3deddef7dbfe7ed6e105e554d67f83fd93feb11681956ddfcbdd2c8998aad632",
+                    "slides": "710b3395987dc5509b6f4cb0fe0c5185ac894a7007e3ef0287af37d7c8971962"}
+
+
+def cohort_digest(root: Path) -> str:
+    """sha256 over every file of a cohort but truth_patches.h5 (new with the families).
+
+    Byte for byte, except: feature files by their arrays, manifest.json without its ``updated`` times,
+    cohort.json without the keys the families added (``family``, ``family_model``,
+    ``truth_patches_file``; spec ``family``, ``patches_per_slide``, ``layout_scale``).
+    """
+    import h5py
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name == "truth_patches.h5":
+            continue
+        h.update(p.relative_to(root).as_posix().encode())
+        if p.suffix == ".h5":
+            with h5py.File(p, "r") as f:
+                for name in ("features", "coords"):
+                    h.update(f[name][()].tobytes())
+        elif p.name == "manifest.json":
+            m = json.loads(p.read_text())
+            for rec in m["slides"].values():
+                rec.pop("updated", None)
+            h.update(json.dumps(m, sort_keys=True).encode())
+        elif p.name == "cohort.json":
+            c = json.loads(p.read_text())
+            for k in ("family", "family_model", "truth_patches_file"):
+                c.pop(k)
+            for k in ("family", "patches_per_slide", "layout_scale"):
+                c["spec"].pop(k)
+            h.update(json.dumps(c, sort_keys=True).encode())
+        else:
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_additive_family_is_byte_identical_to_before(feature_cohort, slide_cohort):
+    assert json.loads((feature_cohort / "cohort.json").read_text())["family"] == "additive"
+    assert cohort_digest(feature_cohort) == ADDITIVE_DIGESTS["features"]
+    assert cohort_digest(slide_cohort) == ADDITIVE_DIGESTS["slides"]
+    assert (feature_cohort / "truth_patches.h5").is_file() and not (slide_cohort / "truth_patches.h5").exists()
+
+
 def test_features_reproducible(feature_cohort, tmp_path):
     again = tmp_path / "again"
     write_cohort(again, replace(SMALL, features_only=True), log=quiet)
@@ -294,6 +342,6 @@ def test_cli_refuses_a_non_empty_out_unless_forced(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert hashlib.sha256((out / "site_1" / "clinical.csv").read_bytes()).hexdigest() == before
     assert main([*args[:3], "2", *args[4:], "--force"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["cohort.json", "site_1", "site_2", "truth.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["cohort.json", "site_1", "site_2", "truth.csv", "truth_patches.h5"]
     assert main(["--out", str(tmp_path / "x"), "--slide-size", "500"]) == 2
     assert "--slide-size" in capsys.readouterr().err
