@@ -26,6 +26,17 @@ the pooled test patients. Variants: the proposed
 ``smm`` model with gradient coordination ``pcgrad`` (the paper's), ``seed`` and ``off``; the
 genomics-only ``snn``, the histology-only ``abmil`` and the late-fusion ``concat`` (ABMIL + SNN).
 
+Cohort families (``--family``, ``smm synth --family``): ``additive`` (the cohort above, the default),
+``gene-conditioned`` (which slide region carries the label depends on the patient's genomic
+programme: a model must use the genes to know where to look), and the controls ``histology-only``
+and ``genomics-only``. Ablations of the proposed model, run when named in ``--variants``:
+``smm-no-offsets`` (``model.offset_scale=0``: keys on the fixed reference grid),
+``smm-no-consistency`` (``loss.consistency_weight=0``) and ``smm-no-gene-queries``
+(``model.gene_queries=false``: queries and offsets from the patches only, genes joined after
+pooling). On families that record their planted patches, every attention model's selected model
+is scored on the test slides: ROC AUC of its patch attention against the planted patches
+(``attention_faithfulness.py``), per map (SMM: tumour, micro, combined; ABMIL/Concat: abmil).
+
 Reported: mean and sample standard deviation over cohort seeds per variant and mode; per seed, the
 proposed model's (``smm-pcgrad``) difference to each baseline on the same cohort (paired), and each
 variant's federated-minus-centralized gap (and iid-minus-centralized-iid where both ran).
@@ -35,7 +46,10 @@ variant's federated-minus-centralized gap (and iid-minus-centralized-iid where b
     python benchmarks/synthetic_quality.py --work DIR --seeds 0,1,2,3   # reuses DIR's finished runs
     python benchmarks/synthetic_quality.py --quick   # seed 0, 6 x 40 patients, smm-pcgrad and concat, 5 rounds
 
-Results: ``benchmarks/results/synthetic_quality_<device>.json`` (``..._quick_...`` for --quick).
+    python benchmarks/synthetic_quality.py --family gene-conditioned --modes centralized,federated \
+        --variants smm-pcgrad,smm-seed,smm-off,snn,abmil,concat,smm-no-offsets,smm-no-consistency,smm-no-gene-queries
+
+Results: ``benchmarks/results/synthetic_quality[_<family>]_<device>.json`` (``..._quick_...`` for --quick).
 """
 
 from __future__ import annotations
@@ -53,7 +67,10 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import quality  # noqa: E402
+from attention_faithfulness import faithfulness  # noqa: E402
 from client.cohorts.cohort import deal_site_folders  # noqa: E402
+from client.cohorts.families import TRUTH_PATCHES  # noqa: E402
+from smm_model.contract.runfolder import MODEL_FILE  # noqa: E402
 
 CONFIG = quality.ROOT / "configs" / "bench_synthetic.yaml"
 SITES, PATIENTS_PER_SITE, SPLIT = 6, 100, "0.6,0.15,0.25"
@@ -65,7 +82,17 @@ VARIANTS = {
     "snn": ["model.arch=snn", "train.coordination=off"],
     "abmil": ["model.arch=abmil", "train.coordination=off"],
     "concat": ["model.arch=concat", "train.coordination=off"],
+    # Ablations of the method's parts (smm with pcgrad, one part removed each):
+    "smm-no-offsets": ["model.arch=smm", "train.coordination=pcgrad", "model.offset_scale=0"],
+    "smm-no-consistency": ["model.arch=smm", "train.coordination=pcgrad", "loss.consistency_weight=0"],
+    "smm-no-gene-queries": ["model.arch=smm", "train.coordination=pcgrad", "model.gene_queries=false"],
 }
+#: the variants run when --variants is not given (the ablations are asked for by name)
+DEFAULT_VARIANTS = ("smm-pcgrad", "smm-seed", "smm-off", "snn", "abmil", "concat")
+#: cohort family (``smm synth --family``) -> its extra ``smm synth`` arguments; the additive family
+#: is the original cohort, written without the flag so its cached cohorts stay valid
+FAMILIES = {"additive": [], "gene-conditioned": ["--family", "gene-conditioned"],
+            "histology-only": ["--family", "histology-only"], "genomics-only": ["--family", "genomics-only"]}
 PROPOSED = "smm-pcgrad"
 BASELINES = ("snn", "abmil", "concat")
 #: mode -> (kind of run, which site folders)
@@ -80,13 +107,15 @@ GAPS = (("federated", "centralized"), ("iid", "centralized-iid"))
 
 
 def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str, ...], sites: int,
-             patients: int, rounds: int, extra: tuple[str, ...] = (), tag: str = "") -> dict:
-    """Write cohort ``seed`` and train every variant in every mode on it (``extra``: overrides on
-    top of each variant's, for a diagnostic run named ``tag``)."""
-    base = work / f"seed{seed}"
+             patients: int, rounds: int, extra: tuple[str, ...] = (), tag: str = "",
+             family: str = "additive") -> dict:
+    """Write cohort ``seed`` of ``family`` and train every variant in every mode on it (``extra``:
+    overrides on top of each variant's, for a diagnostic run named ``tag``). Each attention model's
+    row gets ``attention_auc`` where the cohort records its planted patches."""
+    base = work / (f"seed{seed}" if family == "additive" else f"{family}-seed{seed}")
     cohort = base / "sites"
     synth_args = ["synth", "--out", cohort, "--sites", sites, "--patients-per-site", patients, "--features-only",
-                  "--split", SPLIT, "--seed", seed]
+                  "--split", SPLIT, "--seed", seed, *FAMILIES[family]]
     if _cached(base / "synth.json", synth_args) is None:
         if cohort.exists():
             shutil.rmtree(cohort)
@@ -108,9 +137,31 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
             sets = [f"data.sites_root={roots[which]}", f"federation.rounds={rounds}", f"federation.min_nodes={nodes}",
                     *VARIANTS[variant], *extra]
             row = quality.run_or_reuse(kind, CONFIG, base / name, sets, base / f"{name}.log")
+            if has_planted(cohort):
+                row["attention_auc"] = _faithfulness(base / name, roots[which], cohort)
             out[variant][mode] = row
             quality.print_row(f"[synthetic seed {seed}] {name:<22}", row)
     return out
+
+
+def has_planted(cohort: Path) -> bool:
+    """Whether ``cohort`` records its planted patches (the families written with ``--family``)."""
+    return (cohort / TRUTH_PATCHES).is_file()
+
+
+def _faithfulness(run_dir: Path, sites: Path, truth: Path) -> dict:
+    """``attention_faithfulness.faithfulness`` of a finished run, kept beside its model file."""
+    path = run_dir / "attention_faithfulness.json"
+    stamp = (run_dir / MODEL_FILE).stat().st_mtime_ns
+    try:
+        rec = json.loads(path.read_text())
+        if rec["model_mtime_ns"] == stamp:
+            return rec["result"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        pass
+    result = faithfulness(run_dir, sites, truth=truth)
+    path.write_text(json.dumps({"model_mtime_ns": stamp, "result": result}, indent=1))
+    return result
 
 
 def _cached(path: Path, key: list) -> dict | None:
@@ -135,10 +186,28 @@ def paired(per_seed: list[dict], a: str, b: str, mode: str) -> dict:
                                per="per_seed")
 
 
+def attention_summary(per_seed: list[dict], variants: tuple[str, ...], modes: tuple[str, ...]) -> dict:
+    """Per mode, variant and attention map: mean ± sd over seeds of the mean attention AUC against
+    the planted patches (only the runs that have it)."""
+    out: dict = {}
+    for mode in modes:
+        for v in variants:
+            maps: dict[str, list[float]] = {}
+            for s in per_seed:
+                for name, rep in s[v][mode].get("attention_auc", {}).items():
+                    maps.setdefault(name, []).append(rep["mean"])
+            if maps:
+                out.setdefault(mode, {})[v] = {name: quality.mean_sd(xs) for name, xs in maps.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated cohort seeds (default 0,1,2)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {tuple(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated subset of {tuple(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
+    ap.add_argument("--family", default="additive", choices=tuple(FAMILIES),
+                    help="cohort family (smm synth --family; default additive, the original cohort)")
     ap.add_argument("--sites", type=int, default=SITES)
     ap.add_argument("--patients-per-site", type=int, default=PATIENTS_PER_SITE)
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
@@ -165,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 5 if args.quick else (args.rounds or yaml.safe_load(CONFIG.read_text())["federation"]["rounds"])
     t0 = time.perf_counter()
     with quality.work_folder(args.work, "synthetic_quality_") as work:
-        per_seed = [run_seed(s, work, variants, modes, args.sites, patients, rounds, tuple(args.sets), args.tag)
-                    for s in seeds]
+        per_seed = [run_seed(s, work, variants, modes, args.sites, patients, rounds, tuple(args.sets), args.tag,
+                             args.family) for s in seeds]
     summary = {mode: quality.summarise({v: [s[v][mode]["values"] for s in per_seed] for v in variants},
                                        quality.PAPER_METRICS) for mode in modes}
     comparisons = {mode: {b: paired(per_seed, PROPOSED, b, mode) for b in variants if b != PROPOSED}
@@ -176,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                            for v in variants}
             for a, b in GAPS if a in modes and b in modes}
     payload = {
-        **quality.result_header("synthetic_quality" + (f"_{args.tag}" if args.tag else ""), __file__, argv, t0),  # wall_s: runs cached in --work take none
+        **quality.result_header("synthetic_quality" + ("" if args.family == "additive" else f"_{args.family}")
+                                + (f"_{args.tag}" if args.tag else ""), __file__, argv, t0),  # wall_s: runs cached in --work take none
         "runs_wall_s": round(sum(r[m]["wall_s"] for s in per_seed for r in s.values() for m in r), 1),
-        "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "seeds": seeds, "sites": args.sites,
+        "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "family": args.family, "seeds": seeds, "sites": args.sites,
                     "patients_per_site": patients, "split": SPLIT, "rounds": rounds,
                     "modes": {m: MODES[m] for m in modes}, "iid_seed": IID_SEED, "overrides": args.sets,
                     "protocol": "the config's federation section (strategy, local_steps, selection_metric)",
@@ -186,12 +256,15 @@ def main(argv: list[str] | None = None) -> int:
                     "selection": "the config's federation.selection_metric on validation patients",
                     "c_index": "within-site pairs", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "summary": summary, "proposed_minus_baseline": comparisons, "gaps": gaps,
+        "attention_auc": attention_summary(per_seed, variants, modes),
         "seeds": {str(s): r for s, r in zip(seeds, per_seed)},
     }
     path = quality.write_result(payload, args.quick)
     for mode in modes:
         print(f"\n{mode}:")
         print(quality.markdown_table(summary[mode], quality.PAPER_METRICS, label="model"))
+        for v, maps in payload["attention_auc"].get(mode, {}).items():
+            print(f"  attention AUC {v}: " + ", ".join(f"{n} {quality.fmt(c)}" for n, c in maps.items()))
     print(f"results: {path}")
     return 0
 
