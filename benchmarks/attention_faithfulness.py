@@ -39,6 +39,9 @@ from smm_model.nn.model import build_model
 
 __all__ = ["faithfulness", "main"]
 
+#: the architectures with attention over patches (``smm_model.nn.attention_maps.map_names``)
+ATTENTION_ARCHS = ("smm", "abmil", "concat")
+
 
 def _site_dirs(cohort: Path) -> list[Path]:
     return sorted(p for p in cohort.iterdir() if p.is_dir() and (p / "clinical.csv").is_file())
@@ -51,9 +54,9 @@ def faithfulness(run_dir: Path, cohort: Path, split: str = "test", truth: Path |
     re-dealt sites keep the slides, and so the truth, of the cohort they were dealt from)."""
     truth = cohort if truth is None else truth
     model = load_model_file(run_dir / MODEL_FILE)
-    names = map_names(model.cfg.model.arch)
-    if not names:
+    if model.cfg.model.arch not in ATTENTION_ARCHS:
         return {}
+    names = map_names(model.cfg.model.arch)
     net = build_model(model.cfg.model)
     net.load_state_dict(dict(model.weights), strict=True)
     net.eval()
