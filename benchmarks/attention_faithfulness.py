@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from smm_model.metrics.faithfulness import mean_attention_auc
 from smm_model.nn.attention_maps import map_names
 from smm_model.nn.model import build_model
 
-__all__ = ["faithfulness", "main"]
+__all__ = ["test_slides", "SlideMaps", "AttentionReader", "faithfulness", "main"]
 
 #: the architectures with attention over patches (``smm_model.nn.attention_maps.map_names``)
 ATTENTION_ARCHS = ("smm", "abmil", "concat")
@@ -47,44 +48,74 @@ def _site_dirs(cohort: Path) -> list[Path]:
     return sorted(p for p in cohort.iterdir() if p.is_dir() and (p / "clinical.csv").is_file())
 
 
+def test_slides(cohort: Path, split: str = "test") -> list[tuple[Path, str]]:
+    """(site folder, slide id) of every ``split`` patient's slides, site by site in file order."""
+    out = []
+    for site in _site_dirs(cohort):
+        layout = SiteLayout(site)
+        clinical = pd.read_csv(layout.clinical, dtype={"patient_id": str})
+        patients = set(clinical.loc[clinical["split"] == split, "patient_id"])
+        slides = pd.read_csv(layout.slides, dtype={"slide_id": str, "patient_id": str})
+        out += [(site, s) for s in slides.loc[slides["patient_id"].isin(patients), "slide_id"]]
+    return out
+
+
+@dataclass
+class SlideMaps:
+    """One slide's attention: map name -> (N,) weights summing to 1, in feature-file row order, with
+    the patches' level-0 coords (N, 2) and the patch step."""
+
+    maps: dict[str, np.ndarray]
+    coords: np.ndarray
+    step: float
+
+
+class AttentionReader:
+    """A run folder's model, ready to give any site slide's attention maps (``names`` is empty for a
+    model without attention over patches); SMM's maps get ``combined``, the mean of the two."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.model = load_model_file(run_dir / MODEL_FILE)
+        arch = self.model.cfg.model.arch
+        self.names: tuple[str, ...] = map_names(arch) if arch in ATTENTION_ARCHS else ()
+        self.net = build_model(self.model.cfg.model)
+        self.net.load_state_dict(dict(self.model.weights), strict=True)
+        self.net.eval()
+        self.norm = self.model.shared.patch_norm()
+
+    def read(self, site: Path, slide_id: str) -> SlideMaps:
+        feats, coords, attrs = read_features(SiteLayout(site).feature_file(slide_id))
+        if self.norm is not None:
+            feats = ((feats - self.norm[0]) / self.norm[1]).astype(np.float32)
+        step = float(slide_patch_step(coords, attrs))
+        bag = SlideBag(feats, np.asarray(coords, dtype=np.int64), step, 0.0)
+        with torch.no_grad():
+            maps = slide_attention(self.net, bag, slide_genes(site, slide_id, self.model), torch.device("cpu"))
+        if len(self.names) > 1:
+            maps["combined"] = np.mean([maps[n] for n in self.names], axis=0)
+        return SlideMaps(maps, np.asarray(coords, dtype=np.int64), step)
+
+
 def faithfulness(run_dir: Path, cohort: Path, split: str = "test", truth: Path | None = None) -> dict[str, Any]:
     """Per attention map: the mean ROC AUC of the patch weights against the planted patches over the
     ``split`` patients' slides of every site in ``cohort`` (``{}`` for a model without attention).
     ``truth`` is the folder holding the planted-patch file (default ``cohort``; the IID control's
     re-dealt sites keep the slides, and so the truth, of the cohort they were dealt from)."""
     truth = cohort if truth is None else truth
-    model = load_model_file(run_dir / MODEL_FILE)
-    if model.cfg.model.arch not in ATTENTION_ARCHS:
+    reader = AttentionReader(run_dir)
+    if not reader.names:
         return {}
-    names = map_names(model.cfg.model.arch)
-    net = build_model(model.cfg.model)
-    net.load_state_dict(dict(model.weights), strict=True)
-    net.eval()
-    norm = model.shared.patch_norm()
-    scored = (*names, "combined") if len(names) > 1 else names
-    weights: dict[str, list[np.ndarray]] = {n: [] for n in scored}
+    weights: dict[str, list[np.ndarray]] = {}
     planted: list[np.ndarray] = []
-    for site in _site_dirs(cohort):
-        layout = SiteLayout(site)
-        clinical = pd.read_csv(layout.clinical, dtype={"patient_id": str})
-        patients = set(clinical.loc[clinical["split"] == split, "patient_id"])
-        slides = pd.read_csv(layout.slides, dtype={"slide_id": str, "patient_id": str})
-        for slide_id in slides.loc[slides["patient_id"].isin(patients), "slide_id"]:
-            feats, coords, attrs = read_features(layout.feature_file(slide_id))
-            if norm is not None:
-                feats = ((feats - norm[0]) / norm[1]).astype(np.float32)
-            truth_coords, _, mask = read_planted(truth, slide_id)
-            if not np.array_equal(truth_coords, coords):
-                raise ValueError(f"{truth}: planted-patch truth of slide {slide_id!r} lists other coordinates "
-                                 f"than {layout.feature_file(slide_id)}")
-            bag = SlideBag(feats, np.asarray(coords, dtype=np.int64), float(slide_patch_step(coords, attrs)), 0.0)
-            with torch.no_grad():
-                maps = slide_attention(net, bag, slide_genes(site, slide_id, model), torch.device("cpu"))
-            if len(names) > 1:
-                maps["combined"] = np.mean([maps[n] for n in names], axis=0)
-            for n in weights:
-                weights[n].append(maps[n])
-            planted.append(mask)
+    for site, slide_id in test_slides(cohort, split):
+        sm = reader.read(site, slide_id)
+        truth_coords, _, mask = read_planted(truth, slide_id)
+        if not np.array_equal(truth_coords, sm.coords):
+            raise ValueError(f"{truth}: planted-patch truth of slide {slide_id!r} lists other coordinates "
+                             f"than {SiteLayout(site).feature_file(slide_id)}")
+        for n, w in sm.maps.items():
+            weights.setdefault(n, []).append(w)
+        planted.append(mask)
     out = {}
     for n, w in weights.items():
         rep = mean_attention_auc(w, planted)
