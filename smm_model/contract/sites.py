@@ -12,10 +12,13 @@ from pathlib import Path
 
 from smm_model.config import ConfigError, DataConfig
 
-__all__ = ["CLINICAL_FILE", "simulation_site_dirs"]
+__all__ = ["CLINICAL_FILE", "MODALITIES", "simulation_site_dirs"]
 
 #: The file that makes a folder a site folder (its patients and labels; client/site/folder.py).
 CLINICAL_FILE = "clinical.csv"
+#: The data modalities a site may hold: slides (patch features) and genomic profiles. A site
+#: declares the ones it lacks in its manifest (``client.site.folder.Manifest.modalities``).
+MODALITIES = ("histology", "genomics")
 
 
 def simulation_site_dirs(data: DataConfig) -> list[Path]:
