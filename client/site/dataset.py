@@ -55,6 +55,7 @@ from smm_model.contract.atomic import sha256_file
 from client.site.splits import Splits, make_splits
 from client.site.validation import Report, SiteDataError, preview
 from smm_model.config import DataConfig
+from smm_model.contract.sites import MODALITIES
 
 __all__ = ["GENOMICS_NAMES", "find_genomics_file", "SlideStatus", "read_slides", "check_slides",
            "slide_patch_step", "concat_slide_coords", "sample_indices", "SiteData", "SiteDataset",
@@ -106,7 +107,8 @@ def read_slides(path: Path, patients: Sequence[str] | None) -> tuple[list[tuple[
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        raise SiteDataError(f"{path}: slide table not found (expected columns slide_id, patient_id)") from None
+        raise SiteDataError(f"{path}: slide table not found (expected columns slide_id, patient_id; a site without "
+                            "slides declares it: smm site modalities SITE_DIR genomics)") from None
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise SiteDataError(f"{path}: not a readable CSV file ({e})") from None
     missing = [c for c in ("slide_id", "patient_id") if c not in df.columns]
@@ -307,6 +309,8 @@ class SiteData:
     ``excluded`` maps a patient to the reason it cannot be used (histology runs: no usable
     feature file); splits are drawn over ALL clinical patients, so they are the same for a
     genomics-only and a histology run, and excluded patients simply drop out of their split.
+    ``modalities``: what the site holds (its manifest's declaration); ``require_features``: whether
+    feature files were read (False for a genomics-only model, or a site without slides).
     """
 
     layout: SiteLayout
@@ -321,6 +325,7 @@ class SiteData:
     excluded: dict[str, str]
     require_features: bool
     report: Report = field(default_factory=Report)
+    modalities: tuple[str, ...] = MODALITIES
 
     @classmethod
     def load(cls, root: Path | str, config: DataConfig | None = None, *, require_features: bool = True,
@@ -394,7 +399,7 @@ class SiteData:
             "schema": {**self.feature_schema, "gene_set": self.geneset.digest,
                        "genes_tumour": self.geneset.input_dims(self.genomics.policy)[0],
                        "genes_micro": self.geneset.input_dims(self.genomics.policy)[1],
-                       "genomics_policy": self.genomics.policy},
+                       "genomics_policy": self.genomics.policy, "modalities": list(self.modalities)},
             "splits": {},
         }
         for s in SPLITS:
@@ -415,14 +420,34 @@ class SiteData:
         return out
 
 
+def _check_no_slides(layout: SiteLayout, modalities: Sequence[str], report: Report) -> None:
+    """A site that declares it has no slides must hold none: slides.csv absent or without rows (an
+    error otherwise, since the declaration and the folder disagree); feature files are ignored
+    (a warning)."""
+    if layout.slides.is_file():
+        try:
+            rows, _ = read_slides(layout.slides, None)
+        except SiteDataError as e:
+            report.absorb(e)
+            return
+        if rows:
+            report.error(f"{layout.slides}: lists {len(rows)} slide(s), but {layout.manifest.name} declares the "
+                         f"site's modalities as {list(modalities)} (no histology); remove the slides or add "
+                         "'histology' to the declaration")
+    n_files = len(list(layout.features_dir.glob("*.h5"))) if layout.features_dir.is_dir() else 0
+    if n_files:
+        report.warn(f"{layout.features_dir}: {n_files} feature file(s) ignored: the site declares no histology")
+
+
 def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_features: bool = True,
                  feature_dim: int | None = None, encoder: str | None = None, patient_column: str = "patient_id",
                  checksums: bool = False, fold: int | None = None, k: int | None = None,
                  slide_problems: str = "error") -> tuple[SiteData | None, Report]:
     """Validate a site folder end to end, collecting every problem instead of stopping at the first.
 
-    Stages: clinical labels -> gene set -> genomics (aligned to the clinical patients) -> slides.csv,
-    manifest and feature files (when ``require_features``) -> splits. A stage whose input failed is
+    Stages: the manifest's modality declaration -> clinical labels -> gene set -> genomics (aligned
+    to the clinical patients) -> slides.csv, manifest and feature files (when ``require_features``
+    and the site declares histology; a site declaring none must list no slide) -> splits. A stage whose input failed is
     skipped, the others still run. Returns the SiteData (None when an error prevents building it)
     and the report. ``slide_problems``: "error" (site check: an unusable slide that the manifest does
     not explain is an error) or "warn" (training: exclude it and say so).
@@ -437,6 +462,17 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
         return None, report
 
     clinical = geneset = genomics = splits = None
+    try:
+        modalities = Manifest.load(layout.manifest).modalities
+    except ValueError as e:  # not JSON, another manifest version, or a bad declaration
+        report.error(str(e))
+        modalities = MODALITIES
+    if "genomics" not in modalities:
+        report.error(f"{layout.manifest}: the site declares modalities {list(modalities)}; sites without genomics "
+                     "are not supported yet (every model input standardisation is fitted on genomic data)")
+    has_slides = "histology" in modalities
+    if not has_slides:
+        require_features = False  # a site without slides opens no feature file, whatever the model
     try:
         clinical = read_clinical(layout.clinical, patient_column=patient_column)
         report.extend(clinical.report)
@@ -460,7 +496,9 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
     statuses: list[SlideStatus] = []
     schema: dict[str, Any] = {}
     excluded: dict[str, str] = {}
-    if require_features or layout.slides.is_file():
+    if not has_slides:
+        _check_no_slides(layout, modalities, report)
+    elif require_features or layout.slides.is_file():
         try:  # runs even when clinical.csv failed, so one run reports the feature files too
             rows, r = read_slides(layout.slides, clinical.patients if clinical is not None else None)
             report.extend(r)
@@ -508,7 +546,8 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
         return None, report
     site = SiteData(layout=layout, config=cfg, clinical=clinical, geneset=geneset, genomics=genomics,
                     splits=splits, slides={p: tuple(v) for p, v in slides.items()}, slide_status=statuses,
-                    feature_schema=schema, excluded=excluded, require_features=require_features, report=report)
+                    feature_schema=schema, excluded=excluded, require_features=require_features, report=report,
+                    modalities=modalities)
     if not site.patients("train"):
         report.error(f"{layout.clinical}: no usable training patient (after exclusions)")
         return None, report
@@ -523,8 +562,8 @@ class SiteDataset(torch.utils.data.Dataset):
 
     Gene vectors and labels are computed once here (small); patch features are read from the
     feature files on each ``__getitem__`` (large), so a DataLoader's workers share no big arrays.
-    Genomics-only sites (``require_features=False``) get a one-patch zero placeholder bag, which
-    the genomics-only model never reads.
+    Genomics-only runs and sites without slides (``require_features=False``) get a one-patch zero
+    placeholder bag and ``has_patches`` False, so no model reads it.
     """
 
     def __init__(self, site: SiteData, patients: Sequence[str], *, stats: GenomicsStats, bin_edges: np.ndarray,
@@ -593,4 +632,4 @@ class SiteDataset(torch.utils.data.Dataset):
         labels, mask = self.labels(i)
         return {"patient_id": self.patient_ids[i], "patches": patches, "coords": coords, "patch_step": step,
                 "genes_tumour": self._tumour[i], "genes_micro": self._micro[i], "labels": labels,
-                "label_mask": mask}
+                "label_mask": mask, "has_patches": self.site.require_features}
