@@ -50,7 +50,7 @@ from server.runs.checkpoint import (CHECKPOINT_DIR, INDEX_FILE, ServerState, cap
 from server.runs.runlog import RunLog
 from smm_model.config import TASK_CLASSES, ConfigError, ExperimentConfig, to_dict
 from smm_model.contract.protocol import (HISTOLOGY_FIELDS, PROTOCOL_VERSION, SCHEMA_FIELDS, SURVIVAL_HIST_EDGES,
-                                         EvalStats, SchemaMismatch, SharedStats, SiteSummary, check_schemas,
+                                         EvalStats, SchemaMismatch, SharedStats, SiteSummary, check_schemas, site_modalities,
                                          derive_shared, evaluation_round, metrics_from_eval, round_lr,
                                          selection_value)
 from smm_model.contract.protocol import config_text as resolved_config_text
@@ -269,7 +269,8 @@ def screen_sites(summaries: Mapping[int, SiteSummary], cfg: ExperimentConfig
     site is first checked against the config (``check_schemas``); among those that pass, the largest
     group agreeing on the cross-site fields (encoder, gene set, genomic feature list) is kept, ties
     going to the group of the smallest node id, and every other site is refused with a message
-    comparing it with the reference site (the group's smallest node id).
+    comparing it with the reference site (the group's smallest node id). The reference group is one
+    of sites with slides when there is one (a site declaring no histology has no encoder to agree on).
     """
     refused: dict[int, str] = {}
     ok: dict[int, SiteSummary] = {}
@@ -286,7 +287,9 @@ def screen_sites(summaries: Mapping[int, SiteSummary], cfg: ExperimentConfig
         groups.setdefault(key, []).append(nid)
     if not groups:
         return {}, refused, None
-    ref = max(groups.values(), key=lambda ids: (len(ids), -ids[0]))[0]
+    # Sites with slides carry the histology schema (encoder, feature width), so one of them is the
+    # reference whenever there is one: a site without slides is then compared on what it has.
+    ref = max(groups.values(), key=lambda ids: ("histology" in site_modalities(ok[ids[0]]), len(ids), -ids[0]))[0]
     accepted: dict[int, SiteSummary] = {}
     for nid in sorted(ok):
         why = compare_with_reference(nid, ok[nid], ref, ok[ref], cfg)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from smm_model.nn.attention import GeneDeformableAttention
 from smm_model.nn.batch import Batch
 from smm_model.config import ModelConfig
-from smm_model.contract.sites import MODALITIES
+from smm_model.contract.sites import ARCH_MODALITIES, MODALITIES
 from smm_model.nn.layers import SNN, GatedAttentionPool, SplitHead, masked_mean
 from smm_model.nn.layout import seed_tokens, spatial_tokens
 
@@ -260,8 +260,8 @@ class SMMModel(nn.Module):
         """The heads gradient coordination acts on."""
         return dict(self.heads.items())
 
-    #: Modalities every patient must have (none: either one is enough).
-    required_modalities: tuple[str, ...] = ()
+    #: The modalities the model reads (a site needs at least one of them).
+    reads_modalities = ARCH_MODALITIES["smm"]
 
     def modality_parameters(self) -> dict[str, tuple[str, ...]]:
         """Per modality, the parameter prefixes only that modality's data reaches (SubspaceBranch
@@ -280,7 +280,7 @@ class SNNModel(nn.Module):
         self.snn = SNN(cfg.genes_tumour + cfg.genes_micro, cfg.snn_hidden, cfg.hidden_dim, cfg.dropout)
         self.heads = _heads(cfg, cfg.hidden_dim, split=False)
 
-    required_modalities = ("genomics",)
+    reads_modalities = ARCH_MODALITIES["snn"]
 
     def forward(self, batch: Batch) -> ModelOutput:
         _require(batch, "genomics", "snn")
@@ -321,7 +321,7 @@ class ABMILModel(nn.Module):
         self.encoder = _ABMILEncoder(cfg)
         self.heads = _heads(cfg, cfg.hidden_dim, split=False)
 
-    required_modalities = ("histology",)
+    reads_modalities = ARCH_MODALITIES["abmil"]
 
     def forward(self, batch: Batch) -> ModelOutput:
         _require(batch, "histology", "abmil")
@@ -345,7 +345,7 @@ class ConcatModel(nn.Module):
         self.heads = _heads(cfg, 2 * cfg.hidden_dim, split=False)
         self.hidden = cfg.hidden_dim
 
-    required_modalities: tuple[str, ...] = ()
+    reads_modalities = ARCH_MODALITIES["concat"]
 
     def forward(self, batch: Batch) -> ModelOutput:
         has_p, has_g = _presence(batch)
@@ -380,9 +380,9 @@ def trained_parameters(model: nn.Module, modalities: tuple[str, ...] | list[str]
     have = set(modalities)
     if not have or not have <= set(MODALITIES):
         raise ValueError(f"modalities {sorted(have)}: expected a non-empty subset of {list(MODALITIES)}")
-    lacking = [m for m in model.required_modalities if m not in have]  # type: ignore[attr-defined]
-    if lacking:
-        raise ValueError(f"{type(model).__name__} reads {', '.join(lacking)}, which the site does not have")
+    reads = model.reads_modalities  # type: ignore[attr-defined]
+    if not have & set(reads):
+        raise ValueError(f"{type(model).__name__} reads {' and '.join(reads)}, which the site does not have")
     reach = model.modality_parameters()  # type: ignore[attr-defined]
     skip = tuple(p for m in MODALITIES if m not in have for p in reach[m])
     return [k for k in model.state_dict() if not any(k == p or k.startswith(p + ".") for p in skip)]
