@@ -12,6 +12,13 @@ waiting and evaluation (Flower's ``Strategy.start`` waits for nodes forever and 
 reply end the run), and only borrows the aggregation. Nothing here reads or writes a Flower
 strategy's attributes beyond its constructor arguments.
 
+A site lacking a modality trains part of the model and lists what it trained (``wire.TRAINED``):
+each weight is then averaged over the sites that trained it (``_aggregate_partial``: Flower's
+``aggregate_train`` per group of weights with the same sites), a weight trained by fewer than
+``federation.min_nodes`` sites keeps its value, and the server optimiser leaves such a weight and
+its moments alone (``ServerOptimizer.step_frozen``). Only the weighted-mean rules can do that; the
+preflight refuses partial sites for the others (``smm_model.contract.protocol.check_schemas``).
+
 This module and ``server.app`` are the only server modules that import ``flwr``.
 """
 

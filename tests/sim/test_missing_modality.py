@@ -8,25 +8,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
-import torch
 
 import client.app as client_app
+from client.baselines.evaluate import evaluate_sites, load_model_file
 from client.cohorts.synth import drop_slides
 from server.federation.loop import run_federation
 from sim_cohort import SMALL, write_features_cohort
 from smm_model.config import ExperimentConfig
 from smm_model.contract.packing import Layout, unpack
+from smm_model.contract.runfolder import MODEL_FILE
 from smm_model.contract.wire import ARRAYS, CONFIG, TRAIN, TRAINED, TRAINED_TENSORS, layout_key
 from smm_model.nn.model import build_model, trained_parameters
-from test_contract_inprocess import InProcessFlower
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+from test_contract_inprocess import InProcessFlower, _threads  # noqa: F401  (_threads: restores torch's threads)
 
 
 def test_a_genomics_only_site_joins_a_multimodal_federation(tmp_path, monkeypatch):
@@ -72,3 +65,6 @@ def test_a_genomics_only_site_joins_a_multimodal_federation(tmp_path, monkeypatc
     hist = [k for k in sent2 if k not in genomics]
     assert hist and all(np.array_equal(r1[102]["reply"][k], r1[102]["sent"][k]) for k in hist)
     assert final["test"]["patients"] > 0
+    # `smm evaluate` of the run's model at the site without slides (no histology schema to match)
+    out = evaluate_sites(load_model_file(tmp_path / "run" / MODEL_FILE), [cohort / "site_3"], tmp_path / "ev", "test")
+    assert out["test"]["patients"] > 0 and out["test"]["global"]["values"]["diagnosis.auc"] is not None

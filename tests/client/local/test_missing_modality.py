@@ -10,9 +10,10 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 import torch
+from sim_cohort import write_features_cohort
 from site_config import make_cfg, two_threads  # noqa: F401  (two_threads: the module's autouse fixture)
 
-from client.cohorts.synth import CohortSpec, drop_slides, write_cohort
+from client.cohorts.synth import drop_slides
 from client.local.round import SiteError, evaluate_round, preflight_summary, site_modalities, train_round, trained_tensors
 from smm_model.contract.protocol import derive_shared
 from smm_model.contract.sites import simulation_site_dirs
@@ -21,10 +22,7 @@ from smm_model.nn.model import build_model, trained_parameters
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cohort")
-    d = CohortSpec()
-    write_cohort(out, replace(d, sites=2, patients_per_site=16, features_only=True, seed=4,
-                              features=replace(d.features, feature_dim=32)), log=lambda *_: None)
+    out = write_features_cohort(tmp_path_factory.mktemp("cohort"), sites=2, patients=16, feature_dim=32, seed=4)
     drop_slides(out / "site_2")
     return out
 
