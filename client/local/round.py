@@ -248,7 +248,8 @@ def _dataset(site: SiteData, cfg: ExperimentConfig, shared: SharedStats, split: 
             raise ValueError(f"shared patch statistics have {norm[0].shape[0]} dimensions, model.feature_dim is "
                              f"{cfg.model.feature_dim}")
         return site.dataset(split, stats=stats, bin_edges=edges,  # type: ignore[arg-type]
-                            n_bins=cfg.model.survival_bins, grid_size=grid, patch_norm=norm)
+                            n_bins=cfg.model.survival_bins, grid_size=grid, patch_norm=norm,
+                            placeholder_dim=cfg.model.feature_dim)
 
 
 def _model(cfg: ExperimentConfig, state_dict: Mapping[str, Tensor], device: torch.device) -> nn.Module:

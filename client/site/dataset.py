@@ -364,17 +364,20 @@ class SiteData:
 
     def dataset(self, split: str, *, stats: GenomicsStats | None = None, bin_edges: np.ndarray | None = None,
                 n_bins: int = 4, grid_size: int | None = None, epoch: int = 0,
-                patch_norm: tuple[np.ndarray, np.ndarray] | None = None) -> "SiteDataset":
+                patch_norm: tuple[np.ndarray, np.ndarray] | None = None,
+                placeholder_dim: int | None = None) -> "SiteDataset":
         """Items of one split. ``stats``/``bin_edges`` default to this site's training split (a local
         run); a federation hands in shared ones. Pass ``grid_size=model.grid_size`` for the spatial
         layout, so that slides of one patient never share a token (``concat_slide_coords``).
-        ``patch_norm``: (mean, std) per feature dimension applied to every patch (None: raw)."""
+        ``patch_norm``: (mean, std) per feature dimension applied to every patch (None: raw).
+        ``placeholder_dim``: the width of the placeholder bags of a site without slides (the
+        model's feature width, so they stack with other sites' bags in a pooled batch)."""
         stats = stats if stats is not None else self.genomics_stats("train")
         if bin_edges is None:
             bin_edges = self.survival_bin_edges(n_bins) if self.clinical.survival_known.any() else \
                 np.zeros(n_bins - 1)
         return SiteDataset(self, self.patients(split), stats=stats, bin_edges=bin_edges, grid_size=grid_size,
-                           epoch=epoch, patch_norm=patch_norm)
+                           epoch=epoch, patch_norm=patch_norm, placeholder_dim=placeholder_dim)
 
     def patch_sums(self, split: str = "train") -> dict[str, Any]:
         """{"n", "sum", "sum_sq"} (float64 sums per feature dimension) over every patch of every usable
@@ -568,9 +571,10 @@ class SiteDataset(torch.utils.data.Dataset):
 
     def __init__(self, site: SiteData, patients: Sequence[str], *, stats: GenomicsStats, bin_edges: np.ndarray,
                  grid_size: int | None = None, epoch: int = 0,
-                 patch_norm: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 patch_norm: tuple[np.ndarray, np.ndarray] | None = None, placeholder_dim: int | None = None) -> None:
         self.site = site
         self.patch_norm = patch_norm
+        self.placeholder_dim = placeholder_dim
         self.patient_ids = tuple(patients)
         bad = [p for p in self.patient_ids if p in site.excluded]
         if bad:
@@ -607,7 +611,7 @@ class SiteDataset(torch.utils.data.Dataset):
         """(patches (N, D) float32, coords (N, 2) float32, patch_step) of item ``i``."""
         site, pid = self.site, self.patient_ids[i]
         if not site.require_features:
-            dim = int(site.feature_schema.get("feature_dim", 1))
+            dim = self.placeholder_dim or int(site.feature_schema.get("feature_dim", 1))
             return np.zeros((1, dim), np.float32), np.zeros((1, 2), np.float32), 1.0
         feats, coords, steps = [], [], []
         for sid in site.slides[pid]:

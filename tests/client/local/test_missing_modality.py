@@ -101,3 +101,22 @@ def test_dp_sgd_at_a_site_without_slides_noises_only_what_it_trains(setting, tmp
     trained = set(trained_tensors(cfg, site_modalities(sites[1])))
     assert {k for k in new if not torch.equal(new[k], init[k])} == trained
     assert metrics["dp-epsilon"] > 0
+
+
+def test_a_pooled_batch_mixes_patients_with_and_without_slides(setting):
+    """Pooled (centralized) training stacks both sites' patients: placeholder bags have the model's
+    width, the batch flags who has slides, and each patient is predicted from what it has."""
+    from client.local.round import _dataset, load_site
+    from client.site.collate import collate_patients
+
+    cfg, sites, _, shared, init = setting
+    full, genomics_only = (_dataset(load_site(d, cfg), cfg, shared, "train") for d in sites)
+    batch = collate_patients([full[0], genomics_only[0], full[1]])
+    assert batch.patches.shape[2] == cfg.model.feature_dim and batch.has_patches.tolist() == [True, False, True]
+    model = build_model(cfg.model).eval()
+    model.load_state_dict(init)
+    out = model(batch)
+    alone = model(collate_patients([genomics_only[0]]))
+    for task, logits in out.logits.items():
+        assert torch.isfinite(logits).all()
+        torch.testing.assert_close(logits[1], alone.logits[task][0], rtol=1e-5, atol=1e-5)
