@@ -761,24 +761,38 @@ def write_cohort(out: Path, spec: CohortSpec, force: bool = False, workers: int 
     return summary
 
 
-def drop_slides(site_dir: Path) -> None:
-    """Make a written site one without slides (a genomics-only hospital): slides.csv, every feature
-    file and slide image and the manifest's slide records and feature schema are removed, and the
-    manifest declares ``"modalities": ["genomics"]`` (``client.site.folder``). Its patients, labels,
-    splits and genomics stay as they were, so it is the same site with its slides taken away."""
+def drop_modality(site_dir: Path, modality: str) -> None:
+    """Take one modality away from a written site, leaving its patients, labels and splits as they
+    were, and declare what is left in its manifest (``client.site.folder``).
+
+    ``histology`` (a genomics-only hospital): slides.csv, every feature file and slide image, and the
+    manifest's slide records and feature schema are removed. ``genomics`` (a hospital with slides
+    only): the genomic table is removed; the federation's gene set file stays.
+    """
     layout = SiteLayout(Path(site_dir))
     if not layout.clinical.is_file():
         raise CohortError(f"{layout.root}: not a site folder ({layout.clinical.name} missing)")
-    layout.slides.unlink(missing_ok=True)
-    for folder in (layout.features_dir, layout.root / "slides"):
-        if folder.is_dir():
-            shutil.rmtree(folder)
     manifest = Manifest.load(layout.manifest)
-    manifest.slides.clear()
-    for key in ("encoder", "weights_sha256", "feature_dim"):
-        manifest.schema.pop(key, None)
-    manifest.declare_modalities(["genomics"])
+    keep = [m for m in manifest.modalities if m != modality]
+    if modality == "histology":
+        layout.slides.unlink(missing_ok=True)
+        for folder in (layout.features_dir, layout.root / "slides"):
+            if folder.is_dir():
+                shutil.rmtree(folder)
+        manifest.slides.clear()
+        for key in ("encoder", "weights_sha256", "feature_dim"):
+            manifest.schema.pop(key, None)
+    elif modality == "genomics":
+        layout.genomics.unlink(missing_ok=True)
+    else:
+        raise CohortError(f"modality {modality!r}: expected 'histology' or 'genomics'")
+    manifest.declare_modalities(keep)
     manifest.save()
+
+
+def drop_slides(site_dir: Path) -> None:
+    """``drop_modality(site_dir, "histology")``: a genomics-only site."""
+    drop_modality(site_dir, "histology")
 
 
 def _site_summary(site: dict[str, Any], n_patches: int | None) -> dict[str, Any]:

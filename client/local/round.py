@@ -274,8 +274,9 @@ def data_digest(site: SiteData) -> str:
     slides gives the same digest. It reveals nothing about the data; it only lets a report say
     whether two runs saw the same files."""
     layout = site.layout
-    tables = {p.name: sha256_file(p) for p in (layout.clinical, layout.slides, layout.geneset,
-                                                 find_genomics_file(layout)) if p.is_file()}
+    genomics = [find_genomics_file(layout)] if site.genomics is not None else []
+    tables = {p.name: sha256_file(p) for p in (layout.clinical, layout.slides, layout.geneset, *genomics)
+              if p.is_file()}
     manifest = Manifest.load(layout.manifest)
     used = sorted(s for sl in site.slides.values() for s in sl)
     features = {s: manifest.slides.get(s, {}).get("checksum") for s in used}

@@ -126,7 +126,7 @@ def check_site(site_dir: Path | str, cfg: ExperimentConfig | None = None, *, exp
         agg.pop("genomics_stats", None)  # aggregate, but long; the preflight sends it, the check need not
         summary = agg
         summary["slides"] = {"listed": len(site.slide_status), "usable": sum(s.ok for s in site.slide_status)}
-        gt, ge = site.geneset.input_dims(site.genomics.policy)
+        gt, ge = site.geneset.input_dims(site.genomics_policy)
         if explicit_config and (gt, ge) != (model.genes_tumour, model.genes_micro):
             report.error(f"{site.layout.geneset}: the gene set gives vectors of {gt} (tumour) and {ge} (micro) "
                          f"values, but the config has model.genes_tumour={model.genes_tumour} and "
@@ -150,11 +150,12 @@ def check_site(site_dir: Path | str, cfg: ExperimentConfig | None = None, *, exp
         for s in ("val", "test"):
             if summary["splits"][s]["patients"] == 0:
                 report.warn(f"{s} split is empty")
-        const = int(site.genomics_stats("train").degenerate().sum())
-        if const:
-            report.note(f"{const} genomic feature(s) are constant (or unobserved) in the training split; they "
-                        "standardise to 0")
-        _survival_leakage(site, report)
+        if site.genomics is not None:
+            const = int(site.genomics_stats("train").degenerate().sum())
+            if const:
+                report.note(f"{const} genomic feature(s) are constant (or unobserved) in the training split; they "
+                            "standardise to 0")
+            _survival_leakage(site, report)
     _label_features(site_dir, data, report)
     return {"site": str(site_dir), "ok": report.ok, "errors": report.errors, "warnings": report.warnings,
             "notes": report.notes, "summary": summary}

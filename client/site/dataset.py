@@ -317,7 +317,7 @@ class SiteData:
     config: DataConfig
     clinical: ClinicalLabels
     geneset: GeneSet
-    genomics: GenomicsData
+    genomics: GenomicsData | None  # None: a site without genomics (its gene set sizes placeholder vectors)
     splits: Splits
     slides: dict[str, tuple[str, ...]]
     slide_status: list[SlideStatus]
@@ -351,7 +351,14 @@ class SiteData:
 
     def genomics_stats(self, split: str = "train") -> GenomicsStats:
         """Genomic statistics over a split's usable patients (training: the standardisation)."""
+        if self.genomics is None:
+            raise SiteDataError(f"{self.layout.root}: the site declares no genomics, so it has no genomic statistics")
         return self.genomics.stats(self.patients(split))
+
+    @property
+    def genomics_policy(self) -> str:
+        """How missing genomic values are handled: the table's, else the run's setting."""
+        return self.genomics.policy if self.genomics is not None else self.config.genomics_policy
 
     def survival_bin_edges(self, n_bins: int, split: str = "train") -> np.ndarray:
         """Inner survival bin edges from a split's survival-labelled patients (client.cohorts.synthetic)."""
@@ -372,7 +379,7 @@ class SiteData:
         ``patch_norm``: (mean, std) per feature dimension applied to every patch (None: raw).
         ``placeholder_dim``: the width of the placeholder bags of a site without slides (the
         model's feature width, so they stack with other sites' bags in a pooled batch)."""
-        stats = stats if stats is not None else self.genomics_stats("train")
+        stats = stats if stats is not None or self.genomics is None else self.genomics_stats("train")
         if bin_edges is None:
             bin_edges = self.survival_bin_edges(n_bins) if self.clinical.survival_known.any() else \
                 np.zeros(n_bins - 1)
@@ -400,9 +407,9 @@ class SiteData:
             "excluded": dict(Counter(self.excluded.values())),
             "split_source": self.splits.source,
             "schema": {**self.feature_schema, "gene_set": self.geneset.digest,
-                       "genes_tumour": self.geneset.input_dims(self.genomics.policy)[0],
-                       "genes_micro": self.geneset.input_dims(self.genomics.policy)[1],
-                       "genomics_policy": self.genomics.policy, "modalities": list(self.modalities)},
+                       "genes_tumour": self.geneset.input_dims(self.genomics_policy)[0],
+                       "genes_micro": self.geneset.input_dims(self.genomics_policy)[1],
+                       "genomics_policy": self.genomics_policy, "modalities": list(self.modalities)},
             "splits": {},
         }
         for s in SPLITS:
@@ -418,7 +425,7 @@ class SiteData:
                 "survival_labelled": int(known.sum()),
                 "events": int(np.nansum(self.clinical.event[pos][known])),
             }
-        if self.patients("train"):
+        if self.patients("train") and self.genomics is not None:
             out["genomics_stats"] = self.genomics_stats("train").to_dict()
         return out
 
@@ -470,10 +477,7 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
     except ValueError as e:  # not JSON, another manifest version, or a bad declaration
         report.error(str(e))
         modalities = MODALITIES
-    if "genomics" not in modalities:
-        report.error(f"{layout.manifest}: the site declares modalities {list(modalities)}; sites without genomics "
-                     "are not supported yet (every model input standardisation is fitted on genomic data)")
-    has_slides = "histology" in modalities
+    has_slides, has_genomics = "histology" in modalities, "genomics" in modalities
     if not has_slides:
         require_features = False  # a site without slides opens no feature file, whatever the model
     try:
@@ -485,7 +489,14 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
         geneset = read_geneset(layout.geneset)
     except SiteDataError as e:
         report.absorb(e)
-    if geneset is not None:
+    if not has_genomics:
+        # The gene set (the federation's, not patient data) still sizes the placeholder gene vectors.
+        tables = [n for n in GENOMICS_NAMES if (layout.root / n).is_file()]
+        if tables:
+            report.error(f"{layout.root / tables[0]}: a genomic table, but {layout.manifest.name} declares the site's "
+                         f"modalities as {list(modalities)} (no genomics); remove it or add 'genomics' to the "
+                         "declaration")
+    elif geneset is not None:
         try:
             path = find_genomics_file(layout)
             genomics = load_genomics(path, geneset, clinical.patients if clinical is not None else None,
@@ -545,7 +556,7 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
                                  seed=cfg.split_seed, fold=fold, k=k)
         except (SiteDataError, ValueError) as e:
             report.absorb(e if isinstance(e, SiteDataError) else SiteDataError(str(e)))
-    if clinical is None or geneset is None or genomics is None or splits is None or report.errors:
+    if clinical is None or geneset is None or (genomics is None and has_genomics) or splits is None or report.errors:
         return None, report
     site = SiteData(layout=layout, config=cfg, clinical=clinical, geneset=geneset, genomics=genomics,
                     splits=splits, slides={p: tuple(v) for p, v in slides.items()}, slide_status=statuses,
@@ -566,7 +577,8 @@ class SiteDataset(torch.utils.data.Dataset):
     Gene vectors and labels are computed once here (small); patch features are read from the
     feature files on each ``__getitem__`` (large), so a DataLoader's workers share no big arrays.
     Genomics-only runs and sites without slides (``require_features=False``) get a one-patch zero
-    placeholder bag and ``has_patches`` False, so no model reads it.
+    placeholder bag and ``has_patches`` False, so no model reads it; sites without genomics get zero
+    gene vectors (sized by the gene set) and ``has_genes`` False.
     """
 
     def __init__(self, site: SiteData, patients: Sequence[str], *, stats: GenomicsStats, bin_edges: np.ndarray,
@@ -586,7 +598,12 @@ class SiteDataset(torch.utils.data.Dataset):
         cfg = site.config
         self.max_patches, self.seed = cfg.max_patches, cfg.split_seed
         self._pos = site.clinical.positions(self.patient_ids)
-        self._tumour, self._micro = site.genomics.encode(self.patient_ids, stats, clip=cfg.clip)
+        if site.genomics is not None:
+            self._tumour, self._micro = site.genomics.encode(self.patient_ids, stats, clip=cfg.clip)
+        else:  # placeholder gene vectors (has_genes False: no model reads them)
+            gt, ge = site.geneset.input_dims(site.genomics_policy)
+            self._tumour = np.zeros((len(self.patient_ids), gt), np.float32)
+            self._micro = np.zeros((len(self.patient_ids), ge), np.float32)
         c = site.clinical
         self._bins = assign_bins(np.nan_to_num(c.survival_time, nan=0.0), self.bin_edges)
 
@@ -636,4 +653,5 @@ class SiteDataset(torch.utils.data.Dataset):
         labels, mask = self.labels(i)
         return {"patient_id": self.patient_ids[i], "patches": patches, "coords": coords, "patch_step": step,
                 "genes_tumour": self._tumour[i], "genes_micro": self._micro[i], "labels": labels,
-                "label_mask": mask, "has_patches": self.site.require_features}
+                "label_mask": mask, "has_patches": self.site.require_features,
+                "has_genes": self.site.genomics is not None}

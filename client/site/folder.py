@@ -14,7 +14,8 @@ This is the contract between a hospital's data and everything that reads it (arc
                            modalities the site holds (absent: both)
 
 A site that lacks a modality says so in its manifest, ``"modalities": ["genomics"]`` (no slides:
-slides.csv absent or without rows, features/ empty) or ``["histology"]`` (no genomic table), e.g.
+slides.csv absent or without rows, features/ empty) or ``["histology"]`` (no genomic table; the
+federation's geneset.csv stays, it sizes the placeholder gene vectors), e.g.
 with ``smm site modalities SITE_DIR genomics``. The declaration is what makes a missing modality
 deliberate: a folder that declares both and lacks slides or feature files stays an error.
 

@@ -255,7 +255,7 @@ def compare_with_reference(nid: int, s: SiteSummary, ref_nid: int, ref: SiteSumm
         check_schemas({str(ref_nid): ref, str(nid): s}, cfg)
     except SchemaMismatch as e:
         return str(e)[:500]
-    if _features(s) != _features(ref):
+    if "genomics" in site_modalities(s) and "genomics" in site_modalities(ref) and _features(s) != _features(ref):
         return (f"site {nid}: genomics features differ from site {ref_nid}'s ({len(_features(s))} vs "
                 f"{len(_features(ref))} features, or another order)")
     return None
@@ -270,7 +270,8 @@ def screen_sites(summaries: Mapping[int, SiteSummary], cfg: ExperimentConfig
     group agreeing on the cross-site fields (encoder, gene set, genomic feature list) is kept, ties
     going to the group of the smallest node id, and every other site is refused with a message
     comparing it with the reference site (the group's smallest node id). The reference group is one
-    of sites with slides when there is one (a site declaring no histology has no encoder to agree on).
+    of sites holding every modality when there is one (a site declaring no histology has no encoder
+    to agree on, one declaring no genomics no genomic feature list).
     """
     refused: dict[int, str] = {}
     ok: dict[int, SiteSummary] = {}
@@ -287,9 +288,10 @@ def screen_sites(summaries: Mapping[int, SiteSummary], cfg: ExperimentConfig
         groups.setdefault(key, []).append(nid)
     if not groups:
         return {}, refused, None
-    # Sites with slides carry the histology schema (encoder, feature width), so one of them is the
-    # reference whenever there is one: a site without slides is then compared on what it has.
-    ref = max(groups.values(), key=lambda ids: ("histology" in site_modalities(ok[ids[0]]), len(ids), -ids[0]))[0]
+    # A site holding every modality carries the whole schema (encoder, feature width, genomic
+    # features), so the reference holds the most modalities there are: a site lacking one is then
+    # compared on what it has.
+    ref = max(groups.values(), key=lambda ids: (len(site_modalities(ok[ids[0]])), len(ids), -ids[0]))[0]
     accepted: dict[int, SiteSummary] = {}
     for nid in sorted(ok):
         why = compare_with_reference(nid, ok[nid], ref, ok[ref], cfg)

@@ -120,3 +120,22 @@ def test_a_pooled_batch_mixes_patients_with_and_without_slides(setting):
     for task, logits in out.logits.items():
         assert torch.isfinite(logits).all()
         torch.testing.assert_close(logits[1], alone.logits[task][0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_site_without_genomics_trains_only_the_histology_path(setting, tmp_path):
+    from client.cohorts.synth import drop_modality
+    from server.federation.loop import screen_sites
+
+    cfg, sites, summaries, shared, init = setting
+    d = shutil.copytree(sites[0], tmp_path / "site_h")
+    drop_modality(d, "genomics")
+    summary = preflight_summary(d, cfg)
+    assert summary.schema["modalities"] == ["histology"] and summary.genomics is None
+    assert summary.schema["feature_dim"] == 32  # its histology schema is compared as any site's
+    accepted, refused, ref = screen_sites({1: summaries[0], 2: summaries[1], 3: summary}, cfg)
+    assert sorted(accepted) == [1, 2, 3] and refused == {} and ref == 1
+    new, *_ = train_round(d, cfg, shared, init, lr=3e-3, local_epochs=1, server_round=1)
+    trained = trained_tensors(cfg, site_modalities(d))
+    assert trained == trained_parameters(build_model(cfg.model), ["histology"])
+    assert {k for k in new if not torch.equal(new[k], init[k])} == set(trained)
+    assert not any(k.startswith("gene_") for k in trained)

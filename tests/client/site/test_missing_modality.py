@@ -97,3 +97,29 @@ def test_an_empty_slide_table_is_a_site_without_slides_when_declared(good, tmp_p
     drop_slides(site)
     pd.DataFrame(columns=["slide_id", "patient_id"]).to_csv(site / "slides.csv", index=False)
     assert check_site(site, ExperimentConfig())["ok"]
+
+
+def test_a_declared_histology_only_site_passes_and_yields_flagged_gene_vectors(good, tmp_path):
+    from client.cohorts.synth import drop_modality
+
+    site = shutil.copytree(good, tmp_path / "site")
+    drop_modality(site, "genomics")
+    res = check_site(site, ExperimentConfig())
+    assert res["ok"], res["errors"]
+    assert res["summary"]["schema"]["modalities"] == ["histology"] and "genomics_stats" not in res["summary"]
+    data = SiteData.load(site)
+    assert data.genomics is None and data.modalities == ("histology",)
+    batch = collate_patients([data.dataset("train")[i] for i in range(2)])
+    assert batch.has_patches is None and not bool(batch.has_genes.any())
+    assert batch.genes_tumour.shape == (2, 3) and not bool(batch.genes_tumour.any())
+    # a genomic table put back contradicts the declaration
+    pd.read_csv(good / "genomics.csv").to_csv(site / "genomics.csv", index=False)
+    res = check_site(site, ExperimentConfig())
+    assert not res["ok"] and any("a genomic table, but manifest.json declares" in e for e in res["errors"])
+
+
+def test_genomics_missing_without_a_declaration_stays_an_error(good, tmp_path):
+    site = shutil.copytree(good, tmp_path / "site")
+    (site / "genomics.csv").unlink()
+    res = check_site(site, ExperimentConfig())
+    assert not res["ok"] and any("no genomic table" in e for e in res["errors"])
