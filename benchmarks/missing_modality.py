@@ -92,8 +92,8 @@ def run_seed(seed: int, work: Path, sites: int, patients: int, rounds: int) -> d
                                                     for m in ("loss", *quality.PAPER_METRICS)}}
                             for r in quality.round_records(run_dir) if r.get("val")]
         out[run] = row
-        quality.print_row(f"[seed {seed}] smm-{run:<8} test on the multimodal sites", row["test_multimodal"])
-        quality.print_row(f"[seed {seed}] smm-{run:<8} test on the genomics-only site", row["test_genomics_only_site"])
+        for where, what in (("test_multimodal", "the multimodal sites"), ("test_genomics_only_site", "the genomics-only site")):
+            quality.print_row(f"[seed {seed}] smm-{run:<8} test on {what}", {**row[where], "wall_s": row["wall_s"]})
     return out
 
 

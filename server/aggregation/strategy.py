@@ -198,6 +198,7 @@ class AggregateOutcome:
     site_metrics: dict[int, dict[str, int | float]] = field(default_factory=dict)
     skip_reason: str | None = None
     frozen: list[str] = field(default_factory=list)  # weights no (or too few) site trained: kept as they were
+    partial: list[int] = field(default_factory=list)  # kept replies that trained part of the model (wire.TRAINED)
 
 
 def _reply_message(reply: Reply, metric_keys: Sequence[str], server_round: int, order: Sequence[str]) -> Message:
@@ -287,7 +288,8 @@ class GuardedStrategy:
         snapshot = strategy_state(self.strategy)
         central_history = None if self.central is None else list(self.central.history)
         trained = {int(r.node_id): trained_names(r) for r in kept}
-        partial = any(t is not None for t in trained.values())
+        out.partial = sorted(n for n, t in trained.items() if t is not None)
+        partial = bool(out.partial)
         if partial and not self.averages_partial():
             out.skip_reason = "E_PARTIAL_UNSUPPORTED"
             log.error("round %d skipped: a site trained part of the model, and %s cannot average each weight over "

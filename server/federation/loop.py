@@ -560,7 +560,10 @@ class FederationRun:
                       "norm_outliers": out.outliers,
                       **({"control_norms": {str(n): v for n, v in sorted(out.control_norms.items())},
                           "control_norm_outliers": out.control_outliers} if out.control_norms else {}),
-                      **({"central_dp": out.central_dp} if out.central_dp is not None else {})},
+                      **({"central_dp": out.central_dp} if out.central_dp is not None else {}),
+                      # sites lacking a modality (they trained part of the model) and the weights that
+                      # too few sites trained to be averaged (kept as they were)
+                      **({"partial_sites": out.partial, "frozen": out.frozen} if out.partial else {})},
             "val": None, **({"validation": "pending"} if pending else {}),
             "bytes": {"sent": sum(x.bytes_sent for x in replies), "received": sum(x.bytes_received for x in replies)},
             "selection": p.selection.record(None),

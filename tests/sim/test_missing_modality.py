@@ -49,6 +49,7 @@ def test_a_genomics_only_site_joins_a_multimodal_federation(tmp_path, monkeypatc
     rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["status"] for r in rounds[1:]] == ["aggregated", "aggregated"]
     assert all(len(r["train"]["kept"]) == 3 for r in rounds[1:]) and len(rounds[-1]["val"]["per_site"]) == 3
+    assert all(r["train"]["partial_sites"] == [102] and r["train"]["frozen"] == [] for r in rounds[1:])
     assert all(np.isfinite(r["val"]["global"]["values"]["loss"]) for r in rounds)
 
     # only the site without slides (node 102) lists what it trained: the genomics path
