@@ -129,9 +129,9 @@ class SubspaceBranch(nn.Module):
 
         ``gene`` None: no row has genomics (a zero embedding, the gene path is not run).
         ``has_patches`` (B,) bool, None = every row has slides. Rows without get the virtual-token
-        vector (final norm, pooler and projection of ``fuse(0, gene)``, module docstring) and no grid: the grid returned then
-        holds the rows with slides only, in batch order (None when there are none; ``tokens`` may
-        then be None)."""
+        vector (final norm, pooler and projection of ``fuse(0, gene)``, module docstring) and no
+        grid: the grid returned then holds the rows with slides only, in batch order (None when
+        there are none; ``tokens`` may then be None)."""
         if has_patches is None:
             assert tokens is not None
             return self._attend(tokens, token_mask, gene)
@@ -268,7 +268,8 @@ class SMMModel(nn.Module):
         and the module docstring): without slides no patch projection, pre-norm, attention or
         patch weight of the fusion; without genomics no gene encoder or gene weight of the fusion."""
         branches = ("branch_tumour", "branch_micro")
-        return {"histology": tuple(f"{b}.{m}" for b in branches for m in ("path_fc", "norm", "attn", "fuse.path.weight")),
+        patch_only = ("path_fc", "norm", "attn", "fuse.path.weight")
+        return {"histology": tuple(f"{b}.{m}" for b in branches for m in patch_only),
                 "genomics": ("gene_tumour", "gene_micro", *(f"{b}.fuse.gene" for b in branches))}
 
 

@@ -149,3 +149,16 @@ def test_trained_parameters_refuses_what_a_site_cannot_train(cfg):
         trained_parameters(_model(cfg), [])
     model = _model(cfg)
     assert trained_parameters(model, ["histology", "genomics"]) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("have", [("genomics",), ("histology",)])
+def test_the_gene_queries_ablation_also_trains_exactly_trained_parameters(cfg, have):
+    """model.gene_queries: false joins the genes after pooling; a missing modality still reaches
+    exactly what trained_parameters names (a zero gene vector joins for a site without genomics)."""
+    c = dataclasses.replace(cfg, gene_queries=False)
+    model = _model(c, train=True)
+    _trained_like_norms(model)
+    batch = _flags(_batch(c, _bags([6, 4, 8])), [("histology" in have)] * 3, [("genomics" in have)] * 3)
+    grads = _grads(model, batch)
+    expected = set(trained_parameters(model, have))
+    assert _reached(grads) == expected and all(grads[k] is None for k in set(grads) - expected)
