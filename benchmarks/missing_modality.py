@@ -9,7 +9,10 @@ each cohort, with ``configs/bench_synthetic.yaml`` (``model.arch=smm``, gradient
 * ``with``: every site, the genomics-only one included (it trains the gene encoders, the fusion's
   gene path, the pooler, the projection and the heads; the server averages each weight over the
   sites that trained it, ``server.aggregation.strategy``);
-* ``without``: the same config over the multimodal sites only (``data.sites``).
+* ``without``: the same config over the multimodal sites only (``data.sites``);
+* ``all-slides`` (the control): every site with its slides, the same cohort written without
+  ``--without-slides`` (same seed, so the same patients): what the site would add if it had slides,
+  which separates "more patients" from "patients without slides".
 
 ``federation.min_nodes`` is the number of multimodal sites in both, so that the histology weights,
 which only those sites train, are averaged every round (a weight trained by fewer than ``min_nodes``
@@ -18,7 +21,7 @@ federation's validation patients (as a real federation would), then both selecte
 with ``smm evaluate`` on the SAME patients: the pooled test splits of the multimodal sites (the
 comparison; within-site C-index). Also reported: both models on the genomics-only site's own test
 split (what that hospital gets: the ``without`` model has never been trained from genomics alone),
-and the paired ``with - without`` difference per seed.
+and the paired ``with - without`` and ``all-slides - with`` differences per seed.
 
     python benchmarks/missing_modality.py            # seeds 0,1,2, 4 x 100 patients, the config's rounds
     python benchmarks/missing_modality.py --quick    # seed 0, 4 x 40 patients, 8 rounds (a few minutes)
@@ -48,7 +51,7 @@ SITES, PATIENTS_PER_SITE, SPLIT = 4, 100, "0.6,0.15,0.25"
 QUICK = {"seeds": [0], "patients": 40, "rounds": 8}
 #: The proposed model, as synthetic_quality.py's smm-pcgrad.
 VARIANT = ["model.arch=smm", "train.coordination=pcgrad"]
-RUNS = ("with", "without")
+RUNS = ("with", "without", "all-slides")
 
 
 def _evaluate(model: Path, sites: list[Path], out: Path, log: Path) -> dict:
@@ -60,29 +63,38 @@ def _evaluate(model: Path, sites: list[Path], out: Path, log: Path) -> dict:
             "patients": final["test"]["patients"]}
 
 
-def run_seed(seed: int, work: Path, sites: int, patients: int, rounds: int) -> dict:
-    base = work / f"seed{seed}"
-    cohort = base / "sites"
-    synth = ["synth", "--out", cohort, "--sites", sites, "--patients-per-site", patients, "--features-only",
-             "--split", SPLIT, "--seed", seed, "--without-slides", sites]
-    key = [str(a) for a in synth]
-    record = base / "synth.json"
+def _cohort(base: Path, name: str, synth: list) -> Path:
+    """``smm synth`` into ``base/name`` unless an earlier invocation wrote it with the same arguments."""
+    cohort = base / name
+    args = ["synth", "--out", cohort, *synth]
+    key = [str(a) for a in args]
+    record = base / f"{name}.json"
     if not record.is_file() or json.loads(record.read_text()) != key:
         if cohort.exists():
             shutil.rmtree(cohort)
         base.mkdir(parents=True, exist_ok=True)
-        quality.smm(synth, base / "synth.log")
+        quality.smm(args, base / f"{name}.log")
         record.write_text(json.dumps(key))
+    return cohort
+
+
+def run_seed(seed: int, work: Path, sites: int, patients: int, rounds: int) -> dict:
+    base = work / f"seed{seed}"
+    synth = ["--sites", sites, "--patients-per-site", patients, "--features-only", "--split", SPLIT, "--seed", seed]
+    cohort = _cohort(base, "sites", [*synth, "--without-slides", sites])
+    control = _cohort(base, "sites_all_slides", synth)  # the same cohort, every site with its slides
     multimodal = [f"site_{k}" for k in range(1, sites)]
     genomics_only = f"site_{sites}"
-    common = [f"data.sites_root={cohort}", f"federation.rounds={rounds}", f"federation.min_nodes={len(multimodal)}",
-              *VARIANT]
-    sets = {"with": [*common, f"data.sites=[{', '.join([*multimodal, genomics_only])}]"],
-            "without": [*common, f"data.sites=[{', '.join(multimodal)}]"]}
+    common = [f"federation.rounds={rounds}", f"federation.min_nodes={len(multimodal)}", *VARIANT]
+    every = f"data.sites=[{', '.join([*multimodal, genomics_only])}]"
+    sets = {"with": [f"data.sites_root={cohort}", *common, every],
+            "without": [f"data.sites_root={cohort}", *common, f"data.sites=[{', '.join(multimodal)}]"],
+            "all-slides": [f"data.sites_root={control}", *common, every]}
     out: dict = {}
     for run in RUNS:
         run_dir = base / f"smm-{run}"
         row = quality.run_or_reuse("federated", CONFIG, run_dir, sets[run], base / f"smm-{run}.log")
+        # The same test patients for every run; the genomics-only site is evaluated without its slides.
         row["test_multimodal"] = _evaluate(run_dir / "model.pt", [cohort / s for s in multimodal],
                                            base / f"eval-{run}-multimodal", base / f"eval-{run}-multimodal.log")
         row["test_genomics_only_site"] = _evaluate(run_dir / "model.pt", [cohort / genomics_only],
@@ -118,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics = ("loss", *quality.PAPER_METRICS)
     summary = {where: quality.summarise({run: [s[run][where]["values"] for s in per_seed] for run in RUNS}, metrics)
                for where in ("test_multimodal", "test_genomics_only_site")}
-    paired = {where: quality.differences([s["with"][where]["values"] for s in per_seed],
-                                         [s["without"][where]["values"] for s in per_seed], per="per_seed",
-                                         metrics=metrics)
-              for where in ("test_multimodal", "test_genomics_only_site")}
+    paired = {f"{a} - {b}": {where: quality.differences([s[a][where]["values"] for s in per_seed],
+                                                       [s[b][where]["values"] for s in per_seed], per="per_seed",
+                                                       metrics=metrics)
+                             for where in ("test_multimodal", "test_genomics_only_site")}
+              for a, b in (("with", "without"), ("all-slides", "with"))}
     payload = {
         **quality.result_header("missing_modality", __file__, argv, t0),
         "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "variant": VARIANT, "seeds": seeds,
@@ -132,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     "test": "smm evaluate of each selected model on the same patients: the pooled test splits of "
                             "the multimodal sites (test_multimodal); and on the genomics-only site's test split",
                     "c_index": "within-site pairs", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
-        "summary": summary, "with_minus_without": paired,
+        "summary": summary, "paired": paired,
         "seeds": {str(s): r for s, r in zip(seeds, per_seed)},
     }
     path = quality.write_result(payload, args.quick)
