@@ -123,3 +123,17 @@ def test_genomics_missing_without_a_declaration_stays_an_error(good, tmp_path):
     (site / "genomics.csv").unlink()
     res = check_site(site, ExperimentConfig())
     assert not res["ok"] and any("no genomic table" in e for e in res["errors"])
+
+
+def test_smm_synth_writes_sites_without_slides(tmp_path, capsys):
+    from client.cohorts.synth import main as synth_main
+
+    out = tmp_path / "cohort"
+    assert synth_main(["--out", str(out), "--sites", "2", "--patients-per-site", "8", "--features-only",
+                       "--feature-dim", "8", "--without-slides", "2"]) == 0
+    assert Manifest.load(out / "site_2" / "manifest.json").modalities == ("genomics",)
+    assert not (out / "site_2" / "slides.csv").exists() and not (out / "site_2" / "features").exists()
+    assert Manifest.load(out / "site_1" / "manifest.json").modalities == ("histology", "genomics")
+    assert check_site(out / "site_2", ExperimentConfig())["ok"]
+    assert synth_main(["--out", str(tmp_path / "bad"), "--sites", "2", "--without-slides", "3"]) == 2
+    assert "site numbers run from 1 to --sites 2" in capsys.readouterr().err
