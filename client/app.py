@@ -33,7 +33,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.local.round import (SITE_DIR_KEY, SiteError, evaluate_round, preflight_summary, resolve_site_dir,
-                                ledger_file, site_label, site_policy, stage, train_round)
+                                ledger_file, site_label, site_modalities, site_policy, stage, train_round,
+                                trained_tensors)
 from smm_model.config import ExperimentConfig
 from smm_model.contract import wire
 from smm_model.contract.packing import Layout, pack, unpack
@@ -198,6 +199,12 @@ def _train(msg: Message, cfg: ExperimentConfig, site_dir: Path, log: logging.Log
         reply[wire.CONTROL] = _weights_out(new_control, control_layout)
         digests[wire.CONTROL] = control_layout.digest
     reply[wire.LAYOUT] = ConfigRecord(digests)
+    with stage("E_CONFIG"):
+        trained = trained_tensors(cfg, site_modalities(site_dir))
+    if trained is not None:  # a site lacking a modality: the server averages only what it trained
+        reply[wire.TRAINED] = ConfigRecord({wire.TRAINED_TENSORS: list(trained)})
+        log.info("train round %d: the site lacks a modality; it trained %d of %d weight tensors", rnd,
+                 len(trained), len(new_state))
     if val_stats is not None:
         reply[wire.VALIDATION] = ConfigRecord(val_stats.to_record())
         # "validate", not "train" or "evaluate": log readers (benchmarks/federation_overhead.py) key on the verb.

@@ -44,7 +44,8 @@ from client.baselines.runfolder import (C_INDEX_NOTE, CHECKPOINT_FORMAT, CONFIG_
 from smm_model.contract.atomic import sha256_file
 from client.local.train import resolve_device
 from smm_model.config import ConfigError, ExperimentConfig, to_dict
-from smm_model.contract.protocol import HISTOLOGY_FIELDS, SharedStats, SiteSummary
+from smm_model.contract.protocol import HISTOLOGY_FIELDS, SharedStats, SiteSummary, site_modalities
+from smm_model.contract.sites import ARCH_MODALITIES
 
 __all__ = ["ModelFileError", "LoadedModel", "load_model_file", "schema_problems", "evaluate_sites", "main"]
 
@@ -101,13 +102,18 @@ def schema_problems(site_dir: Path, summary: SiteSummary, model: LoadedModel) ->
     expected.setdefault("genes_tumour", cfg.model.genes_tumour)
     expected.setdefault("genes_micro", cfg.model.genes_micro)
     expected.setdefault("genomics_policy", cfg.data.genomics_policy)
-    if cfg.model.arch == "snn":
+    have = site_modalities(summary)
+    if cfg.model.arch == "snn" or "histology" not in have:  # no slides read (a site without slides: none held)
         for k in HISTOLOGY_FIELDS:
             expected.pop(k, None)
     else:
         expected.setdefault("feature_dim", cfg.model.feature_dim)
     problems = [f"site {site_dir}: {k} is {summary.schema.get(k)!r}, the model expects {want!r}"
                 for k, want in expected.items() if summary.schema.get(k) != want]
+    reads = ARCH_MODALITIES[cfg.model.arch]
+    if not set(have) & set(reads):
+        problems.append(f"site {site_dir}: holds {' and '.join(have)} only, but the model ({cfg.model.arch}) reads "
+                        f"{' and '.join(reads)}")
     feats = tuple((summary.genomics or {}).get("features", ()))
     if summary.genomics and feats != tuple(model.shared.genomics_features):
         problems.append(f"site {site_dir}: genomics features differ from the model's ({len(feats)} vs "

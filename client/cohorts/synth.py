@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -760,6 +761,40 @@ def write_cohort(out: Path, spec: CohortSpec, force: bool = False, workers: int 
     return summary
 
 
+def drop_modality(site_dir: Path, modality: str) -> None:
+    """Take one modality away from a written site, leaving its patients, labels and splits as they
+    were, and declare what is left in its manifest (``client.site.folder``).
+
+    ``histology`` (a genomics-only hospital): slides.csv, every feature file and slide image, and the
+    manifest's slide records and feature schema are removed. ``genomics`` (a hospital with slides
+    only): the genomic table is removed; the federation's gene set file stays.
+    """
+    layout = SiteLayout(Path(site_dir))
+    if not layout.clinical.is_file():
+        raise CohortError(f"{layout.root}: not a site folder ({layout.clinical.name} missing)")
+    manifest = Manifest.load(layout.manifest)
+    keep = [m for m in manifest.modalities if m != modality]
+    if modality == "histology":
+        layout.slides.unlink(missing_ok=True)
+        for folder in (layout.features_dir, layout.root / "slides"):
+            if folder.is_dir():
+                shutil.rmtree(folder)
+        manifest.slides.clear()
+        for key in ("encoder", "weights_sha256", "feature_dim"):
+            manifest.schema.pop(key, None)
+    elif modality == "genomics":
+        layout.genomics.unlink(missing_ok=True)
+    else:
+        raise CohortError(f"modality {modality!r}: expected 'histology' or 'genomics'")
+    manifest.declare_modalities(keep)
+    manifest.save()
+
+
+def drop_slides(site_dir: Path) -> None:
+    """``drop_modality(site_dir, "histology")``: a genomics-only site."""
+    drop_modality(site_dir, "histology")
+
+
 def _site_summary(site: dict[str, Any], n_patches: int | None) -> dict[str, Any]:
     clin, truth = site["clinical"], site["truth"]
     latent = pd.Series(truth["diagnosis"].to_numpy(), dtype="Int64")
@@ -854,7 +889,13 @@ def main(argv: list[str] | None = None) -> int:
                          "the slide side, overriding --slide-size (3 sites x 20 patients at 2000: ~15 s, 150 MB)")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering slides (default 1)")
     ap.add_argument("--force", action="store_true", help="overwrite a cohort in a non-empty --out")
+    ap.add_argument("--without-slides", type=int, nargs="+", default=[], metavar="K",
+                    help="site numbers (1-based) written without slides: genomics-only sites (drop_slides)")
     args = ap.parse_args(argv)
+    bad = [k for k in args.without_slides if not 1 <= k <= args.sites]
+    if bad:
+        print(f"smm synth: --without-slides {bad}: site numbers run from 1 to --sites {args.sites}", file=sys.stderr)
+        return 2
     spec = replace(d, sites=args.sites, patients_per_site=args.patients_per_site, seed=args.seed,
                    features_only=args.features_only, slide_size=args.slide_size, patch_size=args.patch_size,
                    split=args.split, family=args.family,
@@ -867,6 +908,9 @@ def main(argv: list[str] | None = None) -> int:
     except CohortError as e:
         print(f"smm synth: {e}", file=sys.stderr)
         return 2
+    for k in args.without_slides:
+        drop_slides(args.out / f"site_{k}")
+        print(f"site_{k}: slides removed, declared genomics-only")
     n_sl = sum(s["n_slides"] for s in summary["sites"])
     print(f"wrote {len(summary['sites'])} sites, {spec.sites * spec.patients_per_site} patients, {n_sl} "
           f"{'feature files' if spec.features_only else 'slides'} to {args.out} in {time.perf_counter() - t0:.1f} s")

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from client.site.collate import collate_patients
 from client.site.dataset import SiteData, SiteDataset, find_genomics_file
-from client.site.folder import Manifest
+from client.site.folder import Manifest, SiteLayout
 from smm_model.contract.atomic import sha256_file
 from client.site.labels import SPLITS
 from client.local.train import (autocast_dtype, forward, load_optimizer_state, make_optimizer,
@@ -48,7 +48,7 @@ from smm_model.config import TASK_CLASSES, ConfigError, ExperimentConfig
 from smm_model.metrics.federated import c_index_counts, confusion_counts, km_counts, score_histograms
 from smm_model.objectives.losses import logit_adjustment_offsets, nll_survival_loss, weighted_cross_entropy
 from smm_model.metrics.exact import risk_from_hazard_logits
-from smm_model.nn.model import build_model
+from smm_model.nn.model import build_model, trained_parameters
 from smm_model.contract import wire
 from smm_model.contract.sites import simulation_site_dirs
 from client.local.release import check_training_size, release_eval, release_summary
@@ -57,7 +57,7 @@ from smm_model.contract.protocol import SURVIVAL_HIST_EDGES, EvalStats, SharedSt
 
 __all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "resolve_site_dir", "site_label", "SITE_NAME_KEY", "load_site",
            "data_digest", "preflight_summary", "train_round", "evaluate_round", "evaluate_dataset", "risk_groups", "SharedGenomicsStats", "site_policy",
-           "ledger_file", "LEDGER_KEY", "check_privacy_plan"]
+           "ledger_file", "LEDGER_KEY", "check_privacy_plan", "site_modalities", "trained_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,30 @@ def site_label(node_config: Mapping[str, Any], site_dir: Path) -> str | None:
 # --------------------------------------------------------------------------------------------- #
 # site data
 # --------------------------------------------------------------------------------------------- #
+def site_modalities(site_dir: Path | str) -> tuple[str, ...]:
+    """The modalities the site declares it holds (its manifest; ``client.site.folder``)."""
+    return Manifest.load(SiteLayout(Path(site_dir)).manifest).modalities
+
+
+def trained_tensors(cfg: ExperimentConfig, modalities: Sequence[str]) -> list[str] | None:
+    """The weight names this site trains, or None when it trains all of them (a site holding every
+    modality the model reads). A site-level fact, from the architecture and the site's declared
+    modalities only (``smm_model.nn.model.trained_parameters``), never from its patients: what it
+    tells the server is that the site lacks a modality, which the preflight schema already says.
+    Raises ValueError when the site cannot train the architecture (``snn`` without genomics,
+    ``abmil`` without slides)."""
+    model = build_model(cfg.model)
+    names = trained_parameters(model, tuple(modalities))
+    return None if names == list(model.state_dict()) else names
+
+
 def load_site(site_dir: Path | str, cfg: ExperimentConfig, *, check_feature_dim: bool = True) -> SiteData:
     """Load and validate the site folder for this run's model.
 
-    Genomics-only models (``snn``) open no feature file. ``check_feature_dim`` refuses features of
-    another width at load (training/evaluation); the preflight leaves it off so that the site's
-    real width reaches the server, whose schema check then names the site and the field.
+    Genomics-only models (``snn``) and sites without slides open no feature file.
+    ``check_feature_dim`` refuses features of another width at load (training/evaluation); the
+    preflight leaves it off so that the site's real width reaches the server, whose schema check
+    then names the site and the field.
     """
     histology = cfg.model.arch != "snn"
     return SiteData.load(site_dir, cfg.data, require_features=histology,
@@ -230,7 +248,8 @@ def _dataset(site: SiteData, cfg: ExperimentConfig, shared: SharedStats, split: 
             raise ValueError(f"shared patch statistics have {norm[0].shape[0]} dimensions, model.feature_dim is "
                              f"{cfg.model.feature_dim}")
         return site.dataset(split, stats=stats, bin_edges=edges,  # type: ignore[arg-type]
-                            n_bins=cfg.model.survival_bins, grid_size=grid, patch_norm=norm)
+                            n_bins=cfg.model.survival_bins, grid_size=grid, patch_norm=norm,
+                            placeholder_dim=cfg.model.feature_dim)
 
 
 def _model(cfg: ExperimentConfig, state_dict: Mapping[str, Tensor], device: torch.device) -> nn.Module:
@@ -255,8 +274,9 @@ def data_digest(site: SiteData) -> str:
     slides gives the same digest. It reveals nothing about the data; it only lets a report say
     whether two runs saw the same files."""
     layout = site.layout
-    tables = {p.name: sha256_file(p) for p in (layout.clinical, layout.slides, layout.geneset,
-                                                 find_genomics_file(layout)) if p.is_file()}
+    genomics = [find_genomics_file(layout)] if site.genomics is not None else []
+    tables = {p.name: sha256_file(p) for p in (layout.clinical, layout.slides, layout.geneset, *genomics)
+              if p.is_file()}
     manifest = Manifest.load(layout.manifest)
     used = sorted(s for sl in site.slides.values() for s in sl)
     features = {s: manifest.slides.get(s, {}).get("checksum") for s in used}
@@ -413,6 +433,12 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
         check_training_size(n_train, policy or site_policy(cfg))
     torch.manual_seed(cfg.train.seed + server_round)
     model = _model(cfg, state_dict, device)
+    with stage("E_CONFIG"):
+        trained = trained_tensors(cfg, site.modalities)
+    if trained is not None:  # a site lacking a modality: what its data cannot reach stays as received
+        keep = set(trained)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in keep)
     weights = _class_weights(cfg, shared, device)
     offsets = _logit_offsets(cfg, site, shared, device)
     with stage("E_TRAIN"):

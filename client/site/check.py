@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smm_model.config import ConfigError, DataConfig, ExperimentConfig
+from smm_model.contract.sites import MODALITIES
 
 if TYPE_CHECKING:  # the data modules (pandas, h5py, torch) load only when a check runs, not for --help
     from client.site.dataset import SiteData
@@ -125,7 +126,7 @@ def check_site(site_dir: Path | str, cfg: ExperimentConfig | None = None, *, exp
         agg.pop("genomics_stats", None)  # aggregate, but long; the preflight sends it, the check need not
         summary = agg
         summary["slides"] = {"listed": len(site.slide_status), "usable": sum(s.ok for s in site.slide_status)}
-        gt, ge = site.geneset.input_dims(site.genomics.policy)
+        gt, ge = site.geneset.input_dims(site.genomics_policy)
         if explicit_config and (gt, ge) != (model.genes_tumour, model.genes_micro):
             report.error(f"{site.layout.geneset}: the gene set gives vectors of {gt} (tumour) and {ge} (micro) "
                          f"values, but the config has model.genes_tumour={model.genes_tumour} and "
@@ -149,11 +150,12 @@ def check_site(site_dir: Path | str, cfg: ExperimentConfig | None = None, *, exp
         for s in ("val", "test"):
             if summary["splits"][s]["patients"] == 0:
                 report.warn(f"{s} split is empty")
-        const = int(site.genomics_stats("train").degenerate().sum())
-        if const:
-            report.note(f"{const} genomic feature(s) are constant (or unobserved) in the training split; they "
-                        "standardise to 0")
-        _survival_leakage(site, report)
+        if site.genomics is not None:
+            const = int(site.genomics_stats("train").degenerate().sum())
+            if const:
+                report.note(f"{const} genomic feature(s) are constant (or unobserved) in the training split; they "
+                            "standardise to 0")
+            _survival_leakage(site, report)
     _label_features(site_dir, data, report)
     return {"site": str(site_dir), "ok": report.ok, "errors": report.errors, "warnings": report.warnings,
             "notes": report.notes, "summary": summary}
@@ -181,6 +183,8 @@ def _print_result(res: dict[str, Any]) -> None:
                  if s["excluded"] else ""))
         print(f"  slides     {s['slides']['usable']} of {s['slides']['listed']} usable"
               + (f"; encoder {sch['encoder']!r}, feature_dim {sch['feature_dim']}" if "encoder" in sch else ""))
+        if list(sch.get("modalities", [])) != ["histology", "genomics"]:
+            print(f"  modalities {', '.join(sch['modalities'])} only (declared in manifest.json)")
         print(f"  genomics   vectors of {sch['genes_tumour']} (tumour) + {sch['genes_micro']} (micro); policy "
               f"{sch['genomics_policy']}; gene set sha256 {sch['gene_set'][:16]}")
         print(f"  splits     {s['split_source']}")
@@ -194,8 +198,28 @@ def _print_result(res: dict[str, Any]) -> None:
     print(f"FAILED: {n_e} error(s), {n_w} warning(s)" if n_e else f"OK ({n_w} warning(s))")
 
 
+def _declare(site_dir: Path, modalities: list[str]) -> int:
+    """``smm site modalities``: record the declaration in the site's manifest."""
+    from client.site.folder import Manifest, SiteLayout
+
+    layout = SiteLayout(site_dir)
+    if not layout.clinical.is_file():
+        print(f"smm site modalities: {layout.clinical} not found (not a site folder)", file=sys.stderr)
+        return 2
+    try:
+        manifest = Manifest.load(layout.manifest)
+        manifest.declare_modalities(modalities)
+    except ValueError as e:
+        print(f"smm site modalities: {e}", file=sys.stderr)
+        return 2
+    manifest.save()
+    print(f"{layout.manifest}: modalities {', '.join(manifest.modalities)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``smm site check SITE_DIR [--config FILE] [--set key=value ...] [--json] [--no-checksums]``."""
+    """``smm site check SITE_DIR [--config FILE] [--set key=value ...] [--json] [--no-checksums]`` and
+    ``smm site modalities SITE_DIR MODALITY...``."""
     ap = argparse.ArgumentParser(prog="smm site", description="Site folder tools.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chk = sub.add_parser("check", help="validate a site folder end to end and print a summary",
@@ -209,7 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--json", action="store_true", help="print the result as JSON")
     chk.add_argument("--no-checksums", action="store_true",
                      help="skip comparing feature files' sha256 with the manifest (faster)")
+    mod = sub.add_parser("modalities", help="declare which modalities the site holds (manifest.json)",
+                         description="Declare the modalities a site holds, e.g. 'genomics' for a site without "
+                                     "slides. Without a declaration a site holds both, and missing slides or "
+                                     "feature files are errors. Run 'smm site check' afterwards.")
+    mod.add_argument("site_dir", type=Path, metavar="SITE_DIR")
+    mod.add_argument("modalities", nargs="+", choices=MODALITIES, metavar="MODALITY",
+                     help=f"one or more of {', '.join(MODALITIES)}")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "modalities":
+        return _declare(args.site_dir, args.modalities)
     try:
         text = args.config.read_text() if args.config else ""
         cfg = ExperimentConfig.from_yaml_text(text, args.overrides, source=str(args.config or "<defaults>"))

@@ -16,8 +16,8 @@ def collate_patients(items: Sequence[Mapping[str, Any]]) -> Batch:
     """Pad each bag to the longest in the batch and stack everything else.
 
     An item holds ``patches`` (N_i, D), ``genes_tumour`` (Gt,), ``genes_micro`` (Ge,), optional
-    ``coords`` (N_i, 2) and ``patch_step`` (scalar), and ``labels`` / ``label_mask`` mappings of
-    scalars. Padding is zeros with ``patch_mask`` False, so no model ever reads it as tissue.
+    ``coords`` (N_i, 2) and ``patch_step`` (scalar), ``labels`` / ``label_mask`` mappings of
+    scalars, and optional ``has_patches`` / ``has_genes`` (False: a placeholder the models skip). Padding is zeros with ``patch_mask`` False, so no model ever reads it as tissue.
     """
     if not items:
         raise ValueError("collate_patients: empty batch")
@@ -51,4 +51,12 @@ def collate_patients(items: Sequence[Mapping[str, Any]]) -> Batch:
                   for key in items[0].get("label_mask", {})}
     return Batch(patches=patches, patch_mask=mask, genes_tumour=stack("genes_tumour"),
                  genes_micro=stack("genes_micro"), coords=coords, patch_step=patch_step,
-                 labels=labels, label_mask=label_mask)
+                 labels=labels, label_mask=label_mask, has_patches=_flags(items, "has_patches"),
+                 has_genes=_flags(items, "has_genes"))
+
+
+def _flags(items: Sequence[Mapping[str, Any]], key: str) -> torch.Tensor | None:
+    """(B,) bool of an optional per-item modality flag (absent = True); None when every item has the
+    modality, so a full batch is the batch it always was."""
+    flags = [bool(it.get(key, True)) for it in items]
+    return None if all(flags) else torch.tensor(flags, dtype=torch.bool)

@@ -55,6 +55,7 @@ from smm_model.contract.atomic import sha256_file
 from client.site.splits import Splits, make_splits
 from client.site.validation import Report, SiteDataError, preview
 from smm_model.config import DataConfig
+from smm_model.contract.sites import MODALITIES
 
 __all__ = ["GENOMICS_NAMES", "find_genomics_file", "SlideStatus", "read_slides", "check_slides",
            "slide_patch_step", "concat_slide_coords", "sample_indices", "SiteData", "SiteDataset",
@@ -106,7 +107,8 @@ def read_slides(path: Path, patients: Sequence[str] | None) -> tuple[list[tuple[
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        raise SiteDataError(f"{path}: slide table not found (expected columns slide_id, patient_id)") from None
+        raise SiteDataError(f"{path}: slide table not found (expected columns slide_id, patient_id; a site without "
+                            "slides declares it: smm site modalities SITE_DIR genomics)") from None
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise SiteDataError(f"{path}: not a readable CSV file ({e})") from None
     missing = [c for c in ("slide_id", "patient_id") if c not in df.columns]
@@ -307,13 +309,15 @@ class SiteData:
     ``excluded`` maps a patient to the reason it cannot be used (histology runs: no usable
     feature file); splits are drawn over ALL clinical patients, so they are the same for a
     genomics-only and a histology run, and excluded patients simply drop out of their split.
+    ``modalities``: what the site holds (its manifest's declaration); ``require_features``: whether
+    feature files were read (False for a genomics-only model, or a site without slides).
     """
 
     layout: SiteLayout
     config: DataConfig
     clinical: ClinicalLabels
     geneset: GeneSet
-    genomics: GenomicsData
+    genomics: GenomicsData | None  # None: a site without genomics (its gene set sizes placeholder vectors)
     splits: Splits
     slides: dict[str, tuple[str, ...]]
     slide_status: list[SlideStatus]
@@ -321,6 +325,7 @@ class SiteData:
     excluded: dict[str, str]
     require_features: bool
     report: Report = field(default_factory=Report)
+    modalities: tuple[str, ...] = MODALITIES
 
     @classmethod
     def load(cls, root: Path | str, config: DataConfig | None = None, *, require_features: bool = True,
@@ -346,7 +351,14 @@ class SiteData:
 
     def genomics_stats(self, split: str = "train") -> GenomicsStats:
         """Genomic statistics over a split's usable patients (training: the standardisation)."""
+        if self.genomics is None:
+            raise SiteDataError(f"{self.layout.root}: the site declares no genomics, so it has no genomic statistics")
         return self.genomics.stats(self.patients(split))
+
+    @property
+    def genomics_policy(self) -> str:
+        """How missing genomic values are handled: the table's, else the run's setting."""
+        return self.genomics.policy if self.genomics is not None else self.config.genomics_policy
 
     def survival_bin_edges(self, n_bins: int, split: str = "train") -> np.ndarray:
         """Inner survival bin edges from a split's survival-labelled patients (client.cohorts.synthetic)."""
@@ -359,17 +371,20 @@ class SiteData:
 
     def dataset(self, split: str, *, stats: GenomicsStats | None = None, bin_edges: np.ndarray | None = None,
                 n_bins: int = 4, grid_size: int | None = None, epoch: int = 0,
-                patch_norm: tuple[np.ndarray, np.ndarray] | None = None) -> "SiteDataset":
+                patch_norm: tuple[np.ndarray, np.ndarray] | None = None,
+                placeholder_dim: int | None = None) -> "SiteDataset":
         """Items of one split. ``stats``/``bin_edges`` default to this site's training split (a local
         run); a federation hands in shared ones. Pass ``grid_size=model.grid_size`` for the spatial
         layout, so that slides of one patient never share a token (``concat_slide_coords``).
-        ``patch_norm``: (mean, std) per feature dimension applied to every patch (None: raw)."""
-        stats = stats if stats is not None else self.genomics_stats("train")
+        ``patch_norm``: (mean, std) per feature dimension applied to every patch (None: raw).
+        ``placeholder_dim``: the width of the placeholder bags of a site without slides (the
+        model's feature width, so they stack with other sites' bags in a pooled batch)."""
+        stats = stats if stats is not None or self.genomics is None else self.genomics_stats("train")
         if bin_edges is None:
             bin_edges = self.survival_bin_edges(n_bins) if self.clinical.survival_known.any() else \
                 np.zeros(n_bins - 1)
         return SiteDataset(self, self.patients(split), stats=stats, bin_edges=bin_edges, grid_size=grid_size,
-                           epoch=epoch, patch_norm=patch_norm)
+                           epoch=epoch, patch_norm=patch_norm, placeholder_dim=placeholder_dim)
 
     def patch_sums(self, split: str = "train") -> dict[str, Any]:
         """{"n", "sum", "sum_sq"} (float64 sums per feature dimension) over every patch of every usable
@@ -392,9 +407,9 @@ class SiteData:
             "excluded": dict(Counter(self.excluded.values())),
             "split_source": self.splits.source,
             "schema": {**self.feature_schema, "gene_set": self.geneset.digest,
-                       "genes_tumour": self.geneset.input_dims(self.genomics.policy)[0],
-                       "genes_micro": self.geneset.input_dims(self.genomics.policy)[1],
-                       "genomics_policy": self.genomics.policy},
+                       "genes_tumour": self.geneset.input_dims(self.genomics_policy)[0],
+                       "genes_micro": self.geneset.input_dims(self.genomics_policy)[1],
+                       "genomics_policy": self.genomics_policy, "modalities": list(self.modalities)},
             "splits": {},
         }
         for s in SPLITS:
@@ -410,9 +425,28 @@ class SiteData:
                 "survival_labelled": int(known.sum()),
                 "events": int(np.nansum(self.clinical.event[pos][known])),
             }
-        if self.patients("train"):
+        if self.patients("train") and self.genomics is not None:
             out["genomics_stats"] = self.genomics_stats("train").to_dict()
         return out
+
+
+def _check_no_slides(layout: SiteLayout, modalities: Sequence[str], report: Report) -> None:
+    """A site that declares it has no slides must hold none: slides.csv absent or without rows (an
+    error otherwise, since the declaration and the folder disagree); feature files are ignored
+    (a warning)."""
+    if layout.slides.is_file():
+        try:
+            rows, _ = read_slides(layout.slides, None)
+        except SiteDataError as e:
+            report.absorb(e)
+            return
+        if rows:
+            report.error(f"{layout.slides}: lists {len(rows)} slide(s), but {layout.manifest.name} declares the "
+                         f"site's modalities as {list(modalities)} (no histology); remove the slides or add "
+                         "'histology' to the declaration")
+    n_files = len(list(layout.features_dir.glob("*.h5"))) if layout.features_dir.is_dir() else 0
+    if n_files:
+        report.warn(f"{layout.features_dir}: {n_files} feature file(s) ignored: the site declares no histology")
 
 
 def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_features: bool = True,
@@ -421,8 +455,9 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
                  slide_problems: str = "error") -> tuple[SiteData | None, Report]:
     """Validate a site folder end to end, collecting every problem instead of stopping at the first.
 
-    Stages: clinical labels -> gene set -> genomics (aligned to the clinical patients) -> slides.csv,
-    manifest and feature files (when ``require_features``) -> splits. A stage whose input failed is
+    Stages: the manifest's modality declaration -> clinical labels -> gene set -> genomics (aligned
+    to the clinical patients) -> slides.csv, manifest and feature files (when ``require_features``
+    and the site declares histology; a site declaring none must list no slide) -> splits. A stage whose input failed is
     skipped, the others still run. Returns the SiteData (None when an error prevents building it)
     and the report. ``slide_problems``: "error" (site check: an unusable slide that the manifest does
     not explain is an error) or "warn" (training: exclude it and say so).
@@ -438,6 +473,14 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
 
     clinical = geneset = genomics = splits = None
     try:
+        modalities = Manifest.load(layout.manifest).modalities
+    except ValueError as e:  # not JSON, another manifest version, or a bad declaration
+        report.error(str(e))
+        modalities = MODALITIES
+    has_slides, has_genomics = "histology" in modalities, "genomics" in modalities
+    if not has_slides:
+        require_features = False  # a site without slides opens no feature file, whatever the model
+    try:
         clinical = read_clinical(layout.clinical, patient_column=patient_column)
         report.extend(clinical.report)
     except SiteDataError as e:
@@ -446,7 +489,14 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
         geneset = read_geneset(layout.geneset)
     except SiteDataError as e:
         report.absorb(e)
-    if geneset is not None:
+    if not has_genomics:
+        # The gene set (the federation's, not patient data) still sizes the placeholder gene vectors.
+        tables = [n for n in GENOMICS_NAMES if (layout.root / n).is_file()]
+        if tables:
+            report.error(f"{layout.root / tables[0]}: a genomic table, but {layout.manifest.name} declares the site's "
+                         f"modalities as {list(modalities)} (no genomics); remove it or add 'genomics' to the "
+                         "declaration")
+    elif geneset is not None:
         try:
             path = find_genomics_file(layout)
             genomics = load_genomics(path, geneset, clinical.patients if clinical is not None else None,
@@ -460,7 +510,9 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
     statuses: list[SlideStatus] = []
     schema: dict[str, Any] = {}
     excluded: dict[str, str] = {}
-    if require_features or layout.slides.is_file():
+    if not has_slides:
+        _check_no_slides(layout, modalities, report)
+    elif require_features or layout.slides.is_file():
         try:  # runs even when clinical.csv failed, so one run reports the feature files too
             rows, r = read_slides(layout.slides, clinical.patients if clinical is not None else None)
             report.extend(r)
@@ -504,11 +556,12 @@ def inspect_site(root: Path | str, config: DataConfig | None = None, *, require_
                                  seed=cfg.split_seed, fold=fold, k=k)
         except (SiteDataError, ValueError) as e:
             report.absorb(e if isinstance(e, SiteDataError) else SiteDataError(str(e)))
-    if clinical is None or geneset is None or genomics is None or splits is None or report.errors:
+    if clinical is None or geneset is None or (genomics is None and has_genomics) or splits is None or report.errors:
         return None, report
     site = SiteData(layout=layout, config=cfg, clinical=clinical, geneset=geneset, genomics=genomics,
                     splits=splits, slides={p: tuple(v) for p, v in slides.items()}, slide_status=statuses,
-                    feature_schema=schema, excluded=excluded, require_features=require_features, report=report)
+                    feature_schema=schema, excluded=excluded, require_features=require_features, report=report,
+                    modalities=modalities)
     if not site.patients("train"):
         report.error(f"{layout.clinical}: no usable training patient (after exclusions)")
         return None, report
@@ -523,15 +576,17 @@ class SiteDataset(torch.utils.data.Dataset):
 
     Gene vectors and labels are computed once here (small); patch features are read from the
     feature files on each ``__getitem__`` (large), so a DataLoader's workers share no big arrays.
-    Genomics-only sites (``require_features=False``) get a one-patch zero placeholder bag, which
-    the genomics-only model never reads.
+    Genomics-only runs and sites without slides (``require_features=False``) get a one-patch zero
+    placeholder bag and ``has_patches`` False, so no model reads it; sites without genomics get zero
+    gene vectors (sized by the gene set) and ``has_genes`` False.
     """
 
     def __init__(self, site: SiteData, patients: Sequence[str], *, stats: GenomicsStats, bin_edges: np.ndarray,
                  grid_size: int | None = None, epoch: int = 0,
-                 patch_norm: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 patch_norm: tuple[np.ndarray, np.ndarray] | None = None, placeholder_dim: int | None = None) -> None:
         self.site = site
         self.patch_norm = patch_norm
+        self.placeholder_dim = placeholder_dim
         self.patient_ids = tuple(patients)
         bad = [p for p in self.patient_ids if p in site.excluded]
         if bad:
@@ -543,7 +598,12 @@ class SiteDataset(torch.utils.data.Dataset):
         cfg = site.config
         self.max_patches, self.seed = cfg.max_patches, cfg.split_seed
         self._pos = site.clinical.positions(self.patient_ids)
-        self._tumour, self._micro = site.genomics.encode(self.patient_ids, stats, clip=cfg.clip)
+        if site.genomics is not None:
+            self._tumour, self._micro = site.genomics.encode(self.patient_ids, stats, clip=cfg.clip)
+        else:  # placeholder gene vectors (has_genes False: no model reads them)
+            gt, ge = site.geneset.input_dims(site.genomics_policy)
+            self._tumour = np.zeros((len(self.patient_ids), gt), np.float32)
+            self._micro = np.zeros((len(self.patient_ids), ge), np.float32)
         c = site.clinical
         self._bins = assign_bins(np.nan_to_num(c.survival_time, nan=0.0), self.bin_edges)
 
@@ -568,7 +628,7 @@ class SiteDataset(torch.utils.data.Dataset):
         """(patches (N, D) float32, coords (N, 2) float32, patch_step) of item ``i``."""
         site, pid = self.site, self.patient_ids[i]
         if not site.require_features:
-            dim = int(site.feature_schema.get("feature_dim", 1))
+            dim = self.placeholder_dim or int(site.feature_schema.get("feature_dim", 1))
             return np.zeros((1, dim), np.float32), np.zeros((1, 2), np.float32), 1.0
         feats, coords, steps = [], [], []
         for sid in site.slides[pid]:
@@ -593,4 +653,5 @@ class SiteDataset(torch.utils.data.Dataset):
         labels, mask = self.labels(i)
         return {"patient_id": self.patient_ids[i], "patches": patches, "coords": coords, "patch_step": step,
                 "genes_tumour": self._tumour[i], "genes_micro": self._micro[i], "labels": labels,
-                "label_mask": mask}
+                "label_mask": mask, "has_patches": self.site.require_features,
+                "has_genes": self.site.genomics is not None}

@@ -10,7 +10,14 @@ This is the contract between a hospital's data and everything that reads it (arc
       geneset.csv          feature, subspace (tumour | micro): which genomic feature feeds which subspace
       features/<slide>.h5  datasets features (N, D) float32 and coords (N, 2) int64 level-0 (x, y);
                            attrs encoder, weights_sha256, feature_dim, patch_size, mpp, level (CLAM-style)
-      manifest.json        per-slide extraction state and checksums, and the site schema
+      manifest.json        per-slide extraction state and checksums, the site schema, and the
+                           modalities the site holds (absent: both)
+
+A site that lacks a modality says so in its manifest, ``"modalities": ["genomics"]`` (no slides:
+slides.csv absent or without rows, features/ empty) or ``["histology"]`` (no genomic table; the
+federation's geneset.csv stays, it sizes the placeholder gene vectors), e.g.
+with ``smm site modalities SITE_DIR genomics``. The declaration is what makes a missing modality
+deliberate: a folder that declares both and lacks slides or feature files stays an error.
 
 Every write goes to a temporary file in the same folder and is then renamed over the target, so a
 crash never leaves a half-written file under the final name.
@@ -27,14 +34,16 @@ from typing import Any
 import numpy as np
 
 from smm_model.contract.atomic import atomic_path, atomic_write_text, sha256_file
-from smm_model.contract.sites import CLINICAL_FILE
+from smm_model.contract.sites import CLINICAL_FILE, MODALITIES
 
 __all__ = ["SiteLayout", "write_features",
-           "read_features", "FeatureFileError", "Manifest", "MANIFEST_VERSION", "SUBSPACES"]
+           "read_features", "FeatureFileError", "Manifest", "MANIFEST_VERSION", "SUBSPACES", "MODALITIES_KEY"]
 
 MANIFEST_VERSION = 1
 #: Names of the two genomic subspaces in geneset.csv.
 SUBSPACES = ("tumour", "micro")
+#: Manifest key of the modalities a site holds (``MODALITIES``; absent: all of them).
+MODALITIES_KEY = "modalities"
 #: Attributes every feature file carries.
 FEATURE_ATTRS = ("encoder", "weights_sha256", "feature_dim", "patch_size", "mpp", "level")
 
@@ -192,6 +201,28 @@ class Manifest:
     @property
     def slides(self) -> dict[str, dict]:
         return self.data["slides"]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities the site declares it holds, in ``MODALITIES`` order (undeclared: all).
+
+        Raises ValueError naming the file and the field when the declaration is not a non-empty
+        list of known modalities."""
+        raw = self.data.get(MODALITIES_KEY)
+        if raw is None:
+            return MODALITIES
+        if not isinstance(raw, list) or not raw or not all(isinstance(m, str) for m in raw) \
+                or not set(raw) <= set(MODALITIES) or len(set(raw)) != len(raw):
+            raise ValueError(f"{self.path}: field {MODALITIES_KEY!r} is {raw!r}; expected a non-empty list of "
+                             f"distinct modalities from {list(MODALITIES)}")
+        return tuple(m for m in MODALITIES if m in raw)
+
+    def declare_modalities(self, modalities: list[str] | tuple[str, ...]) -> None:
+        """Record the modalities the site holds (all of them removes the declaration); ``save`` writes it."""
+        self.data[MODALITIES_KEY] = list(modalities)
+        self.modalities  # validates
+        if set(modalities) == set(MODALITIES):
+            del self.data[MODALITIES_KEY]
 
     def record(self, slide_id: str, status: str, reason: str | None = None, **extra: Any) -> dict:
         """Set a slide's state; ``running`` counts an attempt."""

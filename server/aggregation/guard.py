@@ -27,9 +27,9 @@ from smm_model.metrics.federated import SCORE_BINS
 from smm_model.contract.protocol import EvalStats
 
 from server.federation.messages import Reply
-from smm_model.contract.wire import NUM_EXAMPLES
+from smm_model.contract.wire import NUM_EXAMPLES, TRAINED, TRAINED_TENSORS
 
-__all__ = ["TRAIN_METRIC_KEY", "guard_replies", "clean_train_metrics", "update_norms", "control_norms", "flag_outliers",
+__all__ = ["TRAIN_METRIC_KEY", "guard_replies", "trained_names", "clean_train_metrics", "update_norms", "control_norms", "flag_outliers",
            "guard_eval_replies"]
 
 log = logging.getLogger("fedsmm.server.guard")
@@ -78,6 +78,25 @@ def _check_arrays(arrays: Mapping[str, Any], reference: Mapping[str, np.ndarray]
     return None
 
 
+def trained_names(reply: Reply) -> set[str] | None:
+    """The weight names a reply says its site trained (``wire.TRAINED``), or None: all of them."""
+    rec = reply.records.get(TRAINED)
+    return None if rec is None else set(rec.get(TRAINED_TENSORS) or ())
+
+
+def _check_trained(reply: Reply, reference: Mapping[str, np.ndarray]) -> str | None:
+    """``E_TRAINED_KEYS`` when a reply's list of trained weights is not a non-empty list of distinct
+    names of the global model, else None (no list: the site trained everything)."""
+    rec = reply.records.get(TRAINED)
+    if rec is None:
+        return None
+    names = rec.get(TRAINED_TENSORS)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names) \
+            or len(set(names)) != len(names) or not set(names) <= set(reference):
+        return "E_TRAINED_KEYS"
+    return None
+
+
 def guard_replies(replies: Sequence[Reply], reference_arrays: Mapping[str, np.ndarray], cfg: FederationConfig,
                   control_reference: Mapping[str, np.ndarray] | None = None
                   ) -> tuple[list[Reply], list[tuple[int, str]]]:
@@ -90,7 +109,9 @@ def guard_replies(replies: Sequence[Reply], reference_arrays: Mapping[str, np.nd
     global arrays (``E_ARRAY_KEYS``, ``E_ARRAY_TYPE``, ``E_ARRAY_SHAPE``, ``E_ARRAY_DTYPE``), or
     non-finite values (``E_NONFINITE``). With ``control_reference`` (SCAFFOLD) a reply must also
     carry a control variate of the same keys, shapes and dtypes, finite (``E_MISSING_CONTROL``,
-    ``E_CONTROL_`` + the array code).
+    ``E_CONTROL_`` + the array code). A site lacking a modality lists the weights it trained
+    (``wire.TRAINED``); a list that is empty or names a weight the model does not have is
+    ``E_TRAINED_KEYS``.
 
     Kept replies are copies whose metrics are whitelisted (``TRAIN_METRIC_KEY``) and whose
     ``num-examples`` is clamped to ``[1, cfg.max_examples_per_site]``, so no site can claim zero
@@ -116,6 +137,8 @@ def guard_replies(replies: Sequence[Reply], reference_arrays: Mapping[str, np.nd
             code = "E_BAD_NUM_EXAMPLES"
         else:
             code = _check_arrays(r.arrays, reference_arrays)
+        if code is None:
+            code = _check_trained(r, reference_arrays)
         if code is None and control_reference is not None:
             if r.control is None:
                 code = "E_MISSING_CONTROL"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -51,6 +51,24 @@ class ServerOptimizer(ABC):
     @abstractmethod
     def step(self, server_round: int, current: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray]) -> Arrays:
         """The new global arrays (same keys as ``current``); updates the optimiser's moments."""
+
+    def step_frozen(self, server_round: int, current: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray],
+                    frozen: Sequence[str] = ()) -> Arrays:
+        """``step`` for every weight except those in ``frozen`` (no site trained them this round):
+        they keep their current value and their moments, as if the round had not happened for
+        them. Without it, FedAvgM's momentum (and FedOpt's first moment) would keep moving a weight
+        nobody trained, and its moments would decay towards a zero pseudo-gradient."""
+        if not frozen:
+            return self.step(server_round, current, mean)
+        before = {k: copy.deepcopy(getattr(self, k)) for k in self.state_keys}
+        new = self.step(server_round, current, mean)
+        for attr in self.state_keys:
+            old, moments = before[attr], getattr(self, attr)
+            if isinstance(moments, dict):
+                for k in frozen:  # a weight with no moment yet gets a zero one (no step taken)
+                    moments[k] = (np.array(old[k], copy=True) if isinstance(old, dict) and k in old
+                                  else np.zeros_like(np.asarray(current[k], dtype=moments[k].dtype)))
+        return {k: (np.array(current[k], copy=True) if k in frozen else v) for k, v in new.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The moments, copied (a later round cannot alter a captured state)."""

@@ -12,6 +12,13 @@ waiting and evaluation (Flower's ``Strategy.start`` waits for nodes forever and 
 reply end the run), and only borrows the aggregation. Nothing here reads or writes a Flower
 strategy's attributes beyond its constructor arguments.
 
+A site lacking a modality trains part of the model and lists what it trained (``wire.TRAINED``):
+each weight is then averaged over the sites that trained it (``_aggregate_partial``: Flower's
+``aggregate_train`` per group of weights with the same sites), a weight trained by fewer than
+``federation.min_nodes`` sites keeps its value, and the server optimiser leaves such a weight and
+its moments alone (``ServerOptimizer.step_frozen``). Only the weighted-mean rules can do that; the
+preflight refuses partial sites for the others (``smm_model.contract.protocol.check_schemas``).
+
 This module and ``server.app`` are the only server modules that import ``flwr``.
 """
 
@@ -31,7 +38,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, K
 from smm_model.config import ConfigError, FederationConfig, TrainConfig
 
 from server.aggregation.central_dp import CentralDP
-from server.aggregation.guard import control_norms, flag_outliers, guard_replies, update_norms
+from server.aggregation.guard import control_norms, flag_outliers, guard_replies, trained_names, update_norms
 from server.aggregation.server_opt import ServerOptimizer, build_server_optimizer
 from server.federation.messages import Reply
 from smm_model.contract.wire import ARRAYS, METRICS, NUM_EXAMPLES
@@ -190,6 +197,8 @@ class AggregateOutcome:
     central_dp: dict[str, Any] | None = None  # privacy.central_dp: what the clip-and-noise step did
     site_metrics: dict[int, dict[str, int | float]] = field(default_factory=dict)
     skip_reason: str | None = None
+    frozen: list[str] = field(default_factory=list)  # weights no (or too few) site trained: kept as they were
+    partial: list[int] = field(default_factory=list)  # kept replies that trained part of the model (wire.TRAINED)
 
 
 def _reply_message(reply: Reply, metric_keys: Sequence[str], server_round: int, order: Sequence[str]) -> Message:
@@ -278,15 +287,29 @@ class GuardedStrategy:
         averaging, server_opt = self.strategy.averaging, self.strategy.server_opt
         snapshot = strategy_state(self.strategy)
         central_history = None if self.central is None else list(self.central.history)
+        trained = {int(r.node_id): trained_names(r) for r in kept}
+        out.partial = sorted(n for n, t in trained.items() if t is not None)
+        partial = bool(out.partial)
+        if partial and not self.averages_partial():
+            out.skip_reason = "E_PARTIAL_UNSUPPORTED"
+            log.error("round %d skipped: a site trained part of the model, and %s cannot average each weight over "
+                      "the sites that trained it (the preflight refuses such sites; see smm_model.contract.sites)",
+                      server_round, self.strategy.name)
+            return out
+        frozen: list[str] = []
         try:
-            arrays, metrics = averaging.aggregate_train(server_round, messages)
+            if partial:
+                arrays, metrics, frozen = self._aggregate_partial(server_round, kept, keys, global_arrays, trained)
+            else:
+                arrays, metrics = averaging.aggregate_train(server_round, messages)
+            out.frozen = list(frozen)
             mean = None if arrays is None else self._as_global(arrays, global_arrays, cast=server_opt is None)
             if mean is not None and self.central is not None:
                 # The example-weighted mean is replaced by the clipped, noised, site-weighted one.
                 noised, out.central_dp = self.central.release([r.arrays for r in kept], global_arrays)  # type: ignore[misc]
                 mean = self._checked(noised, global_arrays) if server_opt is None else noised
             new = mean if server_opt is None or mean is None else self._checked(
-                server_opt.step(server_round, global_arrays, mean), global_arrays)
+                server_opt.step_frozen(server_round, global_arrays, mean, frozen), global_arrays)
         except Exception as e:  # Flower's AggregationError, InconsistentMessageReplies, numeric errors
             restore_strategy_state(self.strategy, snapshot)
             if self.central is not None and central_history is not None:
@@ -315,6 +338,51 @@ class GuardedStrategy:
         out.metrics = {k: float(v) for k, v in (metrics or {}).items()
                        if not isinstance(v, list) and math.isfinite(float(v))}
         return out
+
+    def averages_partial(self) -> bool:
+        """Whether this aggregation can average each weight over the sites that trained it: a
+        weighted mean (FedAvg, FedProx) and the server optimisers stepping along it, without
+        SCAFFOLD's control variates or central DP's whole-update clipping
+        (``smm_model.contract.sites.PARTIAL_STRATEGIES``; the preflight refuses the others)."""
+        return (type(self.strategy.averaging) in (FedAvg, FedProx) and self.control is None
+                and self.central is None)
+
+    def _aggregate_partial(self, server_round: int, kept: Sequence[Reply], metric_keys: Sequence[str],
+                           global_arrays: Mapping[str, np.ndarray], trained: Mapping[int, set[str] | None]
+                           ) -> tuple[ArrayRecord | None, Any, list[str]]:
+        """Each weight averaged over the sites that trained it, weighted by their example counts.
+
+        Weights are grouped by the set of sites that trained them (a few groups: those every site
+        trains, those only the sites with slides train...) and each group goes through the Flower
+        strategy's ``aggregate_train`` with those sites' replies only. A weight trained by fewer
+        than ``federation.min_nodes`` sites keeps its current value (``frozen``): averaging it over
+        fewer would expose those sites' updates, the reason whole rounds need ``min_nodes`` replies.
+        Returns (the mean as an ArrayRecord in the global order, the metrics of the largest group,
+        the frozen names).
+        """
+        by_node = {int(r.node_id): r for r in kept}
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for name in global_arrays:
+            sites = tuple(n for n in by_node if trained[n] is None or name in trained[n])  # type: ignore[operator]
+            groups.setdefault(sites, []).append(name)
+        mean: dict[str, np.ndarray] = {}
+        frozen: list[str] = []
+        metrics, largest = None, 0
+        for sites, names in groups.items():
+            if len(sites) < self.cfg.min_nodes:
+                frozen.extend(names)
+                mean.update({k: np.array(global_arrays[k], copy=True) for k in names})
+                log.warning("round %d: %d weight tensor(s) trained by %d site(s), fewer than federation.min_nodes %d; "
+                            "they keep their value", server_round, len(names), len(sites), self.cfg.min_nodes)
+                continue
+            messages = [_reply_message(by_node[n], metric_keys, server_round, names) for n in sites]
+            arrays, m = self.strategy.averaging.aggregate_train(server_round, messages)
+            if arrays is None:
+                return None, None, frozen
+            mean.update({k: arrays[k].numpy() for k in names})
+            if len(sites) > largest:
+                metrics, largest = m, len(sites)
+        return ArrayRecord({k: Array(np.ascontiguousarray(mean[k])) for k in global_arrays}), metrics, frozen
 
     def _per_round_settings(self, n_kept: int, server_round: int) -> None:
         """Settings that depend on how many replies survived this round."""

@@ -50,7 +50,7 @@ from server.runs.checkpoint import (CHECKPOINT_DIR, INDEX_FILE, ServerState, cap
 from server.runs.runlog import RunLog
 from smm_model.config import TASK_CLASSES, ConfigError, ExperimentConfig, to_dict
 from smm_model.contract.protocol import (HISTOLOGY_FIELDS, PROTOCOL_VERSION, SCHEMA_FIELDS, SURVIVAL_HIST_EDGES,
-                                         EvalStats, SchemaMismatch, SharedStats, SiteSummary, check_schemas,
+                                         EvalStats, SchemaMismatch, SharedStats, SiteSummary, check_schemas, site_modalities,
                                          derive_shared, evaluation_round, metrics_from_eval, round_lr,
                                          selection_value)
 from smm_model.contract.protocol import config_text as resolved_config_text
@@ -255,7 +255,7 @@ def compare_with_reference(nid: int, s: SiteSummary, ref_nid: int, ref: SiteSumm
         check_schemas({str(ref_nid): ref, str(nid): s}, cfg)
     except SchemaMismatch as e:
         return str(e)[:500]
-    if _features(s) != _features(ref):
+    if "genomics" in site_modalities(s) and "genomics" in site_modalities(ref) and _features(s) != _features(ref):
         return (f"site {nid}: genomics features differ from site {ref_nid}'s ({len(_features(s))} vs "
                 f"{len(_features(ref))} features, or another order)")
     return None
@@ -269,7 +269,9 @@ def screen_sites(summaries: Mapping[int, SiteSummary], cfg: ExperimentConfig
     site is first checked against the config (``check_schemas``); among those that pass, the largest
     group agreeing on the cross-site fields (encoder, gene set, genomic feature list) is kept, ties
     going to the group of the smallest node id, and every other site is refused with a message
-    comparing it with the reference site (the group's smallest node id).
+    comparing it with the reference site (the group's smallest node id). The reference group is one
+    of sites holding every modality when there is one (a site declaring no histology has no encoder
+    to agree on, one declaring no genomics no genomic feature list).
     """
     refused: dict[int, str] = {}
     ok: dict[int, SiteSummary] = {}
@@ -286,7 +288,10 @@ def screen_sites(summaries: Mapping[int, SiteSummary], cfg: ExperimentConfig
         groups.setdefault(key, []).append(nid)
     if not groups:
         return {}, refused, None
-    ref = max(groups.values(), key=lambda ids: (len(ids), -ids[0]))[0]
+    # A site holding every modality carries the whole schema (encoder, feature width, genomic
+    # features), so the reference holds the most modalities there are: a site lacking one is then
+    # compared on what it has.
+    ref = max(groups.values(), key=lambda ids: (len(site_modalities(ok[ids[0]])), len(ids), -ids[0]))[0]
     accepted: dict[int, SiteSummary] = {}
     for nid in sorted(ok):
         why = compare_with_reference(nid, ok[nid], ref, ok[ref], cfg)
@@ -555,7 +560,10 @@ class FederationRun:
                       "norm_outliers": out.outliers,
                       **({"control_norms": {str(n): v for n, v in sorted(out.control_norms.items())},
                           "control_norm_outliers": out.control_outliers} if out.control_norms else {}),
-                      **({"central_dp": out.central_dp} if out.central_dp is not None else {})},
+                      **({"central_dp": out.central_dp} if out.central_dp is not None else {}),
+                      # sites lacking a modality (they trained part of the model) and the weights that
+                      # too few sites trained to be averaged (kept as they were)
+                      **({"partial_sites": out.partial, "frozen": out.frozen} if out.partial else {})},
             "val": None, **({"validation": "pending"} if pending else {}),
             "bytes": {"sent": sum(x.bytes_sent for x in replies), "received": sum(x.bytes_received for x in replies)},
             "selection": p.selection.record(None),

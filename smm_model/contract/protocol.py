@@ -33,10 +33,11 @@ from smm_model.config import TASK_CLASSES, TASKS, ConfigError, ExperimentConfig,
 from smm_model.metrics.federated import (SCORE_BINS, auc_from_histograms, c_index_from_counts, logrank_from_counts,
                         metrics_from_confusion)
 from smm_model.metrics.exact import MetricReport
+from smm_model.contract.sites import ARCH_MODALITIES, MODALITIES, PARTIAL_STRATEGIES
 from smm_model.contract.stats import GenomicsStats
 
 __all__ = ["config_text", "selection_lower_is_better", "round_lr", "PROTOCOL_VERSION", "SURVIVAL_HIST_EDGES", "KM_GRID_STEP_DAYS", "SiteSummary", "SharedStats", "merge_patch_stats",
-           "SchemaMismatch", "check_schemas", "derive_shared", "EvalStats", "metrics_from_eval"]
+           "SchemaMismatch", "check_schemas", "site_modalities", "derive_shared", "EvalStats", "metrics_from_eval"]
 
 PROTOCOL_VERSION = 2  # 2: SharedStats.class_counts, SCAFFOLD control records, local steps
 #: Fixed survival-time histogram edges (days) every site uses in its preflight summary, so the
@@ -169,6 +170,37 @@ class SiteSummary:
         return cls(**d)
 
 
+def site_modalities(s: SiteSummary) -> tuple[str, ...]:
+    """The modalities a site's summary declares (schema ``modalities``; absent: all of them)."""
+    raw = s.schema.get("modalities")
+    return MODALITIES if raw is None else tuple(raw) if isinstance(raw, list) else ()
+
+
+def _modality_problems(site: str, s: SiteSummary, cfg: ExperimentConfig) -> list[str]:
+    """Why a site's modalities keep it out of this run: unknown ones, none the model reads, or a
+    partial site (it trains only part of the model) in a run whose aggregation or privacy cannot
+    average each weight over the sites that trained it."""
+    have = site_modalities(s)
+    if not have or not set(have) <= set(MODALITIES):
+        return [f"site {site}: modalities is {s.schema.get('modalities')!r}, expected a non-empty list from "
+                f"{list(MODALITIES)}"]
+    reads = ARCH_MODALITIES[cfg.model.arch]
+    if not set(have) & set(reads):
+        return [f"site {site}: holds {' and '.join(have)} only, but model.arch {cfg.model.arch!r} reads "
+                f"{' and '.join(reads)}"]
+    if set(reads) <= set(have):
+        return []
+    what = f"site {site}: holds {' and '.join(have)} only, so it trains part of the {cfg.model.arch} model"
+    fed, pc = cfg.federation, cfg.privacy
+    if fed.strategy not in PARTIAL_STRATEGIES:
+        return [f"{what}, and federation.strategy {fed.strategy!r} cannot average each weight over the sites that "
+                f"trained it; use one of {list(PARTIAL_STRATEGIES)}"]
+    if pc.central_dp:
+        return [f"{what}, and privacy.central_dp clips and noises whole updates of every site; it is not "
+                "supported with sites that train part of the model"]
+    return []
+
+
 def check_schemas(summaries: Mapping[str, SiteSummary], cfg: ExperimentConfig) -> None:
     """Refuse sites whose schema differs from the run's or from the others', naming site and field,
     and sites whose genomic features measure a label fact (``smm_model.contract.label_facts``) unless the
@@ -178,20 +210,26 @@ def check_schemas(summaries: Mapping[str, SiteSummary], cfg: ExperimentConfig) -
     m = cfg.model
     expected = {"genes_tumour": m.genes_tumour, "genes_micro": m.genes_micro,
                 "genomics_policy": cfg.data.genomics_policy}
-    if m.arch != "snn":
-        expected["feature_dim"] = m.feature_dim
     problems = []
     for site, s in summaries.items():
-        for key, want in expected.items():
+        want_here = dict(expected)
+        if m.arch != "snn" and "histology" in site_modalities(s):
+            want_here["feature_dim"] = m.feature_dim
+        for key, want in want_here.items():
             got = s.schema.get(key)
             if got != want:
                 problems.append(f"site {site}: {key} is {got!r}, the run expects {want!r}")
+        problems.extend(_modality_problems(site, s, cfg))
     first = next(iter(summaries.items()), None)
     if first is not None:
         ref_site, ref = first
         for site, s in summaries.items():
+            # histology fields compare only between sites that both hold slides
+            no_slides = m.arch == "snn" or "histology" not in site_modalities(s) or \
+                "histology" not in site_modalities(ref)
             for key in SCHEMA_FIELDS:
-                if key in expected or (key in HISTOLOGY_FIELDS and m.arch == "snn"):
+                if key in expected or key == "feature_dim" and m.arch != "snn" or \
+                        (key in HISTOLOGY_FIELDS and no_slides):
                     continue
                 if s.schema.get(key) != ref.schema.get(key):
                     problems.append(f"site {site}: {key} is {s.schema.get(key)!r}, site {ref_site} has "

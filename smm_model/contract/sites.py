@@ -12,10 +12,19 @@ from pathlib import Path
 
 from smm_model.config import ConfigError, DataConfig
 
-__all__ = ["CLINICAL_FILE", "simulation_site_dirs"]
+__all__ = ["CLINICAL_FILE", "MODALITIES", "ARCH_MODALITIES", "PARTIAL_STRATEGIES", "simulation_site_dirs"]
 
 #: The file that makes a folder a site folder (its patients and labels; client/site/folder.py).
 CLINICAL_FILE = "clinical.csv"
+#: The data modalities a site may hold: slides (patch features) and genomic profiles. A site
+#: declares the ones it lacks in its manifest (``client.site.folder.Manifest.modalities``).
+MODALITIES = ("histology", "genomics")
+#: The modalities each ``model.arch`` reads. A site holding some but not all of them trains part of
+#: the model (``smm_model.nn.model.trained_parameters``); one holding none of them cannot take part.
+ARCH_MODALITIES = {"smm": MODALITIES, "concat": MODALITIES, "snn": ("genomics",), "abmil": ("histology",)}
+#: ``federation.strategy`` values that can average each weight over the sites that trained it
+#: (a weighted mean per weight, then the server optimiser): the ones a partial site may join.
+PARTIAL_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 
 
 def simulation_site_dirs(data: DataConfig) -> list[Path]:

@@ -17,6 +17,8 @@ message_type        config keys -> reply content
                     packed with) + MetricRecord ``"metrics"`` (``num-examples``, ``train-loss``,
                     ``steps``, ``seconds``, ``coord-<task>-{tumour,micro,conflicts}``)
                     [+ ConfigRecord ``"validation"``: the received weights' EvalStats on ``validate``]
+                    [+ ConfigRecord ``"trained"`` = {``tensors``: names}: a site lacking a modality
+                    lists the weights it trained; absent = all of them]
 ``evaluate``        ``experiment, shared, server-round, split, arrays-layout`` + arrays
                     -> MetricRecord ``"metrics"`` = ``EvalStats.to_record()``
 ==================  =======================================================================
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 __all__ = ["PREFLIGHT", "PREFLIGHT_HANDLER", "TRAIN", "EVALUATE", "ARRAYS", "CONTROL", "METRICS", "CONFIG", "SUMMARY",
            "DP_EPSILON", "DP_DELTA", "DP_SIGMA", "DP_CLIP", "DP_SAMPLE_RATE", "SUMMARY_JSON", "KEY_EXPERIMENT", "KEY_SHARED", "KEY_ROUND", "KEY_LR", "KEY_LOCAL_EPOCHS", "KEY_LOCAL_STEPS",
-           "KEY_PROXIMAL_MU", "KEY_SPLIT", "KEY_VALIDATE", "VALIDATION", "LAYOUT", "layout_key", "NUM_EXAMPLES", "TRAIN_LOSS", "STEPS", "SECONDS"]
+           "KEY_PROXIMAL_MU", "KEY_SPLIT", "KEY_VALIDATE", "VALIDATION", "LAYOUT", "TRAINED", "TRAINED_TENSORS", "layout_key", "NUM_EXAMPLES", "TRAIN_LOSS", "STEPS", "SECONDS"]
 
 # Message types (Flower's MessageType.QUERY is "query"; ".preflight" names our handler).
 PREFLIGHT_HANDLER = "preflight"
@@ -49,6 +51,12 @@ LAYOUT = "layout"  # a train reply's ConfigRecord: {record name: digest of the l
 #: A train reply's ConfigRecord when the message asked for KEY_VALIDATE: ``EvalStats.to_record()`` of
 #: the weights as received, on that split, computed before training (one message phase per round).
 VALIDATION = "validation"
+
+#: A train reply's ConfigRecord from a site lacking a modality: {TRAINED_TENSORS: the names of the
+#: weights it trained} (site-level: from its declared modalities and the architecture). The server
+#: averages each weight over the sites that trained it; without the record a site trained them all.
+TRAINED = "trained"
+TRAINED_TENSORS = "tensors"
 
 # Keys of the "config" ConfigRecord the server sends.
 KEY_EXPERIMENT = "experiment"  # resolved config YAML: smm_model.contract.protocol.config_text(cfg)

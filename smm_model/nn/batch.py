@@ -7,11 +7,15 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "LABEL_KEYS"]
+from smm_model.contract.sites import MODALITIES
+
+__all__ = ["Batch", "LABEL_KEYS", "MODALITY_FLAGS"]
 
 #: Label tensors a batch may carry. ``survival`` needs ``survival_bin`` (long, discrete-time bin),
 #: ``survival_time`` (float, days) and ``event`` (float, 1 = death observed, 0 = censored).
 LABEL_KEYS = ("diagnosis", "grade", "survival_bin", "survival_time", "event")
+#: Modality -> the Batch field flagging, per patient, that the patient holds it.
+MODALITY_FLAGS = dict(zip(MODALITIES, ("has_patches", "has_genes")))
 
 
 @dataclass
@@ -27,6 +31,14 @@ class Batch:
     labels        task-independent label tensors, keys from LABEL_KEYS, each (B,)
     label_mask    per task ("diagnosis", "grade", "survival"): (B,) bool, False = unknown label,
                   so that patient is left out of that task's loss and metrics only
+    has_patches   (B,) bool, False = this patient has no slide (its bag is a placeholder no model
+                  reads), or None: every patient has one
+    has_genes     (B,) bool, False = this patient has no genomic profile (its gene vectors are a
+                  placeholder no model reads), or None: every patient has one
+
+    Why per patient and not per batch: a site lacking a modality trains with every flag False, but
+    evaluation and pooled (centralized) batches may mix patients with and without it, and each
+    patient must then be predicted from what it has. None keeps full batches on the original path.
     """
 
     patches: Tensor
@@ -37,6 +49,8 @@ class Batch:
     patch_step: Tensor | None = None
     labels: dict[str, Tensor] = field(default_factory=dict)
     label_mask: dict[str, Tensor] = field(default_factory=dict)
+    has_patches: Tensor | None = None
+    has_genes: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -58,3 +72,13 @@ class Batch:
         if m is None:
             return torch.ones(self.size, dtype=torch.bool, device=self.patches.device)
         return m
+
+    def present(self, modality: str) -> Tensor | None:
+        """(B,) bool of the patients holding ``modality`` ("histology" or "genomics"), or None when
+        all of them do."""
+        if modality not in MODALITY_FLAGS:
+            raise ValueError(f"modality {modality!r}: expected one of {tuple(MODALITY_FLAGS)}")
+        flags = getattr(self, MODALITY_FLAGS[modality])
+        if flags is None or bool(flags.all()):
+            return None
+        return flags.to(torch.bool)

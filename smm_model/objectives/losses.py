@@ -110,8 +110,11 @@ def multitask_loss(out: ModelOutput, batch: Batch, cfg: LossConfig,
             parts[task] = weighted_cross_entropy(logits, batch.labels[task], mask, class_weights.get(task))
     total = sum(cfg.task_weight(t) * v for t, v in parts.items())
     if out.genes is not None and out.grids is not None and cfg.consistency_weight > 0:
+        # Only patients with both modalities have a grid (ModelOutput.grid_rows); a batch without
+        # any has out.grids None and no consistency term.
+        rows = out.grid_rows
         for name, gene, grid in zip(("consistency_tumour", "consistency_micro"), out.genes, out.grids):
-            parts[name] = consistency_loss(gene, grid)
+            parts[name] = consistency_loss(gene if rows is None else gene[rows], grid)
             total = total + cfg.consistency_weight * parts[name]
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
