@@ -19,7 +19,9 @@ proliferation and immune state); only where the signal is planted differs:
   area type has its own marker appearance, so the two are distinguishable, plus a class pattern:
   z = 0: the tumour area carries the patient's class prototype + proliferation programme and the
   micro areas a DECOY (the prototype of another class, uniform over the three others, drawn per
-  patient); z = 1: the roles swap. Background carries stroma + immune programme and no class.
+  patient, with a proliferation of its own drawn as for a patient of that class, so that the two
+  areas carry the same kinds of pattern and only the genes tell which is true); z = 1: the roles
+  swap. Background carries stroma + immune programme and no class.
   Pooling all patches sees {true, decoy} symmetrically (the two areas are about equally large), and
   a late-fusion linear head cannot form the z x area interaction; an attention over the patches
   conditioned on the genes can (it reads z and looks at the right area).
@@ -129,18 +131,20 @@ def family_genes(family: str, proto: Prototypes, fp: FamilyPrototypes, y: int, i
 
 
 def region_means(family: str, proto: Prototypes, fp: FamilyPrototypes, y: int, prolif: float,
-                 immune: float, z: int, decoy: int, signal: float = 1.0) -> np.ndarray:
+                 immune: float, z: int, decoy: int, signal: float = 1.0, decoy_prolif: float = 0.0) -> np.ndarray:
     """Noise-free patch means (3, feature_dim) of one patient's tumour area, micro areas and background.
 
     For the region-layout families only (``REGION_FAMILIES``); the caller adds the per-area patient
-    deviation, the site shift and per-patch noise.
+    deviation, the site shift and per-patch noise. ``decoy_prolif`` is the decoy pattern's own
+    proliferation (without it the true area alone would carry the proliferation programme and the
+    histology alone would tell the areas apart).
     """
     if family not in REGION_FAMILIES:
         raise FamilyError(f"region_means: family {family!r} has no region layout")
     if family == "genomics-only":
         return np.stack([fp.marker_tumour, fp.marker_micro, signal * proto.patch_stroma])
     true_mu, stroma_mu = proto.patch_means(y, prolif, immune, signal)  # class + proliferation; stroma
-    decoy_mu = signal * proto.patch_class[decoy]
+    decoy_mu, _ = proto.patch_means(decoy, decoy_prolif, immune, signal)  # another class, its own proliferation
     tumour_mu, micro_mu = (true_mu, decoy_mu) if z == 0 else (decoy_mu, true_mu)
     return np.stack([fp.marker_tumour + tumour_mu, fp.marker_micro + micro_mu, stroma_mu])
 
@@ -222,8 +226,10 @@ def family_model(family: str) -> dict[str, Any]:
                      f"genes + {WEAK_GENE_CLASS} x class prototype; micro genes + immune programme x immune; "
                      "+ N(0, gene_noise) + site batch shift",
             "patches": "tumour area: tumour marker + (z = 0: class prototype + 0.8 x proliferation programme; "
-                       "z = 1: decoy class prototype); micro areas: micro marker + the other one; background: "
-                       "stroma + immune programme x immune; decoy uniform over the 3 other classes",
+                       "z = 1: decoy class prototype + 0.8 x the decoy's own proliferation); micro areas: micro marker + "
+                       "the other one; background: stroma + immune programme x immune; decoy uniform over the 3 "
+                       "other classes, its proliferation drawn as for a patient of the decoy class",
             "planted": "the label-carrying area (tumour if z = 0, micro if z = 1)",
             "truth_csv_columns": {"family": "this family", "z": "genomic programme (0/1)",
-                                  "decoy": "the decoy class index"}}
+                                  "decoy": "the decoy class index",
+                                  "decoy_proliferation": "the decoy pattern's proliferation"}}

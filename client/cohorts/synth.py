@@ -629,6 +629,9 @@ def _site_tables(spec: CohortSpec, k: int, proto: Prototypes, fproto: FamilyProt
     fam_rng = _rng(spec, 5, k)
     z = (fam_rng.random(n) < PROGRAMME_P).astype(int)
     decoy = (y + fam_rng.integers(1, 4, n)) % 4  # another class, uniform over the three others
+    # The decoy's own proliferation, as for a patient of the decoy class, from a stream of its own (the
+    # other families' draws stay as they were).
+    decoy_prolif = _rng(spec, 6, k).normal(np.take(PROLIF_MEAN, decoy), PROLIF_SD)
     if spec.family in GENE_FAMILIES:
         for i in range(n):
             mu = family_genes(spec.family, proto, fproto, int(y[i]), float(immune[i]), int(z[i]), fs.signal)
@@ -653,6 +656,7 @@ def _site_tables(spec: CohortSpec, k: int, proto: Prototypes, fproto: FamilyProt
         truth["family"] = spec.family
         if spec.family == "gene-conditioned":
             truth["z"], truth["decoy"] = z, decoy
+            truth["decoy_proliferation"] = np.round(decoy_prolif, 4)
     # The region layouts' background stroma has its own per-patient deviation (additive's two are
     # for tumour and stroma), so no area shares another's.
     bg_dev = fam_rng.normal(0, fs.patient_noise, (n, fs.feature_dim)) if fs.patient_noise > 0 else \
@@ -660,6 +664,7 @@ def _site_tables(spec: CohortSpec, k: int, proto: Prototypes, fproto: FamilyProt
     return {"name": name, "prior": prior, "gene_shift": gene_shift, "patch_shift": patch_shift,
             "stain": stain, "clinical": clinical, "genomics": genomics, "geneset": geneset,
             "slides": slides, "truth": truth, "patch_dev": dev, "n_slides": n_slides, "z": z, "decoy": decoy,
+            "decoy_prolif": decoy_prolif,
             "background_dev": bg_dev,
             "states": [PatientState(int(y[i]), float(prolif[i]), float(immune[i])) for i in range(n)]}
 
@@ -682,7 +687,7 @@ def _write_features(spec: CohortSpec, k: int, site: dict[str, Any], proto: Proto
             # (3, D): tumour area, micro areas, background; each with its own patient deviation.
             dev = np.stack([site["patch_dev"][i, 0], site["patch_dev"][i, 1], site["background_dev"][i]])
             means = region_means(spec.family, proto, fproto, state.diagnosis, state.proliferation, state.immune,
-                                 z, decoy, fs.signal) + dev + site["patch_shift"]
+                                 z, decoy, fs.signal, float(site["decoy_prolif"][i])) + dev + site["patch_shift"]
         else:
             t_mu, s_mu = proto.patch_means(state.diagnosis, state.proliferation, state.immune, fs.signal)
             t_mu = t_mu + site["patch_dev"][i, 0] + site["patch_shift"]
