@@ -23,6 +23,7 @@ import pandas as pd
 
 from attention_faithfulness import AttentionReader, test_slides
 from client.cohorts.families import MICRO, TUMOUR, read_planted
+from client.site.folder import SiteLayout
 from smm_model.metrics.faithfulness import attention_auc
 
 #: slides per genomic programme (rows of the figure)
@@ -43,10 +44,10 @@ def pick_slides(cohort: Path, slides: list[tuple[Path, str]], per_z: int) -> lis
     each with its row label."""
     truth = pd.read_csv(cohort / "truth.csv", dtype={"patient_id": str})
     z = dict(zip(truth["patient_id"], truth["z"])) if "z" in truth else {}
-    by_slide = {}
-    for site, slide in slides:
-        patients = pd.read_csv(site / "slides.csv", dtype={"slide_id": str, "patient_id": str})
-        by_slide[slide] = patients.set_index("slide_id")["patient_id"][slide]
+    by_slide: dict[str, str] = {}  # slide id -> patient id, one read of each site's slides.csv
+    for site in sorted({site for site, _ in slides}):
+        table = pd.read_csv(SiteLayout(site).slides, dtype={"slide_id": str, "patient_id": str})
+        by_slide.update(zip(table["slide_id"], table["patient_id"]))
     if not z:
         return [(site, s, s) for site, s in slides[: 2 * per_z]]
     out = []

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from attention_faithfulness import faithfulness  # noqa: E402
+from attention_faithfulness import test_slides as split_slides  # noqa: E402  (not a test: pytest collects test_*)
 
 from client.cohorts.families import TRUTH_PATCHES, read_planted  # noqa: E402
 from client.cohorts.synth import CohortSpec, write_cohort  # noqa: E402
@@ -46,20 +46,10 @@ def cohort(tmp_path_factory) -> Path:
     return out
 
 
-def _test_slides(cohort: Path) -> list[tuple[Path, str]]:
-    out = []
-    for site in sorted(p for p in cohort.iterdir() if (p / "clinical.csv").is_file()):
-        clin = pd.read_csv(site / "clinical.csv", dtype={"patient_id": str})
-        slides = pd.read_csv(site / "slides.csv", dtype={"slide_id": str, "patient_id": str})
-        test = set(clin.loc[clin["split"] == "test", "patient_id"])
-        out += [(site, s) for s in slides.loc[slides["patient_id"].isin(test), "slide_id"]]
-    return out
-
-
 def test_every_test_slide_is_scored_per_map_and_matches_a_direct_computation(cohort: Path, tmp_path: Path) -> None:
     run = _train(cohort, tmp_path / "smm", "smm")
     res = faithfulness(run, cohort)
-    slides = _test_slides(cohort)
+    slides = split_slides(cohort)
     mixed = sum(0 < read_planted(cohort, s)[2].mean() < 1 for _, s in slides)
     assert set(res) == {"tumour", "micro", "combined"}
     for rep in res.values():
@@ -99,7 +89,7 @@ def test_a_model_without_attention_has_no_maps_and_a_truth_file_of_other_patches
     bad = tmp_path / "truth"
     bad.mkdir()
     (bad / TRUTH_PATCHES).write_bytes((cohort / TRUTH_PATCHES).read_bytes())
-    _, slide = _test_slides(cohort)[0]
+    _, slide = split_slides(cohort)[0]
     with h5py.File(bad / TRUTH_PATCHES, "a") as f:
         c = f[slide]["coords"][...]
         c[0] += 1
