@@ -1,6 +1,6 @@
 """Multimodal quality with known ground truth: the proposed model against its baselines.
 
-``smm synth --features-only`` writes a cohort per seed (6 sites x 100 patients by default, 64-dim
+``smm synth --features-only`` writes a cohort per seed (6 sites x 100 patients by default, 300 for the gene-conditioned family; 64-dim
 patch features, 20 + 30 genes, a 60/15/25 train/val/test split): the sites differ in case mix
 (Dirichlet class priors: non-IID) and in per-site batch effects on genes and patch features, and
 each patient's diagnosis, grade and survival are planted in both modalities with independent noise,
@@ -47,15 +47,19 @@ variant's federated-minus-centralized gap (and iid-minus-centralized-iid where b
     python benchmarks/synthetic_quality.py --quick   # seed 0, 6 x 40 patients, smm-pcgrad and concat, 5 rounds
 
     python benchmarks/synthetic_quality.py --family gene-conditioned --modes centralized,federated \
-        --variants smm-pcgrad,smm-seed,smm-off,snn,abmil,concat,smm-no-offsets,smm-no-consistency,smm-no-gene-queries
+        --variants smm-pcgrad,snn,abmil,concat
+    python benchmarks/synthetic_quality.py --family gene-conditioned --modes centralized --label ablations \
+        --variants smm-pcgrad,smm-seed,smm-off,smm-no-offsets,smm-no-consistency,smm-no-gene-queries
 
-Results: ``benchmarks/results/synthetic_quality[_<family>]_<device>.json`` (``..._quick_...`` for --quick).
+Results: ``benchmarks/results/synthetic_quality[_<family>][_<tag>][_<label>]_<device>.json``
+(``..._quick_...`` for --quick).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -73,7 +77,13 @@ from client.cohorts.families import TRUTH_PATCHES  # noqa: E402
 from smm_model.contract.runfolder import MODEL_FILE  # noqa: E402
 
 CONFIG = quality.ROOT / "configs" / "bench_synthetic.yaml"
-SITES, PATIENTS_PER_SITE, SPLIT = 6, 100, "0.6,0.15,0.25"
+SITES, SPLIT = 6, "0.6,0.15,0.25"
+#: family -> patients a site by default. The gene-conditioned family's signal is an interaction
+#: (genes x where in the slide), which needs more patients than an additive one: at 6 x 100 patients
+#: (60 training patients a site) every model is weak on it (seed 0: smm 67.9, concat 65.7
+#: diagnosis AUC), at 6 x 300 the interaction is learnable (smm 89.0, concat 74.0); results in
+#: benchmarks/README.md. The controls keep the additive family's size.
+PATIENTS_PER_SITE = {"additive": 100, "gene-conditioned": 300, "histology-only": 100, "genomics-only": 100}
 #: variant -> config overrides
 VARIANTS = {
     "smm-pcgrad": ["model.arch=smm", "train.coordination=pcgrad"],
@@ -136,12 +146,25 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
             nodes = 1 if which == "one_site" else sites
             sets = [f"data.sites_root={roots[which]}", f"federation.rounds={rounds}", f"federation.min_nodes={nodes}",
                     *VARIANTS[variant], *extra]
+            if kind == "federated" and which != "one_site":
+                sets.insert(3, f"federation.local_steps={local_steps(patients)}")
             row = quality.run_or_reuse(kind, CONFIG, base / name, sets, base / f"{name}.log")
             if has_planted(cohort):
                 row["attention_auc"] = _faithfulness(base / name, roots[which], cohort)
             out[variant][mode] = row
             quality.print_row(f"[synthetic seed {seed}] {name:<22}", row)
     return out
+
+
+def local_steps(patients: int) -> int:
+    """``federation.local_steps`` for sites of ``patients`` each: the config's steps, or one pass over
+    a site's training split at the config's batch size where that is more. The config's 8 steps are
+    that pass at the default 100 patients (60 training patients / 8); at 300 patients a site 8 steps
+    would be a third of a pass a round, and the federated runs would see a third of the passes over
+    each patient that the centralized runs (one epoch a round) see."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    train = patients * float(SPLIT.split(",")[0])
+    return max(int(cfg["federation"]["local_steps"]), math.ceil(train / int(cfg["train"]["batch_size"])))
 
 
 def has_planted(cohort: Path) -> bool:
@@ -209,13 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", default="additive", choices=tuple(FAMILIES),
                     help="cohort family (smm synth --family; default additive, the original cohort)")
     ap.add_argument("--sites", type=int, default=SITES)
-    ap.add_argument("--patients-per-site", type=int, default=PATIENTS_PER_SITE)
+    ap.add_argument("--patients-per-site", type=int, default=None,
+                    help=f"patients a site (default per family: {PATIENTS_PER_SITE})")
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
                     help=f"comma-separated subset of {tuple(MODES)} (default {','.join(DEFAULT_MODES)})")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override on top of every variant's (repeatable); needs --tag")
     ap.add_argument("--tag", default="", help="name of a diagnostic run with --set: its run folders get the "
                     "suffix, its results go to results/synthetic_quality_<tag>_<device>.json")
+    ap.add_argument("--label", default="", help="name of a subset of variants or modes run on the same "
+                    "cohorts and run folders (the ablations, say): its results go to "
+                    "results/synthetic_quality[_<family>]_<label>_<device>.json, the full result stays")
     ap.add_argument("--rounds", type=int, default=None, help="federation.rounds (default: the config's)")
     ap.add_argument("--quick", action="store_true", help="seed 0, 6 x 40 patients, smm-pcgrad and concat, 5 rounds")
     ap.add_argument("--work", type=Path, default=None, help="keep the cohorts and run folders here")
@@ -225,12 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; expected {tuple(VARIANTS)}")
-    if bool(args.sets) != bool(args.tag) or not all(c.isalnum() or c in "-_" for c in args.tag):
-        ap.error("--set and --tag go together; --tag takes letters, digits, - and _")
+    if bool(args.sets) != bool(args.tag):
+        ap.error("--set and --tag go together")
+    if not all(c.isalnum() or c in "-_" for c in args.tag + args.label):
+        ap.error("--tag and --label take letters, digits, - and _")
     modes = ("centralized", "federated") if args.quick else tuple(args.modes.split(","))
     if set(modes) - set(MODES):
         ap.error(f"unknown modes {sorted(set(modes) - set(MODES))}; expected {tuple(MODES)}")
-    patients = 40 if args.quick else args.patients_per_site
+    patients = 40 if args.quick else (args.patients_per_site or PATIENTS_PER_SITE[args.family])
     rounds = 5 if args.quick else (args.rounds or yaml.safe_load(CONFIG.read_text())["federation"]["rounds"])
     t0 = time.perf_counter()
     with quality.work_folder(args.work, "synthetic_quality_") as work:
@@ -246,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
             for a, b in GAPS if a in modes and b in modes}
     payload = {
         **quality.result_header("synthetic_quality" + ("" if args.family == "additive" else f"_{args.family}")
-                                + (f"_{args.tag}" if args.tag else ""), __file__, argv, t0),  # wall_s: runs cached in --work take none
+                                + "".join(f"_{n}" for n in (args.tag, args.label) if n), __file__, argv, t0),  # wall_s: runs cached in --work take none
         "runs_wall_s": round(sum(r[m]["wall_s"] for s in per_seed for r in s.values() for m in r), 1),
         "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "family": args.family, "seeds": seeds, "sites": args.sites,
                     "patients_per_site": patients, "split": SPLIT, "rounds": rounds,
                     "modes": {m: MODES[m] for m in modes}, "iid_seed": IID_SEED, "overrides": args.sets,
-                    "protocol": "the config's federation section (strategy, local_steps, selection_metric)",
+                    "protocol": "the config's federation section (strategy, selection_metric); federation.local_steps "
+                                "= max(the config's, one pass over a site's training split)",
+                    "local_steps": local_steps(patients),
                     "variants": {v: VARIANTS[v] for v in variants},
                     "selection": "the config's federation.selection_metric on validation patients",
                     "c_index": "within-site pairs", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},

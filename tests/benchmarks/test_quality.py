@@ -217,3 +217,37 @@ def test_tcga_quality_refuses_a_candidate_config_that_is_not_there(tmp_path: Pat
     assert exit_info.value.code == 2
     assert "missing.yaml: no such file" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # nothing was built for it
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--set", "train.lr=0.01"], "--set and --tag go together"),
+    (["--label", "a/b"], "--tag and --label take letters, digits, - and _"),
+    (["--variants", "smm-pcgrad,smm-typo"], "unknown variants ['smm-typo']"),
+])
+def test_synthetic_quality_refuses_bad_arguments_before_building_anything(tmp_path: Path, capsys, argv, message
+                                                                          ) -> None:
+    import synthetic_quality
+
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic_quality.main([*argv, "--work", str(tmp_path / "work")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
+def test_synthetic_quality_has_a_default_cohort_size_for_every_family() -> None:
+    import synthetic_quality
+
+    assert set(synthetic_quality.PATIENTS_PER_SITE) == set(synthetic_quality.FAMILIES)
+    # the interaction family needs the larger cohort (the docstring of PATIENTS_PER_SITE)
+    assert synthetic_quality.PATIENTS_PER_SITE["gene-conditioned"] > synthetic_quality.PATIENTS_PER_SITE["additive"]
+
+
+def test_synthetic_quality_local_steps_keep_one_pass_a_round_on_larger_sites() -> None:
+    import synthetic_quality
+
+    cfg = yaml.safe_load(synthetic_quality.CONFIG.read_text())
+    batch, steps = cfg["train"]["batch_size"], cfg["federation"]["local_steps"]
+    assert synthetic_quality.local_steps(100) == steps  # the recorded additive runs keep their protocol
+    assert synthetic_quality.local_steps(40) == steps  # never fewer than the config's
+    assert synthetic_quality.local_steps(300) == -(-180 // batch)  # 180 training patients: one pass
