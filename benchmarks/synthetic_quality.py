@@ -51,7 +51,7 @@ variant's federated-minus-centralized gap (and iid-minus-centralized-iid where b
     python benchmarks/synthetic_quality.py --family gene-conditioned --modes centralized --label ablations \
         --variants smm-pcgrad,smm-seed,smm-off,smm-no-offsets,smm-no-consistency,smm-no-gene-queries
 
-Results: ``benchmarks/results/synthetic_quality[_<family>][_<tag>][_<label>]_<device>.json``
+Results: ``benchmarks/results/synthetic_quality[_<family>][_p<patches>][_<tag>][_<label>]_<device>.json``
 (``..._quick_...`` for --quick).
 """
 
@@ -118,14 +118,18 @@ GAPS = (("federated", "centralized"), ("iid", "centralized-iid"))
 
 def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str, ...], sites: int,
              patients: int, rounds: int, extra: tuple[str, ...] = (), tag: str = "",
-             family: str = "additive") -> dict:
+             family: str = "additive", patches_per_slide: int | None = None) -> dict:
     """Write cohort ``seed`` of ``family`` and train every variant in every mode on it (``extra``:
-    overrides on top of each variant's, for a diagnostic run named ``tag``). Each attention model's
-    row gets ``attention_auc`` where the cohort records its planted patches."""
-    base = work / (f"seed{seed}" if family == "additive" else f"{family}-seed{seed}")
+    overrides on top of each variant's, for a diagnostic run named ``tag``; ``patches_per_slide``:
+    slide-size bags, a cohort of its own). Each attention model's row gets ``attention_auc`` where
+    the cohort records its planted patches."""
+    base = work / ((f"seed{seed}" if family == "additive" else f"{family}-seed{seed}")
+                   + (f"-p{patches_per_slide}" if patches_per_slide else ""))
     cohort = base / "sites"
     synth_args = ["synth", "--out", cohort, "--sites", sites, "--patients-per-site", patients, "--features-only",
                   "--split", SPLIT, "--seed", seed, *FAMILIES[family]]
+    if patches_per_slide:
+        synth_args += ["--patches-per-slide", patches_per_slide]
     if _cached(base / "synth.json", synth_args) is None:
         if cohort.exists():
             shutil.rmtree(cohort)
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sites", type=int, default=SITES)
     ap.add_argument("--patients-per-site", type=int, default=None,
                     help=f"patients a site (default per family: {PATIENTS_PER_SITE})")
+    ap.add_argument("--patches-per-slide", type=int, default=None,
+                    help="slide-size bags (smm synth --patches-per-slide; default: the cohort's ~33 patches)")
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
                     help=f"comma-separated subset of {tuple(MODES)} (default {','.join(DEFAULT_MODES)})")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with quality.work_folder(args.work, "synthetic_quality_") as work:
         per_seed = [run_seed(s, work, variants, modes, args.sites, patients, rounds, tuple(args.sets), args.tag,
-                             args.family) for s in seeds]
+                             args.family, args.patches_per_slide) for s in seeds]
     summary = {mode: quality.summarise({v: [s[v][mode]["values"] for s in per_seed] for v in variants},
                                        quality.PAPER_METRICS) for mode in modes}
     comparisons = {mode: {b: paired(per_seed, PROPOSED, b, mode) for b in variants if b != PROPOSED}
@@ -273,12 +279,14 @@ def main(argv: list[str] | None = None) -> int:
                                                   [s[v][b]["values"] for s in per_seed], per="per_seed")
                            for v in variants}
             for a, b in GAPS if a in modes and b in modes}
+    parts = ("" if args.family == "additive" else args.family,
+             f"p{args.patches_per_slide}" if args.patches_per_slide else "", args.tag, args.label)
     payload = {
-        **quality.result_header("synthetic_quality" + ("" if args.family == "additive" else f"_{args.family}")
-                                + "".join(f"_{n}" for n in (args.tag, args.label) if n), __file__, argv, t0),  # wall_s: runs cached in --work take none
+        **quality.result_header("synthetic_quality" + "".join(f"_{n}" for n in parts if n), __file__, argv, t0),
+        # wall_s: runs cached in --work take none
         "runs_wall_s": round(sum(r[m]["wall_s"] for s in per_seed for r in s.values() for m in r), 1),
         "setting": {"config": str(CONFIG.relative_to(quality.ROOT)), "family": args.family, "seeds": seeds, "sites": args.sites,
-                    "patients_per_site": patients, "split": SPLIT, "rounds": rounds,
+                    "patients_per_site": patients, "patches_per_slide": args.patches_per_slide, "split": SPLIT, "rounds": rounds,
                     "modes": {m: MODES[m] for m in modes}, "iid_seed": IID_SEED, "overrides": args.sets,
                     "protocol": "the config's federation section (strategy, selection_metric); federation.local_steps "
                                 "= max(the config's, one pass over a site's training split)",
