@@ -66,6 +66,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -74,6 +76,8 @@ import quality  # noqa: E402
 from attention_faithfulness import faithfulness  # noqa: E402
 from client.cohorts.cohort import deal_site_folders  # noqa: E402
 from client.cohorts.families import TRUTH_PATCHES  # noqa: E402
+from client.cohorts.synth import log_hazard  # noqa: E402
+from smm_model.metrics.federated import c_index_counts, c_index_from_counts  # noqa: E402
 from smm_model.contract.runfolder import MODEL_FILE  # noqa: E402
 
 CONFIG = quality.ROOT / "configs" / "bench_synthetic.yaml"
@@ -123,8 +127,7 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
     overrides on top of each variant's, for a diagnostic run named ``tag``; ``patches_per_slide``:
     slide-size bags, a cohort of its own). Each attention model's row gets ``attention_auc`` where
     the cohort records its planted patches."""
-    base = work / ((f"seed{seed}" if family == "additive" else f"{family}-seed{seed}")
-                   + (f"-p{patches_per_slide}" if patches_per_slide else ""))
+    base = seed_folder(work, seed, family, patches_per_slide)
     cohort = base / "sites"
     synth_args = ["synth", "--out", cohort, "--sites", sites, "--patients-per-site", patients, "--features-only",
                   "--split", SPLIT, "--seed", seed, *FAMILIES[family]]
@@ -160,6 +163,12 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
     return out
 
 
+def seed_folder(work: Path, seed: int, family: str, patches_per_slide: int | None) -> Path:
+    """Where cohort ``seed`` (its ``sites/``) and its run folders live under ``work``."""
+    return work / ((f"seed{seed}" if family == "additive" else f"{family}-seed{seed}")
+                   + (f"-p{patches_per_slide}" if patches_per_slide else ""))
+
+
 def local_steps(patients: int) -> int:
     """``federation.local_steps`` for sites of ``patients`` each: the config's steps, or one pass over
     a site's training split at the config's batch size where that is more. The config's 8 steps are
@@ -169,6 +178,23 @@ def local_steps(patients: int) -> int:
     cfg = yaml.safe_load(CONFIG.read_text())
     train = patients * float(SPLIT.split(",")[0])
     return max(int(cfg["federation"]["local_steps"]), math.ceil(train / int(cfg["train"]["batch_size"])))
+
+
+def true_risk_c_index(cohort: Path) -> float:
+    """The C-index of the true log-hazard (truth.csv, ``client.cohorts.synth.log_hazard``) on the
+    cohort's test patients, within-site pairs as the benchmark counts them: the ceiling the
+    survival sampling leaves, against which a model's C-index and a difference between two models
+    read (a 3-point margin needs room below it)."""
+    truth = pd.read_csv(cohort / "truth.csv").set_index("patient_id")
+    counts = np.zeros(4, dtype=np.int64)
+    for site in sorted(truth["site"].unique()):
+        clinical = pd.read_csv(cohort / site / "clinical.csv")
+        test = clinical[(clinical["split"] == "test") & clinical["survival_days"].notna() & clinical["event"].notna()]
+        t = truth.loc[test["patient_id"]]
+        risk = log_hazard(t["grade_true"].to_numpy(), t["diagnosis"].to_numpy(), t["proliferation"].to_numpy(),
+                          t["immune"].to_numpy())
+        counts += c_index_counts(test["survival_days"].to_numpy(), test["event"].to_numpy(), risk)
+    return c_index_from_counts(counts)[0]
 
 
 def has_planted(cohort: Path) -> bool:
@@ -271,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     with quality.work_folder(args.work, "synthetic_quality_") as work:
         per_seed = [run_seed(s, work, variants, modes, args.sites, patients, rounds, tuple(args.sets), args.tag,
                              args.family, args.patches_per_slide) for s in seeds]
+        ceiling = [true_risk_c_index(seed_folder(work, s, args.family, args.patches_per_slide) / "sites")
+                   for s in seeds]
     summary = {mode: quality.summarise({v: [s[v][mode]["values"] for s in per_seed] for v in variants},
                                        quality.PAPER_METRICS) for mode in modes}
     comparisons = {mode: {b: paired(per_seed, PROPOSED, b, mode) for b in variants if b != PROPOSED}
@@ -296,12 +324,15 @@ def main(argv: list[str] | None = None) -> int:
                     "c_index": "within-site pairs", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "summary": summary, "proposed_minus_baseline": comparisons, "gaps": gaps,
         "attention_auc": attention_summary(per_seed, variants, modes),
+        "true_risk_c_index": {"per_seed": ceiling, **quality.mean_sd(ceiling),
+                              "note": "C-index of the true log-hazard on the test patients: the ceiling"},
         "seeds": {str(s): r for s, r in zip(seeds, per_seed)},
     }
     path = quality.write_result(payload, args.quick)
     for mode in modes:
         print(f"\n{mode}:")
         print(quality.markdown_table(summary[mode], quality.PAPER_METRICS, label="model"))
+        print(f"  C-index of the true risk (ceiling): {quality.fmt(payload['true_risk_c_index'])}")
         for v, maps in payload["attention_auc"].get(mode, {}).items():
             print(f"  attention AUC {v}: " + ", ".join(f"{n} {quality.fmt(c)}" for n, c in maps.items()))
     print(f"results: {path}")

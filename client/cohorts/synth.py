@@ -80,7 +80,7 @@ from client.cohorts.families import (BACKGROUND, DEFAULT_FAMILY, FAMILIES, GENE_
 from client.cohorts.synthetic import CLASS_PRIOR, Prototypes, SynthSpec
 
 __all__ = ["CohortSpec", "Layout", "Stain", "PatientState", "draw_layout", "micro_areas", "render_slide",
-           "tissue_patches", "patch_regions", "with_patches_per_slide", "write_tiff", "write_cohort", "main"]
+           "tissue_patches", "patch_regions", "with_patches_per_slide", "log_hazard", "write_tiff", "write_cohort", "main"]
 
 # --- the generative model's constants (recorded in cohort.json) -----------------------------------
 #: Mean proliferation and immune state per class (GBM, astro G4, lower-grade astro, oligo).
@@ -534,6 +534,15 @@ def write_tiff(path: Path, img: np.ndarray, mpp: float, levels: int, quality: in
 
 # --- the cohort -----------------------------------------------------------------------------------
 
+def log_hazard(grade: np.ndarray, diagnosis: np.ndarray, proliferation: np.ndarray, immune: np.ndarray
+               ) -> np.ndarray:
+    """Each patient's true Weibull log-hazard (``HAZARD``): WHO grade (2-4), diagnosis index (3 =
+    oligodendroglioma), proliferation and immune state, as truth.csv records them. The generator's
+    one formula, so a benchmark can score the true risk (the C-index no model can beat)."""
+    return (HAZARD["grade4"] * (grade == 4) + HAZARD["grade3"] * (grade == 3) + HAZARD["oligo"] * (diagnosis == 3)
+            + HAZARD["proliferation"] * proliferation + HAZARD["immune"] * immune)
+
+
 def _rng(spec: CohortSpec, *key: int) -> np.random.Generator:
     """Independent stream per purpose/site/patient/slide: output does not depend on work order."""
     return np.random.default_rng([spec.seed, *key])
@@ -590,8 +599,7 @@ def _site_tables(spec: CohortSpec, k: int, proto: Prototypes, fproto: FamilyProt
     low_g3 = prolif + 0.3 * immune + rng.normal(0, 0.3, n) > -0.1
     grade = np.select([y == 0, (y == 1) & (cdkn == 1), y == 1], [4, np.where(hist_high, 4, 3), 4],
                       np.where(low_g3, 3, 2))
-    lp = (HAZARD["grade4"] * (grade == 4) + HAZARD["grade3"] * (grade == 3) + HAZARD["oligo"] * (y == 3)
-          + HAZARD["proliferation"] * prolif + HAZARD["immune"] * immune)
+    lp = log_hazard(grade, y, prolif, immune)
     t_event = WEIBULL_SCALE_DAYS * (rng.exponential(1.0, n) * np.exp(-lp)) ** (1 / WEIBULL_SHAPE)
     t_censor = np.minimum(rng.uniform(*FOLLOW_UP_DAYS, n), rng.exponential(LOSS_TO_FOLLOW_UP_MEAN_DAYS, n))
     days = np.maximum(np.round(np.minimum(t_event, t_censor), 1), 1.0)  # no zero-day follow-up

@@ -251,3 +251,25 @@ def test_synthetic_quality_local_steps_keep_one_pass_a_round_on_larger_sites() -
     assert synthetic_quality.local_steps(100) == steps  # the recorded additive runs keep their protocol
     assert synthetic_quality.local_steps(40) == steps  # never fewer than the config's
     assert synthetic_quality.local_steps(300) == -(-180 // batch)  # 180 training patients: one pass
+
+
+def test_synthetic_quality_ceiling_is_the_true_risks_c_index_on_the_test_patients(tmp_path: Path) -> None:
+    import pandas as pd
+    from dataclasses import replace
+
+    import synthetic_quality
+    from client.cohorts.synth import CohortSpec, log_hazard, write_cohort
+
+    out = tmp_path / "sites"
+    write_cohort(out, replace(CohortSpec(), sites=1, patients_per_site=60, seed=3, features_only=True),
+                 log=lambda *_: None)
+    truth = pd.read_csv(out / "truth.csv").set_index("patient_id")
+    clinical = pd.read_csv(out / "site_1" / "clinical.csv")
+    test = clinical[(clinical["split"] == "test") & clinical["survival_days"].notna()]
+    t = truth.loc[test["patient_id"]]
+    risk = log_hazard(t["grade_true"].to_numpy(), t["diagnosis"].to_numpy(), t["proliferation"].to_numpy(),
+                      t["immune"].to_numpy())
+    want = concordance_index(test["survival_days"], -risk, test["event"])  # one site: every pair is within-site
+    got = synthetic_quality.true_risk_c_index(out)
+    assert got == pytest.approx(want)
+    assert 0.5 < got < 1.0
