@@ -1,7 +1,8 @@
 """Multimodal quality with known ground truth: the proposed model against its baselines.
 
-``smm synth --features-only`` writes a cohort per seed (6 sites x 100 patients by default, 300 for the gene-conditioned family; 64-dim
-patch features, 20 + 30 genes, a 60/15/25 train/val/test split): the sites differ in case mix
+``smm synth --features-only`` writes a cohort per seed (6 sites x 100 patients by default, 300 for
+the gene-conditioned family; 64-dim patch features, 20 + 30 genes, a 60/15/25 train/val/test split;
+federated runs take one pass over a site's training split a round, ``local_steps``): the sites differ in case mix
 (Dirichlet class priors: non-IID) and in per-site batch effects on genes and patch features, and
 each patient's diagnosis, grade and survival are planted in both modalities with independent noise,
 so neither modality alone recovers them fully (``client/cohorts/synth.py``, ``client/cohorts/synthetic.py``).
