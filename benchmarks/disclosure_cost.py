@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     with quality.work_folder(args.work, "disclosure_cost_") as work:
         rounds = yaml.safe_load(sq.CONFIG.read_text())["federation"]["rounds"]
         for k in KS:
-            sq.run_seed(args.seed, work, variants, ("federated",), sq.SITES, sq.PATIENTS_PER_SITE, rounds,
+            sq.run_seed(args.seed, work, variants, ("federated",), sq.SITES, sq.PATIENTS_PER_SITE["additive"], rounds,
                         (f"privacy.min_cell={k}",), f"k{k}")
         base = work / f"seed{args.seed}"
         sites = sorted((base / "sites").glob("site_*"))
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{'':<17}exact    {rows[v][f'k{k}']['exact']}")
     payload = {**quality.result_header("disclosure_cost", __file__, argv, t0),
                "setting": {"config": str(sq.CONFIG.relative_to(quality.ROOT)), "seed": args.seed, "sites": sq.SITES,
-                           "patients_per_site": sq.PATIENTS_PER_SITE, "split": sq.SPLIT, "rounds": rounds,
+                           "patients_per_site": sq.PATIENTS_PER_SITE["additive"], "split": sq.SPLIT, "rounds": rounds,
                            "mode": "federated", "ks": list(KS),
                            "reported": "the federated run's test metrics from what the sites sent (final_metrics.json)",
                            "exact": "smm evaluate of the run's model.pt on every site's test patients, pooled, no cell rules"},

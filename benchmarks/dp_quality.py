@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tcga-rounds", type=int, default=None, help="federation.rounds for TCGA (default: the config's)")
     ap.add_argument("--synthetic-rounds", type=int, default=None,
                     help="federation.rounds for the synthetic cohort (default: the config's)")
-    ap.add_argument("--patients-per-site", type=int, default=synthetic_quality.PATIENTS_PER_SITE,
+    ap.add_argument("--patients-per-site", type=int, default=synthetic_quality.PATIENTS_PER_SITE["additive"],
                     help="synthetic cohort size per site")
     ap.add_argument("--quick", action="store_true", help="2 rounds per run, 6 x 40 synthetic patients (smoke test)")
     ap.add_argument("--work", type=Path, default=None, help="keep the site and run folders here; finished runs "

@@ -38,6 +38,11 @@ pooling). On families that record their planted patches, every attention model's
 is scored on the test slides: ROC AUC of its patch attention against the planted patches
 (``attention_faithfulness.py``), per map (SMM: tumour, micro, combined; ABMIL/Concat: abmil).
 
+Every run is scored on the pooled test patients: a centralized run by its own test evaluation, a
+federated one by ``smm evaluate`` of its selected model on every site's test patients (exact, no
+cell rules: the benchmark holds the data), so both are the same metric; what the federated run
+itself reports from what the sites sent under disclosure control is kept beside it as ``reported``.
+
 Reported: mean and sample standard deviation over cohort seeds per variant and mode; per seed, the
 proposed model's (``smm-pcgrad``) difference to each baseline on the same cohort (paired), and each
 variant's federated-minus-centralized gap (and iid-minus-centralized-iid where both ran).
@@ -82,6 +87,8 @@ from smm_model.metrics.federated import c_index_counts, c_index_from_counts  # n
 from smm_model.contract.runfolder import MODEL_FILE  # noqa: E402
 
 CONFIG = quality.ROOT / "configs" / "bench_synthetic.yaml"
+#: a federated run's exact pooled test metrics (``_exact_test``), beside its model file
+EXACT_FILE = "exact_test.json"
 SITES, SPLIT = 6, "0.6,0.15,0.25"
 #: family -> patients a site by default. The gene-conditioned family's signal is an interaction
 #: (genes x where in the slide), which needs more patients than an additive one: at 6 x 100 patients
@@ -157,6 +164,8 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
             if kind == "federated" and which != "one_site":
                 sets.insert(3, f"federation.local_steps={local_steps(patients)}")
             row = quality.run_or_reuse(kind, CONFIG, base / name, sets, base / f"{name}.log")
+            if kind == "federated":
+                row["reported"], row["values"] = row["values"], _exact_test(base / name, roots[which])
             if has_planted(cohort):
                 row["attention_auc"] = _faithfulness(base / name, roots[which], cohort)
             out[variant][mode] = row
@@ -201,6 +210,31 @@ def true_risk_c_index(cohort: Path) -> float:
 def has_planted(cohort: Path) -> bool:
     """Whether ``cohort`` records its planted patches (the families written with ``--family``)."""
     return (cohort / TRUTH_PATCHES).is_file()
+
+
+def _exact_test(run_dir: Path, sites: Path) -> dict[str, float]:
+    """The pooled test metrics of a federated run's selected model, computed by ``smm evaluate`` on
+    every site's test patients without the cell rules (the benchmark holds the data; a server does
+    not), so federated and centralized runs are scored by the same pooled metric. What the run
+    reports from what the sites sent (a patient-weighted mean of site AUCs where disclosure control
+    coarsens the pooled histograms, n/a accuracy and F1) is kept as ``reported``. Cached beside the
+    model file, keyed by its modification time."""
+    path = run_dir / EXACT_FILE
+    stamp = (run_dir / MODEL_FILE).stat().st_mtime_ns
+    try:
+        rec = json.loads(path.read_text())
+        if rec["model_mtime_ns"] == stamp:
+            return rec["values"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        pass
+    out = run_dir / "exact_test"
+    if out.exists():
+        shutil.rmtree(out)
+    quality.smm(["evaluate", run_dir / MODEL_FILE, *sorted(sites.glob("site_*")), "--out", out, "--device", "cpu"],
+                run_dir / "exact_test.log")
+    values = quality.test_values(out)
+    path.write_text(json.dumps({"model_mtime_ns": stamp, "values": values}, indent=1))
+    return values
 
 
 def _faithfulness(run_dir: Path, sites: Path, truth: Path) -> dict:
