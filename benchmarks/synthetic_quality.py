@@ -70,6 +70,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -217,29 +218,27 @@ def _exact_test(run_dir: Path, sites: Path) -> dict[str, float]:
     every site's test patients without the cell rules (the benchmark holds the data; a server does
     not), so federated and centralized runs are scored by the same pooled metric. What the run
     reports from what the sites sent (a patient-weighted mean of site AUCs where disclosure control
-    coarsens the pooled histograms, n/a accuracy and F1) is kept as ``reported``. Cached beside the
-    model file, keyed by its modification time."""
-    path = run_dir / EXACT_FILE
-    stamp = (run_dir / MODEL_FILE).stat().st_mtime_ns
-    try:
-        rec = json.loads(path.read_text())
-        if rec["model_mtime_ns"] == stamp:
-            return rec["values"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        pass
-    out = run_dir / "exact_test"
-    if out.exists():
-        shutil.rmtree(out)
-    quality.smm(["evaluate", run_dir / MODEL_FILE, *sorted(sites.glob("site_*")), "--out", out, "--device", "cpu"],
-                run_dir / "exact_test.log")
-    values = quality.test_values(out)
-    path.write_text(json.dumps({"model_mtime_ns": stamp, "values": values}, indent=1))
-    return values
+    coarsens the pooled histograms, n/a accuracy and F1) is kept as ``reported``."""
+    def evaluate() -> dict[str, float]:
+        out = run_dir / "exact_test"
+        if out.exists():
+            shutil.rmtree(out)
+        quality.smm(["evaluate", run_dir / MODEL_FILE, *sorted(sites.glob("site_*")), "--out", out,
+                     "--device", "cpu"], run_dir / "exact_test.log")
+        return quality.test_values(out)
+
+    return _beside_model(run_dir, EXACT_FILE, evaluate)
 
 
 def _faithfulness(run_dir: Path, sites: Path, truth: Path) -> dict:
-    """``attention_faithfulness.faithfulness`` of a finished run, kept beside its model file."""
-    path = run_dir / "attention_faithfulness.json"
+    """``attention_faithfulness.faithfulness`` of a finished run."""
+    return _beside_model(run_dir, "attention_faithfulness.json", lambda: faithfulness(run_dir, sites, truth=truth))
+
+
+def _beside_model(run_dir: Path, name: str, compute: Callable[[], dict]) -> dict:
+    """``compute()`` of a finished run, cached in ``run_dir / name`` keyed by the model file's
+    modification time (a run trained again is measured again)."""
+    path = run_dir / name
     stamp = (run_dir / MODEL_FILE).stat().st_mtime_ns
     try:
         rec = json.loads(path.read_text())
@@ -247,7 +246,7 @@ def _faithfulness(run_dir: Path, sites: Path, truth: Path) -> dict:
             return rec["result"]
     except (OSError, json.JSONDecodeError, KeyError):
         pass
-    result = faithfulness(run_dir, sites, truth=truth)
+    result = compute()
     path.write_text(json.dumps({"model_mtime_ns": stamp, "result": result}, indent=1))
     return result
 
