@@ -85,7 +85,9 @@ from client.cohorts.cohort import deal_site_folders  # noqa: E402
 from client.cohorts.families import TRUTH_PATCHES  # noqa: E402
 from client.cohorts.synth import log_hazard  # noqa: E402
 from smm_model.metrics.federated import c_index_counts, c_index_from_counts  # noqa: E402
+from smm_model.config import DataConfig  # noqa: E402
 from smm_model.contract.runfolder import MODEL_FILE  # noqa: E402
+from smm_model.contract.sites import simulation_site_dirs  # noqa: E402
 
 CONFIG = quality.ROOT / "configs" / "bench_synthetic.yaml"
 #: a federated run's exact pooled test metrics (``_exact_test``), beside its model file
@@ -162,7 +164,7 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
             nodes = 1 if which == "one_site" else sites
             sets = [f"data.sites_root={roots[which]}", f"federation.rounds={rounds}", f"federation.min_nodes={nodes}",
                     *VARIANTS[variant], *extra]
-            if kind == "federated" and which != "one_site":
+            if kind == "federated":  # one-site too: the federation's sequential steps, without the averaging
                 sets.insert(3, f"federation.local_steps={local_steps(patients)}")
             row = quality.run_or_reuse(kind, CONFIG, base / name, sets, base / f"{name}.log")
             if kind == "federated":
@@ -223,7 +225,9 @@ def _exact_test(run_dir: Path, sites: Path) -> dict[str, float]:
         out = run_dir / "exact_test"
         if out.exists():
             shutil.rmtree(out)
-        quality.smm(["evaluate", run_dir / MODEL_FILE, *sorted(sites.glob("site_*")), "--out", out,
+        # the simulation's own rule for its site folders (the IID control's are iid_site_k)
+        folders = simulation_site_dirs(DataConfig(sites_root=str(sites)))
+        quality.smm(["evaluate", run_dir / MODEL_FILE, *folders, "--out", out,
                      "--device", "cpu"], run_dir / "exact_test.log")
         return quality.test_values(out)
 

@@ -273,3 +273,32 @@ def test_synthetic_quality_ceiling_is_the_true_risks_c_index_on_the_test_patient
     got = synthetic_quality.true_risk_c_index(out)
     assert got == pytest.approx(want)
     assert 0.5 < got < 1.0
+
+
+@pytest.mark.parametrize("one_site", [False, True])
+def test_synthetic_quality_scores_a_control_federation_on_every_one_of_its_site_folders(
+        tmp_path: Path, monkeypatch, one_site: bool) -> None:
+    """The IID control's and the one-site control's folders are not named site_k; the exact test
+    must still evaluate the selected model on every test patient of the deal, not on none."""
+    from dataclasses import replace
+
+    import synthetic_quality
+    from client.cohorts.cohort import deal_site_folders
+    from client.cohorts.synth import CohortSpec, write_cohort
+
+    cohort, dealt = tmp_path / "sites", tmp_path / "dealt"
+    write_cohort(cohort, replace(CohortSpec(), sites=3, patients_per_site=12, seed=1, features_only=True),
+                 log=lambda *_: None)
+    deal_site_folders(cohort, dealt, seed=0, one_site=one_site)
+    want = sorted(p for p in dealt.iterdir() if (p / "clinical.csv").is_file())
+    assert want and not any(p.name.startswith("site_") for p in want)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / synthetic_quality.MODEL_FILE).write_bytes(b"model")
+    calls = []
+    monkeypatch.setattr(synthetic_quality.quality, "smm", lambda args, log: calls.append(args))
+    monkeypatch.setattr(synthetic_quality.quality, "test_values", lambda out: {"diagnosis.auc": 0.5})
+    assert synthetic_quality._exact_test(run, dealt) == {"diagnosis.auc": 0.5}
+    (args,) = calls
+    assert args[0] == "evaluate" and [Path(a) for a in args[2:2 + len(want)]] == want
+    assert args[2 + len(want)] == "--out"
