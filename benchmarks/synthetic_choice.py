@@ -1,0 +1,148 @@
+"""Each model's federated protocol chosen on validation, from ``synthetic_quality.py`` result files.
+
+A protocol setting (the local learning rate, say) that suits one model need not suit another, and
+choosing it for all models on the proposed model's validation favours that model. This script reads
+result files of ``synthetic_quality.py`` that ran the same family and cohort seeds in one mode with
+different ``--set`` overrides (the candidates; the file without overrides is the config's protocol),
+and picks, **per model**, the candidate with the highest mean over seeds of its validation score:
+the mean of the finite parts of the config's selection metric on the validation patients
+(``SCORE``: diagnosis AUC, grade AUC, C-index; the F1 terms are n/a under disclosure control on the
+sites' validation splits). It never reads a test value to choose. It then reports the chosen runs'
+test values (mean ± sd over seeds), the proposed model's paired margins over each baseline, and,
+with ``--reference`` (a result file of the same cohorts in a reference mode, centralized say),
+each model's chosen run minus its reference run, seed by seed.
+
+    python benchmarks/synthetic_choice.py --family gene-conditioned --mode federated \\
+        --candidates gene-conditioned,gene-conditioned_lr3e-3 --reference gene-conditioned
+
+(names are result files ``results/synthetic_quality_<name>_<device>.json``). Result:
+``results/synthetic_choice_<family>_<mode>_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import quality  # noqa: E402
+from synthetic_quality import PROPOSED, attention_summary  # noqa: E402
+
+#: the validation metrics a candidate is chosen on: the finite parts of the selection metric
+SCORE = ("diagnosis.auc", "grade.auc", "survival.c_index")
+
+
+def result_file(name: str, device: str) -> Path:
+    return quality.RESULTS / f"synthetic_quality_{name}_{device}.json"
+
+
+def validation_score(rows: list[dict]) -> float:
+    """Mean over seeds of the mean of ``SCORE`` on validation at the selected round."""
+    per_seed = []
+    for row in rows:
+        vals = [row["val_values"].get(m) for m in SCORE]
+        if any(v is None for v in vals):
+            raise ValueError(f"a run without validation {SCORE} at its selected round: {row.get('best_round')}")
+        per_seed.append(statistics.fmean(vals))
+    return statistics.fmean(per_seed)
+
+
+def choose(candidates: dict[str, dict], mode: str, seeds: list[str]) -> dict[str, dict]:
+    """model -> {"candidate", "overrides", "validation_score", "scores": {candidate: score}} for every
+    model that every candidate holding it ran on all ``seeds`` in ``mode``."""
+    models = sorted({v for res in candidates.values() for s in seeds for v in res["seeds"].get(s, {})})
+    chosen = {}
+    for v in models:
+        scores = {}
+        for name, res in candidates.items():
+            rows = [res["seeds"].get(s, {}).get(v, {}).get(mode) for s in seeds]
+            if all(rows):
+                scores[name] = validation_score(rows)
+        if scores:
+            best = max(scores, key=scores.get)
+            chosen[v] = {"candidate": best, "overrides": candidates[best]["setting"].get("overrides", []),
+                         "validation_score": scores[best], "scores": scores}
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", required=True, help="the family the result files ran (a check, and the output's name)")
+    ap.add_argument("--mode", default="federated", help="the mode whose protocol is chosen (default federated)")
+    ap.add_argument("--candidates", required=True,
+                    help="comma-separated result names: results/synthetic_quality_<name>_<device>.json")
+    ap.add_argument("--reference", default="", help="a result name whose --reference-mode runs the chosen ones are compared with")
+    ap.add_argument("--reference-mode", default="centralized")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    names = args.candidates.split(",")
+    candidates = {}
+    for name in names:
+        path = result_file(name, args.device)
+        if not path.is_file():
+            ap.error(f"{path}: no such result file (--candidates names results/synthetic_quality_<name>_{args.device}.json)")
+        res = json.loads(path.read_text())
+        if res["setting"]["family"] != args.family:
+            ap.error(f"{path}: setting.family is {res['setting']['family']!r}, expected {args.family!r}")
+        candidates[name] = res
+    seeds = sorted(set.intersection(*(set(r["seeds"]) for r in candidates.values())), key=int)
+    if not seeds:
+        ap.error("the candidates share no cohort seed")
+    chosen = choose(candidates, args.mode, seeds)
+    if not chosen:
+        ap.error(f"no model ran in mode {args.mode!r} on seeds {seeds} in any candidate")
+    per_seed = [{v: {args.mode: candidates[c["candidate"]]["seeds"][s][v][args.mode]} for v, c in chosen.items()}
+                for s in seeds]
+    models = tuple(chosen)
+    summary = quality.summarise({v: [s[v][args.mode]["values"] for s in per_seed] for v in models},
+                                quality.PAPER_METRICS)
+    margins = ({b: quality.differences([s[PROPOSED][args.mode]["values"] for s in per_seed],
+                                       [s[b][args.mode]["values"] for s in per_seed], per="per_seed")
+                for b in models if b != PROPOSED} if PROPOSED in chosen else {})
+    gaps = {}
+    if args.reference:
+        ref_path = result_file(args.reference, args.device)
+        if not ref_path.is_file():
+            ap.error(f"{ref_path}: no such result file")
+        ref = json.loads(ref_path.read_text())
+        for v in models:
+            refs = [ref["seeds"].get(s, {}).get(v, {}).get(args.reference_mode) for s in seeds]
+            if all(refs):
+                gaps[v] = quality.differences([s[v][args.mode]["values"] for s in per_seed],
+                                              [r["values"] for r in refs], per="per_seed")
+    payload = {
+        **quality.result_header(f"synthetic_choice_{args.family}_{args.mode}", __file__, argv, t0),
+        "setting": {"family": args.family, "mode": args.mode, "seeds": [int(s) for s in seeds],
+                    "candidates": {n: {"file": result_file(n, args.device).name,
+                                       "overrides": r["setting"].get("overrides", [])} for n, r in candidates.items()},
+                    "choice": f"per model, the candidate with the highest mean over seeds of mean({', '.join(SCORE)}) "
+                              "on validation at each run's selected round; no test value is read to choose",
+                    "reference": {"file": result_file(args.reference, args.device).name, "mode": args.reference_mode}
+                    if args.reference else None},
+        "chosen": chosen, "summary": {args.mode: summary},
+        "proposed_minus_baseline": {args.mode: margins},
+        "gaps": {f"{args.mode} - {args.reference_mode}": gaps} if gaps else {},
+        "attention_auc": attention_summary(per_seed, models, (args.mode,)),
+        "seeds": {s: r for s, r in zip(seeds, per_seed)},
+    }
+    path = quality.write_result(payload, quick=False)
+    for v, c in chosen.items():
+        print(f"{v}: {c['candidate']} ({' '.join(c['overrides']) or 'the config'}); validation "
+              + ", ".join(f"{n} {x * 100:.1f}" for n, x in c["scores"].items()))
+    print(quality.markdown_table(summary, quality.PAPER_METRICS, label="model"))
+    for b, d in margins.items():
+        print(f"  {PROPOSED} - {b}: " + ", ".join(f"{m} {quality.fmt(d[m])}" for m in SCORE))
+    for v, d in gaps.items():
+        print(f"  {v} {args.mode} - {args.reference_mode}: " + ", ".join(f"{m} {quality.fmt(d[m])}" for m in SCORE))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
