@@ -10,12 +10,16 @@ the mean of the finite parts of the config's selection metric on the validation 
 sites' validation splits). It never reads a test value to choose. It then reports the chosen runs'
 test values (mean ± sd over seeds), the proposed model's paired margins over each baseline, and,
 with ``--reference`` (a result file of the same cohorts in a reference mode, centralized say),
-each model's chosen run minus its reference run, seed by seed.
+each model's chosen run minus its reference run, seed by seed; the reference can be this script's
+own result for another mode, so that both modes are compared at their own chosen protocols.
 
-    python benchmarks/synthetic_choice.py --family gene-conditioned --mode federated \\
-        --candidates gene-conditioned,gene-conditioned_lr3e-3 --reference gene-conditioned
+    C="--family gene-conditioned --candidates gene-conditioned,gene-conditioned_lr3e-3"
+    python benchmarks/synthetic_choice.py $C --mode centralized
+    python benchmarks/synthetic_choice.py $C --mode federated \\
+        --reference synthetic_choice_gene-conditioned_centralized
 
-(names are result files ``results/synthetic_quality_<name>_<device>.json``). Result:
+(candidates name result files ``results/synthetic_quality_<name>_<device>.json``, the reference a
+result file ``results/<stem>_<device>.json`` of either script). Result:
 ``results/synthetic_choice_<family>_<mode>_<device>.json``.
 """
 
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", default="federated", help="the mode whose protocol is chosen (default federated)")
     ap.add_argument("--candidates", required=True,
                     help="comma-separated result names: results/synthetic_quality_<name>_<device>.json")
-    ap.add_argument("--reference", default="", help="a result name whose --reference-mode runs the chosen ones are compared with")
+    ap.add_argument("--reference", default="", help="the stem of a result file (results/<stem>_<device>.json, "
+                    "synthetic_quality_... or synthetic_choice_...) whose --reference-mode runs the chosen ones are compared with")
     ap.add_argument("--reference-mode", default="centralized")
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     args = ap.parse_args(argv)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 for b in models if b != PROPOSED} if PROPOSED in chosen else {})
     gaps = {}
     if args.reference:
-        ref_path = result_file(args.reference, args.device)
+        ref_path = quality.RESULTS / f"{args.reference}_{args.device}.json"
         if not ref_path.is_file():
             ap.error(f"{ref_path}: no such result file")
         ref = json.loads(ref_path.read_text())
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "overrides": r["setting"].get("overrides", [])} for n, r in candidates.items()},
                     "choice": f"per model, the candidate with the highest mean over seeds of mean({', '.join(SCORE)}) "
                               "on validation at each run's selected round; no test value is read to choose",
-                    "reference": {"file": result_file(args.reference, args.device).name, "mode": args.reference_mode}
+                    "reference": {"file": f"{args.reference}_{args.device}.json", "mode": args.reference_mode}
                     if args.reference else None},
         "chosen": chosen, "summary": {args.mode: summary},
         "proposed_minus_baseline": {args.mode: margins},

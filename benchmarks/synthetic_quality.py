@@ -57,6 +57,9 @@ variant's federated-minus-centralized gap (and iid-minus-centralized-iid where b
     python benchmarks/synthetic_quality.py --family gene-conditioned --modes centralized --label ablations \
         --variants smm-pcgrad,smm-seed,smm-off,smm-no-offsets,smm-no-consistency,smm-no-gene-queries
 
+A protocol setting tried with ``--set ... --tag`` is chosen per model on validation, never on test,
+by ``synthetic_choice.py`` (which reads these result files).
+
 Results: ``benchmarks/results/synthetic_quality[_<family>][_p<patches>][_<tag>][_<label>]_<device>.json``
 (``..._quick_...`` for --quick).
 """

@@ -45,7 +45,7 @@ def test_each_model_gets_the_candidate_that_validates_best_whatever_its_test(res
     _write(results, "central", [], {"smm-pcgrad": {"0": (0.9, 0.90), "1": (0.9, 0.88)},
                                     "concat": {"0": (0.7, 0.70), "1": (0.7, 0.72)}}, mode="centralized")
     assert synthetic_choice.main(["--family", "gene-conditioned", "--candidates", "base,lr",
-                                  "--reference", "central"]) == 0
+                                  "--reference", "synthetic_quality_central"]) == 0
     out = json.loads((results / "synthetic_choice_gene-conditioned_federated_cpu.json").read_text())
     assert out["chosen"]["smm-pcgrad"]["candidate"] == "lr"
     assert out["chosen"]["smm-pcgrad"]["overrides"] == ["train.lr=0.003"]
@@ -75,3 +75,16 @@ def test_bad_input_names_the_file_and_the_expectation(results: Path, capsys) -> 
     with pytest.raises(SystemExit):
         synthetic_choice.main(["--family", "gene-conditioned", "--candidates", "nothere"])
     assert "synthetic_quality_nothere_cpu.json: no such result file" in capsys.readouterr().err
+
+
+def test_the_reference_can_be_the_other_modes_own_choice(results: Path) -> None:
+    for mode, (base, lr) in {"centralized": ((0.90, 0.88), (0.95, 0.91)), "federated": ((0.70, 0.70), (0.80, 0.78))}.items():
+        _write(results, f"base-{mode}", [], {"smm-pcgrad": {"0": base}}, mode=mode)
+        _write(results, f"lr-{mode}", ["train.lr=0.003"], {"smm-pcgrad": {"0": lr}}, mode=mode)
+    synthetic_choice.main(["--family", "gene-conditioned", "--mode", "centralized",
+                           "--candidates", "base-centralized,lr-centralized"])
+    synthetic_choice.main(["--family", "gene-conditioned", "--candidates", "base-federated,lr-federated",
+                           "--reference", "synthetic_choice_gene-conditioned_centralized"])
+    out = json.loads((results / "synthetic_choice_gene-conditioned_federated_cpu.json").read_text())
+    gap = out["gaps"]["federated - centralized"]["smm-pcgrad"]["diagnosis.auc"]
+    assert gap["per_seed"] == pytest.approx([0.78 - 0.91])  # both at their own chosen protocol
