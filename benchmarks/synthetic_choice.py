@@ -35,14 +35,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import quality  # noqa: E402
-from synthetic_quality import PROPOSED, attention_summary  # noqa: E402
+from synthetic_quality import PROPOSED, attention_summary, paired  # noqa: E402
 
 #: the validation metrics a candidate is chosen on: the finite parts of the selection metric
 SCORE = ("diagnosis.auc", "grade.auc", "survival.c_index")
 
 
+def result_path(stem: str, device: str) -> Path:
+    """``results/<stem>_<device>.json``, the name ``quality.write_result`` gives a result."""
+    return quality.RESULTS / f"{stem}_{device}.json"
+
+
 def result_file(name: str, device: str) -> Path:
-    return quality.RESULTS / f"synthetic_quality_{name}_{device}.json"
+    """A candidate: ``synthetic_quality.py``'s result ``name`` (its family, tag and label parts)."""
+    return result_path(f"synthetic_quality_{name}", device)
 
 
 def validation_score(rows: list[dict]) -> float:
@@ -58,7 +64,7 @@ def validation_score(rows: list[dict]) -> float:
 
 def choose(candidates: dict[str, dict], mode: str, seeds: list[str]) -> dict[str, dict]:
     """model -> {"candidate", "overrides", "validation_score", "scores": {candidate: score}} for every
-    model that every candidate holding it ran on all ``seeds`` in ``mode``."""
+    model that at least one candidate ran on all ``seeds`` in ``mode``; only such candidates compete."""
     models = sorted({v for res in candidates.values() for s in seeds for v in res["seeds"].get(s, {})})
     chosen = {}
     for v in models:
@@ -107,12 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     models = tuple(chosen)
     summary = quality.summarise({v: [s[v][args.mode]["values"] for s in per_seed] for v in models},
                                 quality.PAPER_METRICS)
-    margins = ({b: quality.differences([s[PROPOSED][args.mode]["values"] for s in per_seed],
-                                       [s[b][args.mode]["values"] for s in per_seed], per="per_seed")
-                for b in models if b != PROPOSED} if PROPOSED in chosen else {})
+    margins = ({b: paired(per_seed, PROPOSED, b, args.mode) for b in models if b != PROPOSED}
+               if PROPOSED in chosen else {})
     gaps = {}
     if args.reference:
-        ref_path = quality.RESULTS / f"{args.reference}_{args.device}.json"
+        ref_path = result_path(args.reference, args.device)
         if not ref_path.is_file():
             ap.error(f"{ref_path}: no such result file")
         ref = json.loads(ref_path.read_text())
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "overrides": r["setting"].get("overrides", [])} for n, r in candidates.items()},
                     "choice": f"per model, the candidate with the highest mean over seeds of mean({', '.join(SCORE)}) "
                               "on validation at each run's selected round; no test value is read to choose",
-                    "reference": {"file": f"{args.reference}_{args.device}.json", "mode": args.reference_mode}
+                    "reference": {"file": result_path(args.reference, args.device).name, "mode": args.reference_mode}
                     if args.reference else None},
         "chosen": chosen, "summary": {args.mode: summary},
         "proposed_minus_baseline": {args.mode: margins},
