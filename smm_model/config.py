@@ -126,6 +126,9 @@ class ModelConfig:
     survival_bins: int = 4
     abmil_hidden: int = 128  # gated-attention width in the ABMIL baselines
     gene_queries: bool = True  # SMM: genes condition the queries (false: ablation, genes fused after pooling)
+    # Survival also reads the model's own diagnosis and grade probabilities (every arch; see
+    # smm_model.nn.model.SurvivalLink): false is the paper's independent heads.
+    survival_reads_tasks: bool = False
 
     def __post_init__(self) -> None:
         p = "model"
@@ -158,6 +161,9 @@ class ModelConfig:
                      f"grid_size x grid_size map, so grid_size {self.grid_size} cannot hold them"
                      + (f" (use grid_size {side})" if side * side == self.n_patches
                         else "; n_patches must be a perfect square"))
+        if self.survival_reads_tasks:
+            _require("survival" in self.tasks and len(self.tasks) > 1, f"{p}.survival_reads_tasks",
+                     f"needs the survival task and a classification task in model.tasks, got {list(self.tasks)}")
         _require(self.key_grid >= 2, f"{p}.key_grid", f"must be >= 2, got {self.key_grid}")
         _require(self.key_grid <= self.grid_size, f"{p}.key_grid",
                  f"{self.key_grid} sampled keys per side exceed the {self.grid_size}-cell token map")

@@ -43,7 +43,7 @@ from client.baselines.runfolder import (C_INDEX_NOTE, CHECKPOINT_FORMAT, CONFIG_
                               selection_lower_is_better, site_names, write_json)
 from smm_model.contract.atomic import sha256_file
 from client.local.train import resolve_device
-from smm_model.config import ConfigError, ExperimentConfig, to_dict
+from smm_model.config import ConfigError, ExperimentConfig, ModelConfig, from_dict, to_dict
 from smm_model.contract.protocol import HISTOLOGY_FIELDS, SharedStats, SiteSummary, site_modalities
 from smm_model.contract.sites import ARCH_MODALITIES
 
@@ -71,9 +71,18 @@ class LoadedModel:
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise ModelFileError(f"{path}: incomplete or inconsistent {self.kind} file ({type(e).__name__}: {e})") \
                 from None
-        if "model_config" in payload and payload["model_config"] != to_dict(self.cfg.model):
+        if "model_config" in payload and _model_section(payload["model_config"], path) != to_dict(self.cfg.model):
             raise ModelFileError(f"{path}: model_config differs from the model section of the stored config")
         self.selection_value = payload.get("selection_value", payload.get("best_value"))
+
+
+def _model_section(stored: Any, path: Path) -> dict[str, Any]:
+    """A stored model_config with the defaults of keys added since the file was written (read like
+    the stored config, which fills them the same way), so an older model file still loads."""
+    try:
+        return to_dict(from_dict(ModelConfig, stored, "model_config"))
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: model_config is not a valid model section ({e})") from None
 
 
 def load_model_file(path: Path | str) -> LoadedModel:

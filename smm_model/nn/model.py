@@ -33,7 +33,7 @@ from smm_model.contract.sites import ARCH_MODALITIES, MODALITIES
 from smm_model.nn.layers import SNN, GatedAttentionPool, SplitHead, masked_mean
 from smm_model.nn.layout import seed_tokens, spatial_tokens
 
-__all__ = ["ModelOutput", "SubspaceBranch", "SMMModel", "SNNModel", "ABMILModel", "ConcatModel",
+__all__ = ["ModelOutput", "SubspaceBranch", "SurvivalLink", "SMMModel", "SNNModel", "ABMILModel", "ConcatModel",
            "build_model", "count_parameters", "trained_parameters"]
 
 
@@ -200,6 +200,41 @@ def _heads(cfg: ModelConfig, half: int, split: bool) -> nn.ModuleDict:
     return nn.ModuleDict({t: make(c) for t, c in cfg.n_classes.items()})
 
 
+class SurvivalLink(nn.Module):
+    """Survival hazard logits that also read the model's own class predictions
+    (``model.survival_reads_tasks``): ``h = head(z) + W [softmax(diagnosis) | softmax(grade)]``.
+
+    Why: in the synthetic cohorts the risk follows diagnosis and grade, yet a survival head trained
+    on a few hundred censored times does not find that direction in the fused vector although the
+    classification heads, trained on clean labels, already point along it (benchmarks/README.md,
+    survival-head diagnostic). Reading the class probabilities leaves the survival labels only a
+    (sum of classes) x bins map to learn. The probabilities are detached: survival never bends the
+    classification heads. W and its bias start at zero, so an untrained link is the plain head.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n = cfg.n_classes
+        self.reads = tuple(t for t in cfg.tasks if t != "survival")
+        self.link = nn.Linear(sum(n[t] for t in self.reads), n["survival"])
+        nn.init.zeros_(self.link.weight)
+        nn.init.zeros_(self.link.bias)
+
+    def forward(self, logits: dict[str, Tensor]) -> dict[str, Tensor]:
+        probs = torch.cat([torch.softmax(logits[t].detach(), dim=1) for t in self.reads], dim=1)  # (B, sum C)
+        return {**logits, "survival": logits["survival"] + self.link(probs)}  # (B, bins)
+
+
+def _task_logits(heads: nn.ModuleDict, link: SurvivalLink | None, z: Tensor) -> dict[str, Tensor]:
+    """Every task head on the fused vector z (B, F); survival through ``link`` when there is one."""
+    logits = {t: head(z) for t, head in heads.items()}
+    return link(logits) if link is not None else logits
+
+
+def _survival_link(cfg: ModelConfig) -> SurvivalLink | None:
+    return SurvivalLink(cfg) if cfg.survival_reads_tasks else None
+
+
 class SMMModel(nn.Module):
     """The proposed model (``arch: smm``)."""
 
@@ -212,6 +247,7 @@ class SMMModel(nn.Module):
         self.branch_tumour = SubspaceBranch(cfg)
         self.branch_micro = SubspaceBranch(cfg)
         self.heads = _heads(cfg, H, split=True)
+        self.survival_link = _survival_link(cfg)
 
     def tokens(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
         """The bag as a G x G token map, (B, G*G, D) and its mask (None: every token is tissue)."""
@@ -231,7 +267,7 @@ class SMMModel(nn.Module):
             v_t, grid_t = self.branch_tumour(tokens, tmask, g_t)
             v_e, grid_e = self.branch_micro(tokens, tmask, g_e)
             fused = torch.cat((v_t, v_e), dim=1)  # (B, 2H)
-            logits = {t: head(fused) for t, head in self.heads.items()}
+            logits = _task_logits(self.heads, self.survival_link, fused)
             return ModelOutput(logits, subspaces=(v_t, v_e), genes=(g_t, g_e), grids=(grid_t, grid_e))
         H = self.cfg.hidden_dim
         tokens, tmask = self.tokens(batch) if has_p is None or bool(has_p.any()) else (None, None)
@@ -241,7 +277,7 @@ class SMMModel(nn.Module):
         v_t, grid_t = self.branch_tumour(tokens, tmask, None if no_genes else g_t, has_p)
         v_e, grid_e = self.branch_micro(tokens, tmask, None if no_genes else g_e, has_p)
         fused = torch.cat((v_t, v_e), dim=1)  # (B, 2H)
-        logits = {t: head(fused) for t, head in self.heads.items()}
+        logits = _task_logits(self.heads, self.survival_link, fused)
         # The consistency loss compares genes with sampled key positions: rows holding both.
         both = torch.ones(batch.size, dtype=torch.bool, device=fused.device)
         for flags in (has_p, has_g):
@@ -280,13 +316,14 @@ class SNNModel(nn.Module):
         super().__init__()
         self.snn = SNN(cfg.genes_tumour + cfg.genes_micro, cfg.snn_hidden, cfg.hidden_dim, cfg.dropout)
         self.heads = _heads(cfg, cfg.hidden_dim, split=False)
+        self.survival_link = _survival_link(cfg)
 
     reads_modalities = ARCH_MODALITIES["snn"]
 
     def forward(self, batch: Batch) -> ModelOutput:
         _require(batch, "genomics", "snn")
         z = self.snn(torch.cat((batch.genes_tumour, batch.genes_micro), dim=1))  # (B, H)
-        return ModelOutput({t: head(z) for t, head in self.heads.items()})
+        return ModelOutput(_task_logits(self.heads, self.survival_link, z))
 
     def split_heads(self) -> dict[str, SplitHead]:
         return {}
@@ -321,13 +358,14 @@ class ABMILModel(nn.Module):
         super().__init__()
         self.encoder = _ABMILEncoder(cfg)
         self.heads = _heads(cfg, cfg.hidden_dim, split=False)
+        self.survival_link = _survival_link(cfg)
 
     reads_modalities = ARCH_MODALITIES["abmil"]
 
     def forward(self, batch: Batch) -> ModelOutput:
         _require(batch, "histology", "abmil")
         z = self.encoder(batch)
-        return ModelOutput({t: head(z) for t, head in self.heads.items()})
+        return ModelOutput(_task_logits(self.heads, self.survival_link, z))
 
     def split_heads(self) -> dict[str, SplitHead]:
         return {}
@@ -344,6 +382,7 @@ class ConcatModel(nn.Module):
         self.encoder = _ABMILEncoder(cfg)
         self.snn = SNN(cfg.genes_tumour + cfg.genes_micro, cfg.snn_hidden, cfg.hidden_dim, cfg.dropout)
         self.heads = _heads(cfg, 2 * cfg.hidden_dim, split=False)
+        self.survival_link = _survival_link(cfg)
         self.hidden = cfg.hidden_dim
 
     reads_modalities = ARCH_MODALITIES["concat"]
@@ -353,7 +392,7 @@ class ConcatModel(nn.Module):
         z = torch.cat((_encode_present(lambda: self.encoder(batch), has_p, batch.size, self.hidden, batch.patches),
                        _encode_present(lambda: self.snn(torch.cat((batch.genes_tumour, batch.genes_micro), dim=1)),
                                        has_g, batch.size, self.hidden, batch.genes_tumour)), dim=1)  # (B, 2H)
-        return ModelOutput({t: head(z) for t, head in self.heads.items()})
+        return ModelOutput(_task_logits(self.heads, self.survival_link, z))
 
     def split_heads(self) -> dict[str, SplitHead]:
         return {}

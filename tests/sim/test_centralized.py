@@ -189,6 +189,29 @@ def test_evaluate_a_dp_model_on_sites_whose_budget_is_spent(cohort, central, tmp
     assert out["test"]["patients"] > 0 and not out.get("problems")
 
 
+def test_a_model_file_from_before_a_model_key_existed_still_loads(central, tmp_path):
+    """A model.pt written before model.survival_reads_tasks existed (neither its model_config nor its
+    stored config names it) loads with the key's default; a model_config that really differs from
+    the stored config is still refused."""
+    import torch
+
+    from client.baselines.evaluate import ModelFileError
+
+    payload = torch.load(central / rf.MODEL_FILE, map_location="cpu", weights_only=True)
+    assert payload["model_config"]["survival_reads_tasks"] is False
+    del payload["model_config"]["survival_reads_tasks"]
+    text = payload["config"]
+    payload["config"] = "\n".join(line for line in text.splitlines() if "survival_reads_tasks" not in line)
+    assert payload["config"] != text
+    torch.save(payload, tmp_path / "old.pt")
+    model = load_model_file(tmp_path / "old.pt")
+    assert model.cfg.model.survival_reads_tasks is False
+    payload["model_config"]["hidden_dim"] *= 2
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ModelFileError, match="model_config differs"):
+        load_model_file(tmp_path / "bad.pt")
+
+
 def test_evaluate_refuses_a_site_with_another_feature_dim(cohort, central, tmp_path, capsys):
     other = write_features_cohort(tmp_path / "other", sites=1, patients=6, feature_dim=16)
     bad = other / "site_1"

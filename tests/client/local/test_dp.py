@@ -42,6 +42,7 @@ VARIANTS = {
     "snn": ("model.arch=snn",),
     "abmil": ("model.arch=abmil",),
     "concat": ("model.arch=concat",),
+    "smm-survival-link": ("model.arch=smm", "model.survival_reads_tasks=true"),
 }
 DP_ON = ("privacy.dp=true", "privacy.dp_noise_multiplier=1.0")
 TOL = dict(rtol=1e-4, atol=1e-6)

@@ -538,3 +538,58 @@ def test_eval_is_deterministic_and_train_uses_dropout(layout):
         torch.manual_seed(1)
         b = model(batch).logits["diagnosis"]
     assert (a - b).abs().max() > 1e-6
+
+
+# --------------------------------------------------------------------------- #
+# survival reading the model's own class predictions (model.survival_reads_tasks)
+# --------------------------------------------------------------------------- #
+ARCHS = ("smm", "snn", "abmil", "concat")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_untrained_survival_link_gives_the_plain_heads_output(arch):
+    plain = _model(_cfg(arch=arch), seed=3)
+    linked = _model(_cfg(arch=arch, survival_reads_tasks=True), seed=3)
+    extra = set(linked.state_dict()) - set(plain.state_dict())
+    assert extra == {"survival_link.link.weight", "survival_link.link.bias"}
+    assert linked.state_dict()["survival_link.link.weight"].shape == (5, 4 + 3)  # bins x (diagnosis + grade)
+    linked.load_state_dict({**plain.state_dict(), **{k: linked.state_dict()[k] for k in extra}})
+    batch = _batch(_cfg(arch=arch), _bags((9, 30, 20), seed=3))
+    _assert_outputs_close(plain(batch), linked(batch), atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_survival_link_reads_class_probabilities_and_never_trains_the_class_heads(arch):
+    cfg = _cfg(arch=arch, survival_reads_tasks=True)
+    model = _model(cfg, seed=4, train=True)
+    batch = _batch(cfg, _bags((9, 30, 20, 12), seed=4))
+    with torch.no_grad():
+        model.survival_link.link.weight.normal_()
+    out = model(batch)
+    head = model.heads["survival"]
+    out.logits["survival"].sum().backward()
+    assert float(model.survival_link.link.weight.grad.abs().max()) > 0
+    for task in ("diagnosis", "grade"):
+        assert model.heads[task].weight.grad is None or float(model.heads[task].weight.grad.abs().max()) == 0, task
+    assert head.weight.grad is not None and float(head.weight.grad.abs().max()) > 0
+
+
+def test_survival_link_moves_risk_with_the_predicted_class():
+    """A link weight on one diagnosis class raises the hazard of patients predicted in it."""
+    cfg = _cfg(arch="snn", survival_reads_tasks=True)
+    model = _model(cfg, seed=5)
+    batch = _batch(cfg, _bags((4, 4, 4, 4), seed=5))
+    base = model(batch).logits
+    with torch.no_grad():
+        model.survival_link.link.weight[:, 0] = 2.0  # diagnosis class 0 raises every bin's hazard
+    moved = model(batch).logits["survival"] - base["survival"]  # (B, bins)
+    p0 = torch.softmax(base["diagnosis"], dim=1)[:, 0]  # (B,)
+    torch.testing.assert_close(moved, (2.0 * p0).unsqueeze(1).expand_as(moved))
+
+
+def test_survival_reads_tasks_needs_survival_and_a_class_task():
+    with pytest.raises(ValueError, match="model.survival_reads_tasks"):
+        _cfg(tasks=("survival",), survival_reads_tasks=True)
+    with pytest.raises(ValueError, match="model.survival_reads_tasks"):
+        _cfg(tasks=("diagnosis", "grade"), survival_reads_tasks=True)
+    assert _cfg(tasks=("grade", "survival"), survival_reads_tasks=True).survival_reads_tasks
