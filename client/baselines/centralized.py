@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from client.site.collate import collate_patients
-from client.local.round import SiteError, _class_weights, _dataset, evaluate_round, load_site, preflight_summary
+from client.local.round import SiteError, _class_weights, split_dataset, evaluate_round, load_site, preflight_summary
 from client.baselines.runfolder import (C_INDEX_NOTE, CONFIG_FILE, FINAL_FILE, MODEL_FILE, ROUNDS_FILE, append_jsonl,
                                         atomic_write_bytes, config_text, eval_record, library_versions, model_payload,
                                         round_lr, selection_lower_is_better, site_names, write_json, write_model)
@@ -141,7 +141,7 @@ def run_centralized(cfg: ExperimentConfig, train_sites: Mapping[str, Path], run_
     schema["protocol_version"] = PROTOCOL_VERSION
 
     device = resolve_device(cfg.train.device)
-    datasets = [_dataset(load_site(d, cfg), cfg, shared, "train") for d in train_sites.values()]
+    datasets = [split_dataset(load_site(d, cfg), cfg, shared, "train") for d in train_sites.values()]
     datasets = [ds for ds in datasets if len(ds)]
     if not datasets:
         raise ValueError("no training patient at any site")

@@ -55,7 +55,7 @@ from client.local.release import check_training_size, release_eval, release_summ
 from smm_model.contract.disclosure import SITE_FLOOR_KEY, DisclosurePolicy
 from smm_model.contract.protocol import SURVIVAL_HIST_EDGES, EvalStats, SharedStats, SiteSummary
 
-__all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "resolve_site_dir", "site_label", "SITE_NAME_KEY", "load_site",
+__all__ = ["SiteError", "ERROR_CODES", "SITE_DIR_KEY", "stage", "resolve_site_dir", "site_label", "SITE_NAME_KEY", "load_site", "split_dataset",
            "data_digest", "preflight_summary", "train_round", "evaluate_round", "evaluate_dataset", "risk_groups", "SharedGenomicsStats", "site_policy",
            "ledger_file", "LEDGER_KEY", "check_privacy_plan", "site_modalities", "trained_tensors"]
 
@@ -236,7 +236,10 @@ def _shared_inputs(site: SiteData, cfg: ExperimentConfig, shared: SharedStats
     return stats, edges
 
 
-def _dataset(site: SiteData, cfg: ExperimentConfig, shared: SharedStats, split: str) -> SiteDataset:
+def split_dataset(site: SiteData, cfg: ExperimentConfig, shared: SharedStats, split: str) -> SiteDataset:
+    """One split of a site as the model reads it, with the federation's shared preprocessing
+    (genomics standardisation, survival bin edges, patch normalisation): what training, evaluation
+    and the local benchmarks all read."""
     stats, edges = _shared_inputs(site, cfg, shared)
     with stage("E_DATA"):
         if split not in SPLITS:
@@ -426,7 +429,7 @@ def train_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedStats
         device = resolve_device(cfg.train.device)
     with stage("E_DATA"):
         site = load_site(site_dir, cfg)
-    ds = _dataset(site, cfg, shared, "train")
+    ds = split_dataset(site, cfg, shared, "train")
     ds.set_epoch(server_round)  # another (deterministic) patch sample of capped bags every round
     n_train = len(ds)
     with stage("E_TOO_FEW_PATIENTS"):
@@ -649,7 +652,7 @@ def evaluate_round(site_dir: Path | str, cfg: ExperimentConfig, shared: SharedSt
         device = resolve_device(cfg.train.device)
     with stage("E_DATA"):
         site = load_site(site_dir, cfg)
-    stats = evaluate_dataset(_dataset(site, cfg, shared, split), cfg, shared, state_dict, device)
+    stats = evaluate_dataset(split_dataset(site, cfg, shared, split), cfg, shared, state_dict, device)
     with stage("E_DISCLOSURE"):
         return release_eval(stats, policy or site_policy(cfg), split)
 

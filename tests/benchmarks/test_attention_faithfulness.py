@@ -4,7 +4,6 @@ folder: a tiny gene-conditioned cohort, one centralized round, every test slide 
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,22 +20,10 @@ from attention_faithfulness import test_slides as split_slides  # noqa: E402  (n
 from client.cohorts.families import TRUTH_PATCHES, read_planted  # noqa: E402
 from client.cohorts.synth import CohortSpec, write_cohort  # noqa: E402
 from smm_model.metrics.faithfulness import attention_auc  # noqa: E402
+from sim_cohort import train_bench_run  # noqa: E402
 
 SPEC = replace(CohortSpec(), sites=2, patients_per_site=12, seed=5, features_only=True, layout_scale=28,
                family="gene-conditioned", split=(0.5, 0.2, 0.3))
-SMALL = ["model.feature_dim=64", "model.genes_tumour=20", "model.genes_micro=30", "model.hidden_dim=16",
-         "model.heads=2", "model.dim_head=8", "model.offset_groups=2", "model.layout=spatial", "model.grid_size=8",
-         "model.key_grid=4", "model.bias_table_size=17", "model.snn_hidden=[16]", "federation.rounds=1",
-         "federation.min_nodes=2", "train.batch_size=4"]
-
-
-def _train(cohort: Path, run: Path, arch: str) -> Path:
-    sets = [*SMALL, f"model.arch={arch}", f"data.sites_root={cohort}"]
-    cmd = [sys.executable, "-m", "smm_model.cli", "centralized", str(ROOT / "configs" / "bench_synthetic.yaml"),
-           "--run-dir", str(run), *[a for s in sets for a in ("--set", s)]]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +34,7 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def test_every_test_slide_is_scored_per_map_and_matches_a_direct_computation(cohort: Path, tmp_path: Path) -> None:
-    run = _train(cohort, tmp_path / "smm", "smm")
+    run = train_bench_run(cohort, tmp_path / "smm", "smm")
     res = faithfulness(run, cohort)
     slides = split_slides(cohort)
     mixed = sum(0 < read_planted(cohort, s)[2].mean() < 1 for _, s in slides)
@@ -82,9 +69,9 @@ def test_every_test_slide_is_scored_per_map_and_matches_a_direct_computation(coh
 
 def test_a_model_without_attention_has_no_maps_and_a_truth_file_of_other_patches_is_refused(
         cohort: Path, tmp_path: Path) -> None:
-    run = _train(cohort, tmp_path / "snn", "snn")
+    run = train_bench_run(cohort, tmp_path / "snn", "snn")
     assert faithfulness(run, cohort) == {}
-    abmil = _train(cohort, tmp_path / "abmil", "abmil")
+    abmil = train_bench_run(cohort, tmp_path / "abmil", "abmil")
     assert set(faithfulness(abmil, cohort)) == {"abmil"}
     bad = tmp_path / "truth"
     bad.mkdir()

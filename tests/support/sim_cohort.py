@@ -31,3 +31,24 @@ def write_features_cohort(out: Path, sites: int = 3, patients: int = 24, feature
     write_cohort(out, replace(d, sites=sites, patients_per_site=patients, features_only=True, seed=seed,
                               features=replace(d.features, feature_dim=feature_dim), **spec), log=lambda *_: None)
     return out
+
+
+#: configs/bench_synthetic.yaml (64-dim features, 20 + 30 genes) at a size a test trains in seconds
+BENCH_SMALL = ["model.feature_dim=64", "model.genes_tumour=20", "model.genes_micro=30", "model.hidden_dim=16",
+               "model.heads=2", "model.dim_head=8", "model.offset_groups=2", "model.layout=spatial",
+               "model.grid_size=8", "model.key_grid=4", "model.bias_table_size=17", "model.snn_hidden=[16]",
+               "federation.min_nodes=2", "train.batch_size=4"]
+
+
+def train_bench_run(cohort: Path, run: Path, arch: str, rounds: int = 1) -> Path:
+    """``smm centralized configs/bench_synthetic.yaml`` on ``cohort`` at ``BENCH_SMALL``, in a
+    subprocess as the benchmarks run it; returns the run folder."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[2]
+    sets = [*BENCH_SMALL, f"federation.rounds={rounds}", f"model.arch={arch}", f"data.sites_root={cohort}"]
+    cmd = [sys.executable, "-m", "smm_model.cli", "centralized", str(root / "configs" / "bench_synthetic.yaml"),
+           "--run-dir", str(run), *[a for s in sets for a in ("--set", s)]]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return run

@@ -106,11 +106,11 @@ def test_dp_sgd_at_a_site_without_slides_noises_only_what_it_trains(setting, tmp
 def test_a_pooled_batch_mixes_patients_with_and_without_slides(setting):
     """Pooled (centralized) training stacks both sites' patients: placeholder bags have the model's
     width, the batch flags who has slides, and each patient is predicted from what it has."""
-    from client.local.round import _dataset, load_site
+    from client.local.round import split_dataset, load_site
     from client.site.collate import collate_patients
 
     cfg, sites, _, shared, init = setting
-    full, genomics_only = (_dataset(load_site(d, cfg), cfg, shared, "train") for d in sites)
+    full, genomics_only = (split_dataset(load_site(d, cfg), cfg, shared, "train") for d in sites)
     batch = collate_patients([full[0], genomics_only[0], full[1]])
     assert batch.patches.shape[2] == cfg.model.feature_dim and batch.has_patches.tolist() == [True, False, True]
     model = build_model(cfg.model).eval()

@@ -18,7 +18,7 @@ from site_config import make_cfg, two_threads  # noqa: F401  (two_threads: the m
 from test_local_steps import cohort, setting  # noqa: F401  (fixtures: three sites of 2, 6 and 16 patients)
 
 from client.site.collate import collate_patients
-from client.local.round import SiteError, _dataset, load_site, train_round
+from client.local.round import SiteError, split_dataset, load_site, train_round
 from client.local.train import step_batches
 from smm_model.objectives.losses import multitask_loss
 from smm_model.nn.model import build_model
@@ -99,7 +99,7 @@ def test_the_new_control_variate_is_the_gradient_at_the_global_weights(setting, 
 
     # By hand: the same batch (train_round's seeded step_batches over the training patients), the
     # loss at the global weights, its gradient.
-    ds = _dataset(load_site(site_dir, cfg), cfg, shared, "train")
+    ds = split_dataset(load_site(site_dir, cfg), cfg, shared, "train")
     ds.set_epoch(5)
     assert len(ds) == n
     (order,) = step_batches(len(ds), 1, n, torch.Generator().manual_seed(cfg.train.seed + 5))
