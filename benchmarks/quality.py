@@ -221,17 +221,21 @@ def finished(mode: str, run_dir: Path, config: Path, sets: Sequence[str]) -> boo
     federation's aggregation settings (``AGGREGATION_ONLY``) are left out of the comparison."""
     import yaml
 
-    from smm_model.config import ExperimentConfig
+    from smm_model.config import ConfigError, ExperimentConfig
     from smm_model.contract.protocol import config_text
 
     if not (run_dir / (LOCAL_ONLY_FILE if mode == "local-only" else FINAL_FILE)).is_file():
         return False
     want = config_text(ExperimentConfig.from_yaml_text(config.read_text(), [str(s) for s in sets], source=str(config)))
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return False
+    try:  # read like the run would be: a key added since the run was made takes its default
+        saved = config_text(ExperimentConfig.from_yaml_text(path.read_text(), source=str(path)))
+    except ConfigError:
         return False
     if mode == "federated":
-        return saved.read_text() == want
+        return saved == want
 
     def pooled_part(text: str) -> dict:
         cfg = yaml.safe_load(text)
@@ -239,7 +243,7 @@ def finished(mode: str, run_dir: Path, config: Path, sets: Sequence[str]) -> boo
             cfg.get("federation", {}).pop(key, None)
         return cfg
 
-    return pooled_part(saved.read_text()) == pooled_part(want)
+    return pooled_part(saved) == pooled_part(want)
 
 
 def mode_result(mode: str, run_dir: Path, wall: float | None, clean: bool = True) -> dict[str, Any]:

@@ -167,6 +167,14 @@ def test_a_finished_run_counts_only_with_the_same_resolved_config(tmp_path: Path
     assert not quality.finished("federated", run, config, sets)  # the committed config changed
     config.write_text("model: {arch: snn, tasks: [diagnosis, survival]}\nfederation: {rounds: 4}\n")
     assert quality.finished("federated", run, config, sets)
+    # A run made before a config key existed: its config.yaml lacks the key, which takes its default.
+    saved = (run / "config.yaml").read_text()
+    assert "survival_reads_tasks: false" in saved
+    (run / "config.yaml").write_text(saved.replace("  survival_reads_tasks: false\n", ""))
+    assert quality.finished("federated", run, config, sets)
+    assert not quality.finished("federated", run, config, [*sets, "model.survival_reads_tasks=true"])
+    (run / "config.yaml").write_text("model: {arch: nope}\n")  # unreadable as a config: run again
+    assert not quality.finished("federated", run, config, sets)
     (run / "config.yaml").unlink()
     assert not quality.finished("federated", run, config, sets)
 
