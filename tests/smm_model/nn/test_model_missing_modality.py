@@ -162,3 +162,18 @@ def test_the_gene_queries_ablation_also_trains_exactly_trained_parameters(cfg, h
     grads = _grads(model, batch)
     expected = set(trained_parameters(model, have))
     assert _reached(grads) == expected and all(grads[k] is None for k in set(grads) - expected)
+
+
+@pytest.mark.parametrize("arch", ["smm", "concat"])
+@pytest.mark.parametrize("have", [("genomics",), ("histology",)])
+def test_the_survival_link_is_trained_by_every_site_and_nothing_else_changes(cfg, arch, have):
+    """model.survival_reads_tasks: the link reads class probabilities every site has, so a site
+    holding one modality trains it too, and still exactly what trained_parameters names."""
+    c = dataclasses.replace(cfg, arch=arch, survival_reads_tasks=True)
+    model = _model(c, train=True)
+    _trained_like_norms(model)
+    batch = _flags(_batch(c, _bags([6, 4, 8])), [("histology" in have)] * 3, [("genomics" in have)] * 3)
+    grads = _grads(model, batch)
+    expected = set(trained_parameters(model, have))
+    assert {"survival_link.link.weight", "survival_link.link.bias"} <= expected
+    assert _reached(grads) == expected and all(grads[k] is None for k in set(grads) - expected)
