@@ -67,6 +67,7 @@ Results: ``benchmarks/results/synthetic_quality[_<family>][_p<patches>][_<tag>][
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -168,7 +169,7 @@ def run_seed(seed: int, work: Path, variants: tuple[str, ...], modes: tuple[str,
             sets = [f"data.sites_root={roots[which]}", f"federation.rounds={rounds}", f"federation.min_nodes={nodes}",
                     *VARIANTS[variant], *extra]
             if kind == "federated":  # one-site too: the federation's sequential steps, without the averaging
-                sets.insert(3, f"federation.local_steps={local_steps(patients)}")
+                sets.insert(3, f"federation.local_steps={local_steps(patients, extra)}")
             row = quality.run_or_reuse(kind, CONFIG, base / name, sets, base / f"{name}.log")
             if kind == "federated":
                 row["reported"], row["values"] = row["values"], _exact_test(base / name, roots[which])
@@ -185,15 +186,26 @@ def seed_folder(work: Path, seed: int, family: str, patches_per_slide: int | Non
                    + (f"-p{patches_per_slide}" if patches_per_slide else ""))
 
 
-def local_steps(patients: int) -> int:
-    """``federation.local_steps`` for sites of ``patients`` each: the config's steps, or one pass over
-    a site's training split at the config's batch size where that is more. The config's 8 steps are
-    that pass at the default 100 patients (60 training patients / 8); at 300 patients a site 8 steps
-    would be a third of a pass a round, and the federated runs would see a third of the passes over
-    each patient that the centralized runs (one epoch a round) see."""
-    cfg = yaml.safe_load(CONFIG.read_text())
+def local_steps(patients: int, overrides: tuple[str, ...] = ()) -> int:
+    """``federation.local_steps`` for sites of ``patients`` each: a ``federation.local_steps=N`` in
+    ``overrides`` (a diagnostic protocol's), else the config's steps, or one pass over a site's
+    training split at the config's batch size where that is more. The config's 8 steps are that pass
+    at the default 100 patients (60 training patients / 8); at 300 patients a site 8 steps would be a
+    third of a pass a round, and the federated runs would see a third of the passes over each patient
+    that the centralized runs (one epoch a round) see."""
+    key = "federation.local_steps="
+    given = [s[len(key):] for s in overrides if s.startswith(key)]
+    if given:
+        return int(given[-1])  # the last override wins, as in resolve_config
+    cfg = _config()
     train = patients * float(SPLIT.split(",")[0])
     return max(int(cfg["federation"]["local_steps"]), math.ceil(train / int(cfg["train"]["batch_size"])))
+
+
+@functools.cache
+def _config() -> dict:
+    """The benchmark's config file, read once a process."""
+    return yaml.safe_load(CONFIG.read_text())
 
 
 def true_risk_c_index(cohort: Path) -> float:
@@ -358,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                     "patients_per_site": patients, "patches_per_slide": args.patches_per_slide, "split": SPLIT, "rounds": rounds,
                     "modes": {m: MODES[m] for m in modes}, "iid_seed": IID_SEED, "overrides": args.sets,
                     "protocol": "the config's federation section (strategy, selection_metric); federation.local_steps "
-                                "= max(the config's, one pass over a site's training split)",
-                    "local_steps": local_steps(patients),
+                                "= max(the config's, one pass over a site's training split) unless overridden",
+                    "local_steps": local_steps(patients, tuple(args.sets)),
                     "variants": {v: VARIANTS[v] for v in variants},
                     "selection": "the config's federation.selection_metric on validation patients",
                     "c_index": "within-site pairs", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},

@@ -261,6 +261,15 @@ def test_synthetic_quality_local_steps_keep_one_pass_a_round_on_larger_sites() -
     assert synthetic_quality.local_steps(300) == -(-180 // batch)  # 180 training patients: one pass
 
 
+def test_synthetic_quality_local_steps_follow_an_override() -> None:
+    # a diagnostic protocol's --set federation.local_steps=N is what runs and what is recorded
+    import synthetic_quality
+
+    assert synthetic_quality.local_steps(300, ("train.lr=0.003", "federation.local_steps=4")) == 4
+    assert synthetic_quality.local_steps(300, ("federation.local_steps=4", "federation.local_steps=8")) == 8
+    assert synthetic_quality.local_steps(300, ("train.lr=0.003",)) == synthetic_quality.local_steps(300)
+
+
 def test_synthetic_quality_ceiling_is_the_true_risks_c_index_on_the_test_patients(tmp_path: Path) -> None:
     import pandas as pd
     from dataclasses import replace
