@@ -96,7 +96,6 @@ LONG_ROUND_STEPS = 60
 CONN = "bench"
 # The line that ends round N ("round N/ROUNDS: ..."; round 0's: the initial model written).
 _ROUND_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO fedsmm\.server: round (\d+)/\d+:")
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -506,67 +505,6 @@ def run_simulation(cfg, run_dir: Path, log_path: Path, timeout_s: float) -> dict
 # --------------------------------------------------------------------------------------------- #
 # deployment
 # --------------------------------------------------------------------------------------------- #
-class Deployment:
-    """Every process of the loopback deployment, each in its own session, tracked by PID
-    (the approach of tests/deployment/test_deployment.py)."""
-
-    def __init__(self, base: Path):
-        from server.ops.simulate import ProcessTracker, flwr_env, stop_process_trees
-
-        self._tracker_cls, self._env, self._stop_trees = ProcessTracker, flwr_env, stop_process_trees
-        self.base = base
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.trackers: list = []
-        self.homes: list[Path] = []
-        self.logs: dict[str, Path] = {}
-        self._files: list = []
-
-    def home(self, name: str) -> Path:
-        h = self.base / "homes" / name
-        h.mkdir(parents=True, exist_ok=True)
-        self.homes.append(h)
-        return h
-
-    def env(self, home: Path) -> dict[str, str]:
-        return self._env(home)  # private FLWR_HOME, telemetry / update check / uv sync / Ray stats off
-
-    def start(self, name: str, cmd: list[str], home: Path, extra_env: dict[str, str] | None = None
-              ) -> subprocess.Popen:
-        log = self.base / "logs" / f"{name}.log"
-        log.parent.mkdir(exist_ok=True)
-        f = log.open("w")
-        self._files.append(f)
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**self.env(home), **(extra_env or {})},
-                             cwd=str(self.base), start_new_session=True)
-        self.procs[name], self.logs[name] = p, log
-        self.trackers.append(self._tracker_cls(p.pid))
-        self.sample()
-        return p
-
-    def sample(self) -> None:
-        for t in self.trackers:
-            t.sample()
-
-    def log(self, name: str, tail: int = 3000) -> str:
-        return _ANSI.sub("", self.logs[name].read_text(errors="replace")[-tail:])
-
-    def stop(self, grace_s: float = 15.0) -> list[int]:
-        """Stop everything started here by PID (``stop_process_trees``: SIGTERM, then SIGKILL, also to
-        anything carrying one of the private FLWR_HOMEs), close the logs; returns the PIDs still alive."""
-        left = self._stop_trees(self.procs.values(), self.trackers, self.homes, grace_s)
-        for f in self._files:
-            f.close()
-        self._files.clear()
-        return left
-
-
-def _json_out(out: str) -> dict:
-    start = out.find("{")
-    if start < 0:
-        raise ValueError("no JSON object in the output")
-    return json.loads(out[start:])
-
-
 def thread_env(threads: int | None) -> dict[str, str]:
     """Environment that caps torch's intra-op threads in the SuperNodes' ClientApp processes (they
     inherit it through flower-superexec); none for torch's default."""
@@ -588,19 +526,18 @@ def clientapp_start_s(threads: int | None, reps: int = 3) -> float:
 
 def run_deployment(cfg, sites: list[Path], base: Path, run_dir: Path, timeout_s: float,
                    threads: int | None) -> dict:
-    from server.ops.simulate import _executable, dump_config, free_port, stage_app, write_run_config
+    """The run on a loopback deployment (``server.ops.loopback``: a SuperLink with TLS, SuperNode
+    authentication and SQLite state, the keys registered, one ``flower-supernode`` per site), timed
+    in its steps; every process is stopped by PID afterwards and the leftovers counted."""
+    from server.ops.flwr_cli import cli_json
+    from server.ops.loopback import LoopbackFederation, Processes
+    from server.ops.simulate import dump_config, stage_app, write_run_config
 
     timings: dict[str, float] = {}
     t_start = time.monotonic()
-    dep = Deployment(base)
+    procs = Processes(base)
     try:
-        certs = base / "certs"
-        res = subprocess.run([sys.executable, "-m", "smm_model.cli", "certs", "--out", str(certs), "--supernodes",
-                              str(len(sites)), "--hosts", "localhost,127.0.0.1"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
-        if res.returncode != 0:
-            raise RuntimeError(f"smm certs failed: {res.stderr[-2000:]}")
-        ca = (certs / "ca.crt").resolve()
+        fed = LoopbackFederation(procs, base, sites, supernode_env=thread_env(threads), connection=CONN)
         run_dir.mkdir(parents=True)
         config = run_dir / "config.yaml"
         config.write_text(dump_config(cfg))
@@ -608,95 +545,34 @@ def run_deployment(cfg, sites: list[Path], base: Path, run_dir: Path, timeout_s:
             "config-path": str(config.resolve()), "overrides": "", "run-dir": str(run_dir.resolve()),
             "resume": False})
 
-        port = free_port()
-        superlink = dep.start("superlink", [
-            _executable("flower-superlink"), "--ssl-ca-certfile", str(ca), "--ssl-certfile",
-            str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth",
-            "--host", "127.0.0.1", "--port", str(port), "--database", str(base / "state.db"),
-            "--disable-runtime-dependency-installation"], dep.home("superlink"))
-        cli_home = dep.home("cli")
-        (cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONN}"\n\n[superlink.{CONN}]\naddress = "127.0.0.1:{port}"\n'
-            f'root-certificates = "{ca}"\n')
-        cli_env = dep.env(cli_home)
-
-        def flwr(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-            r = subprocess.run([_executable("flwr"), *args], env=cli_env, cwd=str(base), capture_output=True,
-                               text=True, timeout=timeout)
-            dep.sample()
-            return r
-
+        fed.start_superlink()
         t0 = time.monotonic()
         for k in range(1, len(sites) + 1):
-            ok, r = False, None
-            for _ in range(60):
-                if superlink.poll() is not None:
-                    raise RuntimeError(f"flower-superlink exited ({superlink.returncode}):\n{dep.log('superlink')}")
-                r = flwr("supernode", "register", str(certs / f"supernode-{k}.pub"), CONN, "--name", f"site-{k}",
-                         "--format", "json")
-                try:
-                    ok = r.returncode == 0 and _json_out(r.stdout).get("success") is True
-                except ValueError:
-                    ok = False
-                if ok:
-                    break
-                time.sleep(1.0)
-            if not ok:
-                raise RuntimeError(f"registering supernode-{k} failed: {(r.stdout + r.stderr)[-2000:]}")
+            fed.register(k)
         timings["register_s"] = time.monotonic() - t0
-
-        for k, site in enumerate(sites, start=1):
-            dep.start(f"supernode-{k}", [
-                _executable("flower-supernode"), "--root-certificates", str(ca),
-                "--auth-supernode-private-key", str(certs / f"supernode-{k}"), "--superlink", f"127.0.0.1:{port}",
-                "--port", str(free_port()), "--node-config", f'site-dir="{site.resolve()}"'],
-                dep.home(f"supernode-{k}"), thread_env(threads))
+        for k in range(1, len(sites) + 1):
+            fed.start_supernode(k)
 
         app = stage_app(ROOT, base / "app")
         t0 = time.monotonic()
-        r = flwr("run", str(app), CONN, "--run-config", str(run_config), "--format", "json", timeout=300)
-        try:
-            out = _json_out(r.stdout) if r.returncode == 0 else {}
-        except ValueError:
-            out = {}
-        if not (out.get("success") and out.get("run-id") is not None):
-            raise RuntimeError(f"flwr run failed: {(r.stdout + r.stderr)[-3000:]}")
-        run_id = str(out["run-id"])
+        run_id = fed.submit_app(app, run_config)
         timings["submit_s"] = time.monotonic() - t0
-
-        # Wait on the run folder (free) and ask `flwr ls` only now and then: each call is a Python
-        # process of a few CPU-seconds that would compete with the run on a small machine.
-        status, ls, last_ls = "", None, time.monotonic()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            dep.sample()
-            for name, p in dep.procs.items():
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({p.returncode}):\n{dep.log(name)}")
-            done = (run_dir / "final_metrics.json").exists()
-            if done or time.monotonic() - last_ls > 30.0:
-                last_ls = time.monotonic()
-                r = flwr("ls", CONN, "--run-id", run_id, "--format", "json", timeout=60)
-                try:
-                    ls = _json_out(r.stdout)
-                    runs = ls.get("runs") or []
-                    status = str(runs[0].get("status", "")) if runs else status
-                except ValueError:
-                    pass
-                if status.startswith("finished:"):
-                    break
-            time.sleep(1.0 if not done else 2.0)
+        # The run folder's final metrics are free to watch; `flwr ls` only now and then: each call is
+        # a Python process of a few CPU-seconds that would compete with the run on a small machine.
+        status = fed.wait_finished(run_id, timeout_s, every_s=30.0, watch=tuple(procs.procs),
+                                   done=lambda: (run_dir / "final_metrics.json").exists())
         timings["run_s"] = time.monotonic() - t0
         if status != "finished:completed":
-            log = flwr("log", run_id, CONN, "--show", timeout=60)
-            server_log = _ANSI.sub("", log.stdout + log.stderr)[-3000:]
-            raise RuntimeError(f"deployed run {run_id} status {status!r}\n{server_log}\n--- superlink ---\n"
-                               f"{dep.log('superlink')}\n--- supernode-1 ---\n{dep.log('supernode-1')}")
-        return {"status": status, "run_id": run_id, "timings": timings, "flwr_ls": ls, "tls": True,
+            raise RuntimeError(f"deployed run {run_id} status {status!r}\n{fed.diagnostics(run_id, ['supernode-1'])}")
+        try:
+            ls = cli_json(fed.flwr("ls", CONN, "--run-id", str(run_id), "--format", "json", timeout=60).stdout)
+        except ValueError:
+            ls = None
+        return {"status": status, "run_id": str(run_id), "timings": timings, "flwr_ls": ls, "tls": True,
                 "supernode_auth": True, "clientapp_threads": threads or "torch default"}
     finally:
         t0 = time.monotonic()
-        left = dep.stop()
+        left = procs.stop()
         timings["stop_s"] = time.monotonic() - t0
         timings["total_s"] = time.monotonic() - t_start
         if left:

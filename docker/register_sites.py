@@ -18,10 +18,7 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
-
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_compose import KEY_PATH  # noqa: E402
-from server.ops.simulate import _executable  # noqa: E402
+from server.ops.flwr_cli import RegistrationError, executable, register_supernode  # noqa: E402
 
 __all__ = ["site_keys", "register", "main"]
 
@@ -59,36 +56,24 @@ def site_keys(compose_file: Path) -> dict[str, Path]:
     return {site: key.with_name(key.name + ".pub") for site, key in keys.items()}
 
 
-def _json(out: str) -> dict[str, Any]:
-    start = out.find("{")
-    return json.loads(out[start:]) if start >= 0 else {}
-
-
 def register(keys: dict[str, Path], connection: str, env: dict[str, str] | None = None,
              wait_s: float = 60.0) -> tuple[dict[str, int], dict[str, str]]:
     """(site -> node id, site -> error) after ``flwr supernode register`` of each key."""
-    flwr = _executable("flwr")
+    flwr_exe = executable("flwr")
+
+    def flwr(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([flwr_exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
     done: dict[str, int] = {}
     failed: dict[str, str] = {}
     for site, pub in keys.items():
         if not pub.is_file():
             failed[site] = f"{pub}: no such public key file"
             continue
-        deadline = time.monotonic() + wait_s
-        while True:
-            r = subprocess.run([flwr, "supernode", "register", str(pub), connection, "--name", site, "--format",
-                                "json"], env=env, capture_output=True, text=True, timeout=120)
-            try:
-                out = _json(r.stdout)
-            except ValueError:
-                out = {}
-            if r.returncode == 0 and out.get("success") is True:
-                done[site] = int(out["node-id"])
-                break
-            if time.monotonic() > deadline:
-                failed[site] = (out.get("error-message") or r.stderr or r.stdout).strip()[-500:]
-                break
-            time.sleep(2.0)
+        try:
+            done[site] = register_supernode(flwr, pub, connection, site, wait_s, every_s=2.0)
+        except RegistrationError as e:
+            failed[site] = str(e)
     return done, failed
 
 

@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -56,6 +55,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from server.ops.flwr_cli import cli_json, executable, run_status, strip_ansi
 from smm_model.config import ConfigError, DataConfig, ExperimentConfig, to_dict
 from smm_model.contract.runfolder import CONFIG_FILE, default_run_dir
 from smm_model.contract.sites import simulation_site_dirs
@@ -68,7 +68,6 @@ __all__ = ["APP_DIR", "CONNECTION", "SimulationError", "count_sites", "resolve_c
 APP_DIR = Path(__file__).resolve().parents[2]
 #: The connection name written into the private FLWR_HOME/config.toml.
 CONNECTION = "sim"
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 SITE_LOG_ENV = "FEDSMM_SITE_LOG_DIR"  # read by client/app.py (the client side is not imported here)
 
 
@@ -207,17 +206,6 @@ def write_flwr_config(flwr_home: Path, port: int) -> Path:
     return path
 
 
-def _executable(name: str) -> str:
-    """A console script of this environment (next to the running interpreter), else from PATH."""
-    local = Path(sys.executable).parent / name
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise SimulationError(f"{name} not found next to {sys.executable} nor on PATH; install flwr[simulation]")
-    return found
-
-
 def _proc_stat(pid: int) -> tuple[int, int, int, int] | None:
     """(ppid, pgid, sid, start time) of a live process from /proc, or None."""
     try:
@@ -344,7 +332,7 @@ def stop_process_trees(procs: Iterable[subprocess.Popen], trackers: Sequence[Pro
 def _stream_lines(pipe: TextIO, sinks: Iterable[TextIO]) -> None:
     sinks = list(sinks)
     for line in iter(pipe.readline, ""):
-        clean = _ANSI.sub("", line)
+        clean = strip_ansi(line)
         for s in sinks:
             try:
                 s.write(clean)
@@ -386,16 +374,8 @@ class Simulation:
         print(f"[smm simulate] {msg}", file=self.echo, flush=True)
 
     def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        return subprocess.run([_executable("flwr"), *args], env=self._env, cwd=str(self.app_dir),
+        return subprocess.run([executable("flwr"), *args], env=self._env, cwd=str(self.app_dir),
                               capture_output=True, text=True, timeout=timeout)
-
-    @staticmethod
-    def _json(out: str) -> dict:
-        """The JSON object in a ``--format json`` output (flwr may print a warning line first)."""
-        start = out.find("{")
-        if start < 0:
-            raise ValueError("no JSON object in the output")
-        return json.loads(out[start:])
 
     # -- steps --------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -415,7 +395,7 @@ class Simulation:
     def start_superlink(self, ready_timeout_s: float = 60.0) -> None:
         log = (self.run_dir / "superlink.log").open("a", encoding="utf-8")
         self._files.append(log)
-        cmd = [_executable("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+        cmd = [executable("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
                "--port", str(self.port), "--database", ":flwr-in-memory:",
                "--disable-runtime-dependency-installation"]
         self._say("$ " + " ".join(cmd))
@@ -454,13 +434,13 @@ class Simulation:
             res = self._flwr(*args, timeout=300.0)
             self._tracker.sample()
             try:
-                out = self._json(res.stdout)
+                out = cli_json(res.stdout)
             except ValueError:
                 out = {}
             if res.returncode == 0 and out.get("success") and out.get("run-id") is not None:
                 self.run_id = int(out["run-id"])
                 return self.run_id
-            last = _ANSI.sub("", (res.stdout + res.stderr).strip())[-2000:]
+            last = strip_ansi((res.stdout + res.stderr).strip())[-2000:]
             time.sleep(2.0 * (attempt + 1))
         raise SimulationError(f"flwr run failed:\n{last}")
 
@@ -468,7 +448,7 @@ class Simulation:
         assert self.run_id is not None
         copy = (self.run_dir / "serverapp.log").open("a", encoding="utf-8")
         self._files.append(copy)
-        self._follower = subprocess.Popen([_executable("flwr"), "log", str(self.run_id), CONNECTION, "--stream"],
+        self._follower = subprocess.Popen([executable("flwr"), "log", str(self.run_id), CONNECTION, "--stream"],
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                           env=self._env, cwd=str(self.app_dir), start_new_session=True)
         self._follower_thread = threading.Thread(target=_stream_lines, args=(self._follower.stdout,
@@ -494,12 +474,7 @@ class Simulation:
             stream_ended = self._follower is not None and self._follower.poll() is not None
             if stream_ended or time.monotonic() - last_poll >= self.poll_s:
                 last_poll = time.monotonic()
-                res = self._flwr("ls", CONNECTION, "--run-id", str(self.run_id), "--format", "json", timeout=60.0)
-                try:
-                    runs = self._json(res.stdout).get("runs") or []
-                    status = str(runs[0].get("status", "")) if runs else status
-                except ValueError:
-                    pass
+                status = run_status(self._flwr, CONNECTION, self.run_id) or status
                 if status.startswith("finished:"):
                     self.status = status
                     self.timings["run_s"] = time.monotonic() - t0

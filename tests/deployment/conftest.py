@@ -1,4 +1,4 @@
-"""The ``deployment`` fixture: a ``Deployment`` (tests/support/deployment.py) in the test's tmp_path
+"""The ``deployment`` fixture: a ``Processes`` (server/ops/loopback.py) in the test's tmp_path
 whose every process is stopped by PID afterwards, also on failure; none may be left."""
 
 import json
@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from deployment import Deployment
+from deployment import Processes
 
 
 @pytest.fixture
 def deployment(tmp_path):
-    dep = Deployment(tmp_path)
+    dep = Processes(tmp_path)
     try:
         yield dep
     finally:

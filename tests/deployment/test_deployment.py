@@ -1,6 +1,6 @@
 """The deployment tier: a real Flower deployment on loopback with TLS and SuperNode authentication.
 
-``smm certs`` makes a CA, the SuperLink's certificate and three SuperNode key pairs; one
+``server.ops.certs`` (what ``smm certs`` writes) makes a CA, the SuperLink's certificate and three SuperNode key pairs; one
 ``flower-superlink`` (TLS, ``--enable-supernode-auth``, SQLite state) runs with a private FLWR_HOME;
 the three public keys are registered with ``flwr supernode register``; three ``flower-supernode``
 (``--root-certificates``, ``--auth-supernode-private-key``, ``--node-config 'site-dir="..."'``), each
@@ -8,7 +8,8 @@ with its own FLWR_HOME and synthetic site folder, join; ``flwr run`` of a staged
 trains for two rounds; the run must end ``finished:completed`` with two aggregated rounds in
 ``rounds.jsonl``. Then a fourth SuperNode with an UNREGISTERED key must be refused (observed on
 1.42: it logs "Exit Code: 305 ... Failed to activate SuperNode" and exits with status 1). Every process is stopped by PID afterwards
-(also on failure) and none may be left. The harness is ``tests/support/deployment.py``.
+(also on failure) and none may be left. The harness is ``server/ops/loopback.py``
+(with ``tests/support/deployment.py``).
 
 Run: ``.venv/bin/python -m pytest tests/deployment -m deployment -q`` (a few minutes on 2 cores).
 """

@@ -33,8 +33,8 @@ import docker_host as dh  # noqa: E402
 import make_compose  # noqa: E402
 import make_credentials  # noqa: E402
 import register_sites  # noqa: E402
-from server.ops.simulate import _executable, flwr_env, free_port, stage_app, write_run_config  # noqa: E402
-from flwr_runs import cli_json, wait_for_run  # noqa: E402  (tests/support)
+from server.ops.flwr_cli import cli_json, executable, wait_for_run  # noqa: E402
+from server.ops.simulate import flwr_env, free_port, stage_app, write_run_config  # noqa: E402
 from sim_cohort import SMALL, write_features_cohort  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(3600)]
@@ -110,7 +110,7 @@ def test_compose_two_rounds(tmp_path):
         timings["up_and_registered_s"] = time.monotonic() - t0
 
         def flwr(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-            return subprocess.run([_executable("flwr"), *args], env=env, cwd=str(tmp_path), capture_output=True,
+            return subprocess.run([executable("flwr"), *args], env=env, cwd=str(tmp_path), capture_output=True,
                                   text=True, timeout=timeout)
 
         app = stage_app(ROOT, tmp_path / "app")
