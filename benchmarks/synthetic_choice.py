@@ -18,7 +18,9 @@ own result for another mode, so that both modes are compared at their own chosen
     python benchmarks/synthetic_choice.py $C --mode federated \\
         --reference synthetic_choice_gene-conditioned_centralized
 
-(candidates name result files ``results/synthetic_quality_<name>_<device>.json``, the reference a
+(candidates name result files ``results/synthetic_quality_<name>_<device>.json``; one candidate can
+be several files joined by ``+``, runs of one protocol split by ``--label`` (one file a seed, say),
+which must record the same overrides and may not hold the same run twice; the reference is a
 result file ``results/<stem>_<device>.json`` of either script). Result:
 ``results/synthetic_choice_<family>_<mode>_<device>.json``.
 """
@@ -49,6 +51,42 @@ def result_path(stem: str, device: str) -> Path:
 def result_file(name: str, device: str) -> Path:
     """A candidate: ``synthetic_quality.py``'s result ``name`` (its family, tag and label parts)."""
     return result_path(f"synthetic_quality_{name}", device)
+
+
+def load_candidate(name: str, device: str, family: str) -> dict:
+    """The result ``name`` names: one file, or the union of the files ``a+b+...`` names, which ran
+    one protocol (the same ``setting.overrides``) split over several invocations.
+
+    Raises ValueError naming the file and what was expected: a missing file, another family,
+    other overrides, or a (seed, model, mode) run that two of the files hold.
+    """
+    merged: dict | None = None
+    for part in name.split("+"):
+        path = result_file(part, device)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such result file (--candidates names "
+                             f"results/synthetic_quality_<name>_{device}.json, several joined by '+')")
+        res = json.loads(path.read_text())
+        if res["setting"]["family"] != family:
+            raise ValueError(f"{path}: setting.family is {res['setting']['family']!r}, expected {family!r}")
+        if merged is None:
+            merged = {**res, "seeds": {s: {v: dict(modes) for v, modes in row.items()}
+                                       for s, row in res["seeds"].items()}, "files": [path.name]}
+            continue
+        want, got = merged["setting"].get("overrides", []), res["setting"].get("overrides", [])
+        if got != want:
+            raise ValueError(f"{path}: setting.overrides is {got}, expected {want} (the overrides of "
+                             f"{merged['files'][0]}: one candidate is one protocol)")
+        for s, row in res["seeds"].items():
+            for v, modes in row.items():
+                held = merged["seeds"].setdefault(s, {}).setdefault(v, {})
+                twice = sorted(set(held) & set(modes))
+                if twice:
+                    raise ValueError(f"{path}: seed {s}, {v}, {', '.join(twice)} is also in one of "
+                                     f"{merged['files']}: each run belongs to one file of a candidate")
+                held.update(modes)
+        merged["files"].append(path.name)
+    return merged
 
 
 def validation_score(rows: list[dict]) -> float:
@@ -85,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", required=True, help="the family the result files ran (a check, and the output's name)")
     ap.add_argument("--mode", default="federated", help="the mode whose protocol is chosen (default federated)")
     ap.add_argument("--candidates", required=True,
-                    help="comma-separated result names: results/synthetic_quality_<name>_<device>.json")
+                    help="comma-separated result names: results/synthetic_quality_<name>_<device>.json; "
+                    "'a+b' joins the files of one protocol")
     ap.add_argument("--reference", default="", help="the stem of a result file (results/<stem>_<device>.json, "
                     "synthetic_quality_... or synthetic_choice_...) whose --reference-mode runs the chosen ones are compared with")
     ap.add_argument("--reference-mode", default="centralized")
@@ -95,13 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     names = args.candidates.split(",")
     candidates = {}
     for name in names:
-        path = result_file(name, args.device)
-        if not path.is_file():
-            ap.error(f"{path}: no such result file (--candidates names results/synthetic_quality_<name>_{args.device}.json)")
-        res = json.loads(path.read_text())
-        if res["setting"]["family"] != args.family:
-            ap.error(f"{path}: setting.family is {res['setting']['family']!r}, expected {args.family!r}")
-        candidates[name] = res
+        try:
+            candidates[name] = load_candidate(name, args.device, args.family)
+        except ValueError as err:
+            ap.error(str(err))
     seeds = sorted(set.intersection(*(set(r["seeds"]) for r in candidates.values())), key=int)
     if not seeds:
         ap.error("the candidates share no cohort seed")
@@ -129,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         **quality.result_header(f"synthetic_choice_{args.family}_{args.mode}", __file__, argv, t0),
         "setting": {"family": args.family, "mode": args.mode, "seeds": [int(s) for s in seeds],
-                    "candidates": {n: {"file": result_file(n, args.device).name,
+                    "candidates": {n: {"files": r["files"],
                                        "overrides": r["setting"].get("overrides", [])} for n, r in candidates.items()},
                     "choice": f"per model, the candidate with the highest mean over seeds of mean({', '.join(SCORE)}) "
                               "on validation at each run's selected round; no test value is read to choose",

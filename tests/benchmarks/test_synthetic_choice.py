@@ -88,3 +88,37 @@ def test_the_reference_can_be_the_other_modes_own_choice(results: Path) -> None:
     out = json.loads((results / "synthetic_choice_gene-conditioned_federated_cpu.json").read_text())
     gap = out["gaps"]["federated - centralized"]["smm-pcgrad"]["diagnosis.auc"]
     assert gap["per_seed"] == pytest.approx([0.78 - 0.91])  # both at their own chosen protocol
+
+
+def test_a_protocol_split_over_files_competes_as_one_candidate(results: Path) -> None:
+    # one protocol run a seed at a time (--label s0, s1) and its baselines in a third file
+    adam = ["federation.strategy=fedadam"]
+    _write(results, "base", [], {"smm-pcgrad": {"0": (0.80, 0.80), "1": (0.70, 0.70)},
+                                 "concat": {"0": (0.60, 0.60), "1": (0.60, 0.60)}})
+    _write(results, "adam_s0", adam, {"smm-pcgrad": {"0": (0.78, 0.75)}})
+    _write(results, "adam_s1", adam, {"smm-pcgrad": {"1": (0.76, 0.77)}})
+    _write(results, "adam_b", adam, {"concat": {"0": (0.62, 0.50), "1": (0.64, 0.52)}})
+    assert synthetic_choice.main(["--family", "gene-conditioned",
+                                  "--candidates", "base,adam_s0+adam_s1+adam_b"]) == 0
+    out = json.loads((results / "synthetic_choice_gene-conditioned_federated_cpu.json").read_text())
+    assert out["setting"]["seeds"] == [0, 1]
+    assert out["setting"]["candidates"]["adam_s0+adam_s1+adam_b"]["files"] == [
+        f"synthetic_quality_{n}_cpu.json" for n in ("adam_s0", "adam_s1", "adam_b")]
+    assert out["chosen"]["smm-pcgrad"]["candidate"] == "adam_s0+adam_s1+adam_b"
+    assert out["chosen"]["smm-pcgrad"]["validation_score"] == pytest.approx(0.77)
+    assert out["chosen"]["concat"]["candidate"] == "adam_s0+adam_s1+adam_b"
+    margin = out["proposed_minus_baseline"]["federated"]["concat"]["diagnosis.auc"]
+    assert margin["per_seed"] == pytest.approx([0.75 - 0.50, 0.77 - 0.52])
+
+
+def test_files_joined_into_one_candidate_must_be_one_protocol_without_a_run_twice(results: Path, capsys) -> None:
+    _write(results, "a", ["train.lr=0.003"], {"smm-pcgrad": {"0": (0.7, 0.7)}})
+    _write(results, "b", ["train.lr=0.001"], {"smm-pcgrad": {"1": (0.7, 0.7)}})
+    _write(results, "c", ["train.lr=0.003"], {"smm-pcgrad": {"0": (0.8, 0.8)}})
+    with pytest.raises(SystemExit):
+        synthetic_choice.main(["--family", "gene-conditioned", "--candidates", "a+b"])
+    err = capsys.readouterr().err
+    assert "synthetic_quality_b_cpu.json: setting.overrides is ['train.lr=0.001'], expected ['train.lr=0.003']" in err
+    with pytest.raises(SystemExit):
+        synthetic_choice.main(["--family", "gene-conditioned", "--candidates", "a+c"])
+    assert "synthetic_quality_c_cpu.json: seed 0, smm-pcgrad, federated is also in one of" in capsys.readouterr().err
