@@ -60,7 +60,7 @@ def load_candidate(name: str, device: str, family: str) -> dict:
     Raises ValueError naming the file and what was expected: a missing file, another family,
     other overrides, or a (seed, model, mode) run that two of the files hold.
     """
-    merged: dict | None = None
+    parts = []
     for part in name.split("+"):
         path = result_file(part, device)
         if not path.is_file():
@@ -69,24 +69,25 @@ def load_candidate(name: str, device: str, family: str) -> dict:
         res = json.loads(path.read_text())
         if res["setting"]["family"] != family:
             raise ValueError(f"{path}: setting.family is {res['setting']['family']!r}, expected {family!r}")
-        if merged is None:
-            merged = {**res, "seeds": {s: {v: dict(modes) for v, modes in row.items()}
-                                       for s, row in res["seeds"].items()}, "files": [path.name]}
-            continue
-        want, got = merged["setting"].get("overrides", []), res["setting"].get("overrides", [])
+        parts.append((path, res))
+    (first_path, first), files = parts[0], []
+    want = first["setting"].get("overrides", [])
+    seeds: dict[str, dict[str, dict]] = {}
+    for path, res in parts:
+        got = res["setting"].get("overrides", [])
         if got != want:
             raise ValueError(f"{path}: setting.overrides is {got}, expected {want} (the overrides of "
-                             f"{merged['files'][0]}: one candidate is one protocol)")
+                             f"{first_path.name}: one candidate is one protocol)")
         for s, row in res["seeds"].items():
             for v, modes in row.items():
-                held = merged["seeds"].setdefault(s, {}).setdefault(v, {})
+                held = seeds.setdefault(s, {}).setdefault(v, {})
                 twice = sorted(set(held) & set(modes))
                 if twice:
                     raise ValueError(f"{path}: seed {s}, {v}, {', '.join(twice)} is also in one of "
-                                     f"{merged['files']}: each run belongs to one file of a candidate")
+                                     f"{files}: each run belongs to one file of a candidate")
                 held.update(modes)
-        merged["files"].append(path.name)
-    return merged
+        files.append(path.name)
+    return {**first, "seeds": seeds, "files": files}
 
 
 def validation_score(rows: list[dict]) -> float:
